@@ -1,0 +1,70 @@
+"""Exporters, one module per format, found by name through a registry.
+
+An exporter turns the merged Hugging Face checkpoint into one artifact folder per precision. Adding a
+format means adding one module that defines a subclass with `@register`, and importing it below.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from ..errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    format: str
+    precision: str
+    path: Path                      # the artifact folder
+    files: tuple[str, ...] = ()     # relative names inside it
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum((self.path / f).stat().st_size for f in self.files)
+
+
+class Exporter:
+    """Base class: per-format facts are class constants, the work is `export`."""
+    name: ClassVar[str]
+    PRECISIONS: ClassVar[tuple[str, ...]]
+    DEFAULT_PRECISION: ClassVar[str]
+    # Bytes per parameter of the output, per precision, for the up-front disk check.
+    BYTES_PER_PARAM: ClassVar[dict[str, float]] = {}
+
+    def check_precisions(self, precisions: list[str]) -> list[str]:
+        out = []
+        for p in precisions:
+            canon = next((k for k in self.PRECISIONS if k.lower() == p.lower()), None)
+            if canon is None:
+                raise UsageError(f"{self.name} has no precision '{p}': known are {', '.join(self.PRECISIONS)}")
+            out.append(canon)
+        return out
+
+    def estimate_bytes(self, n_params: int, precisions: list[str]) -> int:
+        return int(sum(self.BYTES_PER_PARAM.get(p, 2.0) for p in precisions) * n_params)
+
+    def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Exporter]] = {}
+
+
+def register(cls: type[Exporter]) -> type[Exporter]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> Exporter:
+    if name not in REGISTRY:
+        raise UsageError(f"unknown format '{name}': known formats are {', '.join(sorted(REGISTRY))}; "
+                         f"pass one of them to --formats")
+    return REGISTRY[name]()
+
+
+from . import gguf  # noqa: E402,F401  (registers itself)

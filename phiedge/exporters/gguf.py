@@ -1,0 +1,171 @@
+"""GGUF for llama.cpp: llama.cpp's own converter and quantizer, version-matched to the installed runtime.
+
+- The converter (`convert_hf_to_gguf.py` + its `conversion/` package + `gguf-py`) comes from the sdist of the
+  installed `llama-cpp-python`, so the file format always matches the llama.cpp that will load it. It is
+  fetched once with pip into the phiedge cache (the registry is the only network a build box may have).
+- The converter refuses any tokenizer whose pre-tokenizer hash it does not know (every fine-tuned or
+  resized vocabulary). We decide the pre-tokenizer from the tokenizer's own definition instead (its split
+  regex, table below) and log the decision; an unknown regex is still an error.
+- Quantization runs llama.cpp's `llama_model_quantize` from the same build, in a subprocess.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from ..errors import ToolchainError
+from . import Artifact, Exporter, register
+
+log = logging.getLogger(__name__)
+
+# tokenizer.json split regex -> llama.cpp pre-tokenizer name (src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_*).
+PRE_TOKENIZER_BY_REGEX = {
+    # o200k (GPT-4o, Phi-4-mini)
+    "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    "|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "gpt-4o",
+    # cl100k / Llama 3
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "llama-bpe",
+    # GPT-2 byte-level default (ByteLevel use_regex=True)
+    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+": "gpt2",
+}
+# Output precision -> (converter --outtype, llama_ftype for the quantizer or None when the converter writes it).
+PRECISION_PLAN = {
+    "F32": ("f32", None),
+    "F16": ("f16", None),
+    "BF16": ("bf16", None),
+    "Q8_0": ("q8_0", None),
+    "Q6_K": (None, 18),
+    "Q5_K_M": (None, 17),
+    "Q4_K_M": (None, 15),
+    "Q4_0": (None, 2),
+}
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+
+
+def decide_pre_tokenizer(model_dir: Path) -> str | None:
+    """llama.cpp pre-tokenizer name from tokenizer.json's split regex, or None if not a known regex."""
+    tj = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    pre = tj.get("pre_tokenizer") or {}
+    stack = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    for p in stack:
+        if p.get("type") == "Split":
+            regex = p.get("pattern", {}).get("Regex")
+            if regex in PRE_TOKENIZER_BY_REGEX:
+                return PRE_TOKENIZER_BY_REGEX[regex]
+        if p.get("type") == "ByteLevel" and p.get("use_regex", True) and len(stack) == 1:
+            return "gpt2"
+    return None
+
+
+def llama_cpp_version() -> str:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ToolchainError("llama-cpp-python is not installed: pip install 'phiedge[gguf]'") from None
+    return llama_cpp.__version__
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PHIEDGE_CACHE", Path.home() / ".cache" / "phiedge"))
+
+
+def converter_dir() -> Path:
+    """llama.cpp's converter for the installed llama-cpp-python, fetched from its sdist once."""
+    ver = llama_cpp_version()
+    dest = cache_dir() / f"llama.cpp-{ver}"
+    if all((dest / p).exists() for p in CONVERTER_PARTS):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log.info("fetching llama.cpp's converter from the llama-cpp-python %s sdist", ver)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                            f"llama-cpp-python=={ver}", "-d", tmp], capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if r.returncode != 0 or not sdists:
+            raise ToolchainError(f"could not download the llama-cpp-python {ver} sdist for its converter "
+                                 f"({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'no output'}): "
+                                 f"check access to PyPI, or unpack the sdist's vendor/llama.cpp into {dest}")
+        stage = Path(tmp) / "stage"
+        with tarfile.open(sdists[0]) as tf:
+            prefix = f"{sdists[0].name[:-len('.tar.gz')]}/vendor/llama.cpp/"
+            members = [m for m in tf.getmembers()
+                       if m.name.startswith(prefix) and m.name[len(prefix):].split("/")[0] in CONVERTER_PARTS]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tf.extractall(stage, members=members, filter="data")
+        shutil.rmtree(dest, ignore_errors=True)
+        stage.rename(dest)
+    return dest
+
+
+def _run(cmd: list[str], what: str, env: dict | None = None) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()
+        if os.environ.get("PHIEDGE_DEBUG"):
+            sys.stderr.write(r.stdout + r.stderr)
+        why = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
+        raise ToolchainError(f"{what} failed ({why}): {tail[-1] if tail else 'no output'}; "
+                             f"rerun with PHIEDGE_DEBUG=1 for its full log")
+
+
+@register
+class GGUFExporter(Exporter):
+    name = "gguf"
+    PRECISIONS = tuple(PRECISION_PLAN)
+    DEFAULT_PRECISION = "Q4_K_M"
+    BYTES_PER_PARAM = {"F32": 4.0, "F16": 2.0, "BF16": 2.0, "Q8_0": 1.07, "Q6_K": 0.83, "Q5_K_M": 0.72,
+                       "Q4_K_M": 0.62, "Q4_0": 0.57}
+
+    def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
+        precisions = self.check_precisions(precisions)
+        conv = converter_dir()
+        pre = decide_pre_tokenizer(merged_dir)
+        log.info("gguf: pre-tokenizer decided from tokenizer.json split regex: %s", pre or "left to the converter")
+        work = out_dir / ".work"
+        work.mkdir(parents=True, exist_ok=True)
+        # The quantizer's source: full precision, in the checkpoint's own float width.
+        src_dtype = json.loads((merged_dir / "config.json").read_text()).get("torch_dtype", "float32")
+        base_type = "f32" if str(src_dtype) in ("float32", "torch.float32") else "f16"
+        converted: dict[str, Path] = {}
+        artifacts = []
+        for prec in precisions:
+            outtype, ftype = PRECISION_PLAN[prec]
+            if outtype is None:
+                outtype = base_type
+            if outtype not in converted:
+                converted[outtype] = self._convert(conv, merged_dir, work / f"model-{outtype}.gguf", outtype, pre)
+            dest = out_dir / prec / "model.gguf"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name("model.gguf.partial")
+            if ftype is None:
+                shutil.copyfile(converted[outtype], tmp)
+            else:
+                self._quantize(converted[outtype], tmp, ftype, int(settings.get("threads", os.cpu_count() or 1)))
+            tmp.rename(dest)
+            artifacts.append(Artifact(format=self.name, precision=prec, path=dest.parent, files=("model.gguf",),
+                                      meta={"pre_tokenizer": pre, "llama_cpp_python": llama_cpp_version()}))
+        shutil.rmtree(work, ignore_errors=True)
+        return artifacts
+
+    @staticmethod
+    def _convert(conv: Path, merged_dir: Path, out: Path, outtype: str, pre: str | None) -> Path:
+        tmp = out.with_name(out.name + ".partial")
+        _run([sys.executable, "-m", "phiedge.exporters._llama_convert", str(conv), pre or "",
+              str(merged_dir), "--outfile", str(tmp), "--outtype", outtype],
+             f"llama.cpp converter ({outtype})")
+        tmp.rename(out)
+        return out
+
+    @staticmethod
+    def _quantize(src: Path, dest: Path, ftype: int, threads: int) -> None:
+        _run([sys.executable, "-m", "phiedge.exporters._llama_quantize", str(src), str(dest), str(ftype),
+              str(threads)], f"llama.cpp quantize (ftype {ftype})")

@@ -1,0 +1,159 @@
+"""Merge a PEFT LoRA into its base, prove the merge, save the merged checkpoint, record reference logits.
+
+The proof: on a probe prompt, the merged model's logits equal the adapter-wrapped (PEFT) model's within a
+tolerance set by the dtype, and differ from the base's (an adapter that changes nothing is refused, not
+silently shipped). One model copy is in memory at any time: the base is wrapped, probed with the adapter
+on and off, merged in place, probed again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import probes as probes_mod
+from .errors import MergeProofError
+from .source import Source
+
+log = logging.getLogger(__name__)
+
+# Files copied verbatim from the base: exporters read them exactly as published.
+PASSTHROUGH = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+               "chat_template.jinja", "chat_template.json")
+# Allowed |merged - peft| on the probe logits, by dtype: fp32 merges are exact up to summation order;
+# 16-bit merges round W + s*BA once more, so they get a budget relative to the logit range.
+MERGE_TOLERANCE = {"float32": (1e-3, 0.0), "bfloat16": (0.05, 0.03), "float16": (0.02, 0.01)}
+GREEDY_TOKENS = 16
+
+
+@dataclass
+class MergeProof:
+    adapter: str | None
+    dtype: str
+    max_abs_vs_peft: float | None
+    max_abs_vs_base: float | None
+    tolerance: float | None
+    top1_vs_peft: float | None
+
+
+def _dtype_name(config: dict) -> str:
+    return str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
+
+
+def _logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), use_cache=False)
+    return out.logits[0].float().numpy()
+
+
+def merge(model: Source, adapter: Source | None, config: dict, out_dir: Path, *,
+          allow_noop: bool = False) -> MergeProof:
+    """Write the merged checkpoint to out_dir (complete or absent) and return the proof."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype_name = _dtype_name(config)
+    dtype = getattr(torch, dtype_name)
+    probe = probes_mod.make(model.path, None)[0].ids
+    log.info("loading %s (%s)", model.ref, dtype_name)
+    base = AutoModelForCausalLM.from_pretrained(model.path, dtype=dtype, low_cpu_mem_usage=True)
+    base.eval()
+    proof = MergeProof(adapter=adapter.ref if adapter else None, dtype=dtype_name, max_abs_vs_peft=None,
+                       max_abs_vs_base=None, tolerance=None, top1_vs_peft=None)
+    if adapter is not None:
+        from peft import PeftModel
+        wrapped = PeftModel.from_pretrained(base, adapter.path, is_trainable=False)
+        wrapped.eval()
+        l_peft = _logits(wrapped, probe)
+        with wrapped.disable_adapter():
+            l_base = _logits(wrapped, probe)
+        merged = wrapped.merge_and_unload(safe_merge=True)
+        l_merged = _logits(merged, probe)
+        abs_tol, rel_tol = MERGE_TOLERANCE.get(dtype_name, MERGE_TOLERANCE["float32"])
+        tol = abs_tol + rel_tol * float(np.abs(l_peft).max())
+        proof.max_abs_vs_peft = float(np.abs(l_merged - l_peft).max())
+        proof.max_abs_vs_base = float(np.abs(l_merged - l_base).max())
+        proof.tolerance = tol
+        proof.top1_vs_peft = float((l_merged.argmax(-1) == l_peft.argmax(-1)).mean())
+        if proof.max_abs_vs_peft > tol:
+            raise MergeProofError(f"merged logits differ from the PEFT model by {proof.max_abs_vs_peft:.4g} "
+                                  f"(tolerance {tol:.3g}): the merge of {adapter.ref} is wrong; report it with "
+                                  f"its adapter_config.json")
+        if proof.max_abs_vs_base <= tol and not allow_noop:
+            raise MergeProofError(f"adapter {adapter.ref} changes nothing (merged vs base logits differ by "
+                                  f"{proof.max_abs_vs_base:.2g}, below {tol:.2g}): check that it is the trained "
+                                  f"adapter (lora_B all zero?), or pass --allow-noop-adapter to ship the base")
+        model_out = merged
+    else:
+        model_out = base
+    _save(model_out, model, out_dir)
+    del model_out
+    return proof
+
+
+def _save(model_obj, model: Source, out_dir: Path) -> None:
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_obj.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+    for name in PASSTHROUGH:
+        src = model.path / name
+        if src.exists():
+            shutil.copy2(src, tmp / name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+def reference(merged_dir: Path, config: dict, out_file: Path) -> dict:
+    """PyTorch reference for every probe: last-N logits and greedy tokens; saved as .npz, returned as dict."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, _dtype_name(config))
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, low_cpu_mem_usage=True)
+    model.eval()
+    arrays: dict[str, np.ndarray] = {}
+    for p in probes_mod.make(merged_dir, probes_mod.switch_point(config)):
+        log.info("reference logits: %s probe, %d tokens", p.name, p.n)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([p.ids]), use_cache=False, logits_to_keep=probes_mod.COMPARE_LAST)
+        arrays[f"{p.name}_ids"] = np.array(p.ids, dtype=np.int32)
+        arrays[f"{p.name}_logits"] = out.logits[0, -probes_mod.COMPARE_LAST:].float().numpy()
+        if p.name == "short":
+            eos = _eos_ids(merged_dir)
+            with torch.no_grad():
+                gen = model.generate(torch.tensor([p.ids]), max_new_tokens=GREEDY_TOKENS, do_sample=False,
+                                     eos_token_id=eos or None, pad_token_id=(eos or [0])[0])
+            toks = gen[0, p.n:].tolist()
+            cut = next((i for i, t in enumerate(toks) if t in eos), len(toks))   # stop token excluded
+            arrays["short_greedy"] = np.array(toks[:cut], dtype=np.int32)
+    tmp = out_file.with_name(out_file.name + ".partial.npz")
+    np.savez(tmp, **arrays)
+    tmp.rename(out_file)
+    del model
+    return arrays
+
+
+def _eos_ids(model_dir: Path) -> list[int]:
+    """Stop tokens: generation_config's eos ids plus the template's end-of-turn token."""
+    ids: list[int] = []
+    gc = model_dir / "generation_config.json"
+    if gc.exists():
+        e = json.loads(gc.read_text()).get("eos_token_id")
+        ids += e if isinstance(e, list) else ([e] if e is not None else [])
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    for t in ("<|end|>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        i = tok.token_to_id(t)
+        if i is not None and i not in ids:
+            ids.append(i)
+    return ids
+
+
+def proof_dict(p: MergeProof) -> dict:
+    return asdict(p)

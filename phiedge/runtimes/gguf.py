@@ -1,0 +1,172 @@
+"""llama.cpp through llama-cpp-python's low-level wrappers (one model load, one context per regime).
+
+LongRoPE trap: llama.cpp picks the short or long factor set from the *context size* (n_ctx > the
+training context `rope.scaling.original_context_length` means long factors), while Hugging Face picks it
+from the sequence length. So the context is sized from the sequence: at most the original length while
+the sequence fits in it, larger only when the sequence itself is past it. Then both agree in both regimes.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ToolchainError
+from . import Generation, Runtime, RuntimeSettings, register, timed_decode
+
+log = logging.getLogger(__name__)
+N_BATCH = 512
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@register
+class GGUFRuntime(Runtime):
+    format = "gguf"
+    package = "llama_cpp"
+
+    def __init__(self, path: Path, settings: RuntimeSettings):
+        try:
+            import llama_cpp
+            from llama_cpp import _internals
+        except ImportError:
+            raise ToolchainError("llama-cpp-python is not installed: pip install 'phiedge[gguf]'") from None
+        from llama_cpp import _logger
+        _logger.set_verbose(bool(os.environ.get("PHIEDGE_DEBUG")))   # llama.cpp's own log: debug only
+        self._lc, self._int = llama_cpp, _internals
+        self.settings = settings
+        llama_cpp.llama_backend_init()
+        mp = llama_cpp.llama_model_default_params()
+        # Weight repacking (extra buffer types) crashed llama_decode on AMX CPUs (FIELD-NOTES): off there only,
+        # unless the profile says otherwise.
+        mp.use_extra_bufts = bool(settings.extra.get("use_extra_bufts", not _cpu_has_amx()))
+        self.model = _internals.LlamaModel(path_model=str(path), params=mp, verbose=bool(os.environ.get("PHIEDGE_DEBUG")))
+        meta = self.model.metadata()
+        arch = meta.get("general.architecture", "")
+        self.orig_ctx = int(meta.get(f"{arch}.rope.scaling.original_context_length", 0)) or None
+        self.train_ctx = self.model.n_ctx_train()
+        self.chat_template = meta.get("tokenizer.chat_template")
+        self.n_vocab = self.model.n_vocab()
+        self._ctx = None
+        self._ctx_size = None
+
+    @classmethod
+    def load(cls, artifact_dir: Path, settings: RuntimeSettings | None = None) -> "GGUFRuntime":
+        files = sorted(Path(artifact_dir).glob("*.gguf"))
+        if not files:
+            raise ToolchainError(f"no .gguf file in {artifact_dir}: rebuild the artifact")
+        return cls(files[0], settings or RuntimeSettings())
+
+    # -- context sizing: the heart of LongRoPE parity on llama.cpp
+    def context_size(self, n_tokens: int) -> int:
+        if self.settings.n_ctx:
+            return self.settings.n_ctx
+        if self.orig_ctx and n_tokens <= self.orig_ctx:
+            return self.orig_ctx                                    # short factors
+        need = -(-max(n_tokens, (self.orig_ctx or 0) + 1) // 256) * 256
+        return min(need, self.train_ctx) if self.train_ctx else need  # long factors
+
+    def _context(self, n_tokens: int):
+        size = self.context_size(n_tokens)
+        if self._ctx is None or self._ctx_size != size:
+            cp = self._lc.llama_context_default_params()
+            cp.n_ctx = size
+            cp.n_batch = N_BATCH
+            cp.n_ubatch = N_BATCH
+            cp.n_threads = cp.n_threads_batch = self.settings.threads
+            self._ctx = None
+            self._ctx = self._int.LlamaContext(model=self.model, params=cp, verbose=False)
+            self._ctx_size = size
+        else:
+            self._ctx.kv_cache_clear()
+        return self._ctx
+
+    def _decode(self, ctx, batch, ids: list[int], n_past: int, want_from: int) -> list[np.ndarray]:
+        """Decode ids at positions n_past.., returning logits for positions >= want_from."""
+        out = []
+        for start in range(0, len(ids), N_BATCH):
+            chunk = ids[start:start + N_BATCH]
+            b = batch.batch
+            b.n_tokens = len(chunk)
+            for i, t in enumerate(chunk):
+                pos = n_past + start + i
+                b.token[i] = t
+                b.pos[i] = pos
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = pos >= want_from
+            ctx.decode(batch)
+            for i in range(len(chunk)):
+                if n_past + start + i >= want_from:
+                    ptr = ctx.get_logits_ith(i)
+                    out.append(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                                     shape=(self.n_vocab,)).copy())
+        return out
+
+    def logits(self, ids: list[int], last_n: int) -> np.ndarray:
+        ctx = self._context(len(ids))
+        batch = self._int.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
+        rows = self._decode(ctx, batch, ids, 0, len(ids) - last_n)
+        return np.stack(rows)
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> Generation:
+        stop_ids = stop_ids if stop_ids is not None else self.stop_ids()
+        t0 = time.perf_counter()
+        ctx = self._context(len(ids) + max_new_tokens)
+        batch = self._int.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
+        last = self._decode(ctx, batch, ids, 0, len(ids) - 1)[-1]
+        out: list[int] = []
+        t_first = None
+        stopped = False
+        for step in range(max_new_tokens):
+            tok = int(np.argmax(last))
+            if t_first is None:
+                t_first = time.perf_counter()
+            if tok in stop_ids:
+                stopped = True
+                break
+            out.append(tok)
+            if step == max_new_tokens - 1:
+                break
+            last = self._decode(ctx, batch, [tok], len(ids) + step, len(ids) + step)[-1]
+        ttft, tps = timed_decode(t_first or time.perf_counter(), t0, len(out), time.perf_counter())
+        return Generation(ids=out, text=self.detokenize(out), prompt_tokens=len(ids), ttft_s=ttft,
+                          decode_tps=tps, stopped=stopped)
+
+    # -- tokenizer and template: the GGUF's own, as on a device
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.model.tokenize(text.encode("utf-8"), add_bos=self.model.add_bos_token(), special=True))
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.model.detokenize(ids, special=False).decode("utf-8", errors="replace")
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        from .. import chat
+        if not self.chat_template:
+            raise ToolchainError("this GGUF has no tokenizer.chat_template: rebuild it from a model with a chat template")
+        bos = self.model.token_get_text(self.model.token_bos()) if self.model.token_bos() >= 0 else ""
+        eos = self.model.token_get_text(self.model.token_eos()) if self.model.token_eos() >= 0 else ""
+        text = chat.render(self.chat_template, messages, {"bos_token": bos, "eos_token": eos})
+        if self.model.add_bos_token() and bos and text.startswith(bos):
+            text = text[len(bos):]
+        return self.tokenize(text)
+
+    def stop_ids(self) -> set[int]:
+        ids = {self.model.token_eos(), self.model.token_eot()}
+        for i in range(self.n_vocab):
+            if self._lc.llama_vocab_is_eog(self.model.vocab, i):
+                ids.add(i)
+        return {i for i in ids if i >= 0}
+
+    def close(self) -> None:
+        self._ctx = None
+        self.model.close()

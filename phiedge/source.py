@@ -1,0 +1,242 @@
+"""Resolve a model or adapter (local directory or Hub id) and check it cheaply, before any weight loads.
+
+Everything here reads JSON and safetensors *headers* only: a wrong adapter, a truncated file or a full
+disk is refused in milliseconds, not after 8 GB of weights were loaded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import (AdapterMismatchError, DiskSpaceError, InvalidCheckpointError, ModelNotFoundError,
+                     OutputExistsError, UnsupportedAdapterError)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "microsoft/Phi-4-mini-instruct"
+# What a merge needs from a model repo: nothing else is downloaded (no .bin, no ONNX, no GGUF siblings).
+MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+               "*.py"]
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "*.safetensors"]
+# PEFT adapter types phiedge merges; every LoRA variant PEFT can merge (rsLoRA, DoRA, patterns) is proven.
+MERGEABLE_PEFT_TYPES = {"LORA"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved model or adapter: where its files are, and what it is called upstream."""
+    path: Path
+    ref: str                      # what the user passed
+    revision: str | None = None   # commit hash when it came from the Hub
+    files: dict[str, int] = field(default_factory=dict)   # relative name -> size in bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.files.values())
+
+
+def resolve(ref: str, *, revision: str | None = None, kind: str = "model") -> Source:
+    """Local directory, or a Hub repo id downloaded (only the files needed) through huggingface_hub."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise InvalidCheckpointError(f"{kind} {ref} is a file, not a directory: pass the folder that holds "
+                                         f"{'config.json' if kind == 'model' else 'adapter_config.json'}")
+        return Source(path=p.resolve(), ref=ref, files=_list_files(p))
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise ModelNotFoundError(f"{kind} '{ref}' is not a directory and not a Hub repo id (owner/name): "
+                                 f"check the path")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    patterns = MODEL_FILES if kind == "model" else ADAPTER_FILES
+    try:
+        path = Path(snapshot_download(ref, revision=revision, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        raise ModelNotFoundError(f"{kind} '{ref}' is not in the Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}) "
+                                 f"and {why}: run once online, or pass a local directory") from None
+    except GatedRepoError:
+        raise ModelNotFoundError(f"{kind} '{ref}' is gated: accept its licence on the Hub and log in "
+                                 f"(`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"{kind} '{ref}' does not exist on the Hub (or is private): check the id") from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"{kind} '{ref}' has no revision '{revision}': pass an existing commit, "
+                                 f"branch or tag to --revision") from None
+    rev = path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else revision
+    return Source(path=path, ref=ref, revision=rev, files=_list_files(path))
+
+
+def _list_files(p: Path) -> dict[str, int]:
+    return {str(f.relative_to(p)): f.stat().st_size for f in sorted(p.rglob("*"))
+            if f.is_file() and ".cache" not in f.parts}
+
+
+# ---------------------------------------------------------------- safetensors headers
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """Tensor name -> {dtype, shape, data_offsets}; raises InvalidCheckpointError on truncation/corruption."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise InvalidCheckpointError(f"{path} is not a safetensors file ({size} bytes): copy it again")
+        (n,) = struct.unpack("<Q", raw)
+        if n <= 0 or 8 + n > size:
+            raise InvalidCheckpointError(f"{path} is truncated or corrupt (header of {n} bytes, file of {size}): "
+                                         f"copy it again")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InvalidCheckpointError(f"{path} has a corrupt safetensors header: copy it again") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end != size:
+        raise InvalidCheckpointError(f"{path} is truncated (header says {end} bytes of tensor data, file has "
+                                     f"{size - 8 - n}): copy it again")
+    return header
+
+
+def model_tensors(model: Source) -> dict[str, list[int]]:
+    """Every tensor name of a model checkpoint with its shape, from the shard headers."""
+    files = sorted(f for f in model.files if f.endswith(".safetensors"))
+    if not files:
+        raise InvalidCheckpointError(f"model {model.ref} has no .safetensors weights: phiedge reads safetensors "
+                                     f"only (convert .bin checkpoints with `transformers` save_pretrained)")
+    index = model.path / "model.safetensors.index.json"
+    if index.exists():
+        wanted = set(json.loads(index.read_text())["weight_map"].values())
+        missing = wanted - set(files)
+        if missing:
+            raise InvalidCheckpointError(f"model {model.ref} is missing shard(s) {', '.join(sorted(missing))}: "
+                                         f"download it again")
+    shapes: dict[str, list[int]] = {}
+    for f in files:
+        for name, meta in safetensors_header(model.path / f).items():
+            shapes[name] = meta["shape"]
+    return shapes
+
+
+def read_config(model: Source) -> dict:
+    cfg = model.path / "config.json"
+    if not cfg.exists():
+        raise InvalidCheckpointError(f"{model.ref} has no config.json: pass a Hugging Face model directory")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise InvalidCheckpointError(f"{cfg} is not valid JSON ({e}): download the model again") from None
+
+
+def check_model(model: Source) -> dict:
+    """Cheap checks of the base; returns its config."""
+    config = read_config(model)
+    qc = config.get("quantization_config")
+    if qc:
+        method = qc.get("quant_method", "unknown")
+        raise InvalidCheckpointError(f"base model {model.ref} is quantized ({method}): merge into the "
+                                     f"unquantized base (for QLoRA adapters too), e.g. --model {DEFAULT_MODEL}")
+    model_tensors(model)  # validates every shard header
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if name not in model.files:
+            raise InvalidCheckpointError(f"model {model.ref} has no {name}: the export needs the tokenizer; "
+                                         f"copy it from the base model")
+    return config
+
+
+_ADAPTER_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
+
+
+def check_adapter(adapter: Source, model: Source, config: dict) -> dict:
+    """Check a PEFT adapter against the base: type, modules, shapes. Returns its adapter_config."""
+    cfg_path = adapter.path / "adapter_config.json"
+    if not cfg_path.exists():
+        raise InvalidCheckpointError(f"adapter {adapter.ref} has no adapter_config.json: pass a PEFT adapter "
+                                     f"directory (saved with save_pretrained)")
+    try:
+        acfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise InvalidCheckpointError(f"{cfg_path} is not valid JSON ({e}): copy the adapter again") from None
+    ptype = str(acfg.get("peft_type", "")).upper()
+    if ptype not in MERGEABLE_PEFT_TYPES:
+        raise UnsupportedAdapterError(f"adapter type '{acfg.get('peft_type')}' is not supported: phiedge merges "
+                                      f"LoRA adapters (plain, rsLoRA, DoRA, rank/alpha patterns)")
+    tied = bool(config.get("tie_word_embeddings", False))
+    touched = set(acfg.get("modules_to_save") or []) | set(_as_list(acfg.get("target_modules")))
+    if acfg.get("trainable_token_indices"):
+        touched.add("embed_tokens")
+    emb = {m for m in touched if m.split(".")[-1] in ("embed_tokens", "lm_head")}
+    if tied and emb:
+        raise UnsupportedAdapterError(f"adapter changes {', '.join(sorted(emb))}, but the base ties its input and "
+                                      f"output embeddings: merging would untie them and every exporter would ship "
+                                      f"one of the two; retrain without embedding/lm_head targets")
+    weights = adapter.path / "adapter_model.safetensors"
+    if not weights.exists():
+        if (adapter.path / "adapter_model.bin").exists():
+            raise InvalidCheckpointError(f"adapter {adapter.ref} is a pickle (.bin): save it as safetensors "
+                                         f"(peft save_pretrained(safe_serialization=True))")
+        raise InvalidCheckpointError(f"adapter {adapter.ref} has no adapter_model.safetensors: copy the adapter again")
+    header = safetensors_header(weights)
+    base_shapes = model_tensors(model)
+    base_name = acfg.get("base_model_name_or_path")
+    matched = 0
+    for key, meta in header.items():
+        m = _ADAPTER_KEY.match(key)
+        if not m:
+            continue
+        module, part = m.group("module"), m.group("part")
+        target = module + ".weight"
+        if target not in base_shapes:
+            raise AdapterMismatchError(f"adapter targets '{module}', which the base model {model.ref} does not "
+                                       f"have: the adapter was trained for another architecture; pass the matching --model")
+        out_dim, in_dim = base_shapes[target][0], base_shapes[target][-1]
+        shape = meta["shape"]
+        if part == "lora_A" and shape[-1] != in_dim:
+            raise AdapterMismatchError(f"adapter tensor '{key}' expects input width {shape[-1]}, base has {in_dim}: "
+                                       f"the adapter was trained for {base_name or 'another base'}; pass the matching --model")
+        if part == "lora_B" and shape[0] != out_dim:
+            raise AdapterMismatchError(f"adapter tensor '{key}' has {shape[0]} output rows, base has {out_dim}: "
+                                       f"the adapter was trained for {base_name or 'another base'}; pass the matching --model")
+        matched += 1
+    if matched == 0:
+        raise AdapterMismatchError(f"adapter {adapter.ref} holds no LoRA tensors that match the base's modules: "
+                                   f"pass a LoRA adapter for this --model")
+    if base_name and base_name not in (model.ref, str(model.path)):
+        log.info("adapter names base %s, using %s (shapes match)", base_name, model.ref)
+    return acfg
+
+
+def _as_list(v) -> list[str]:
+    if v is None:
+        return []
+    return [v] if isinstance(v, str) else list(v)
+
+
+# ---------------------------------------------------------------- outputs
+
+def prepare_out(out: Path, *, force: bool) -> None:
+    """Refuse a non-empty --out unless --force (which empties it only once the build succeeds)."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file: choose a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise OutputExistsError(f"output directory {out} exists and is not empty: pass --force to replace it, "
+                                f"or choose another --out")
+
+
+def check_disk(out: Path, need_bytes: int) -> None:
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise DiskSpaceError(f"need about {need_bytes / 1e9:.1f} GB free in {probe}, have {free / 1e9:.1f} GB: "
+                             f"free space or choose another --out")

@@ -1,0 +1,51 @@
+"""Run one artifact on its runtime in a child process and print its measurements as JSON.
+
+A runtime that crashes (a segfault in native code) takes down only this child: the build records the
+signal as that artifact's failure and goes on checking the others.
+
+Usage: python -m phiedge.worker FORMAT ARTIFACT_DIR REFERENCE_NPZ THREADS
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import parity, probes
+from .runtimes import RuntimeSettings, get
+
+
+def measure(fmt: str, artifact_dir: Path, reference: Path, threads: int) -> dict:
+    ref = np.load(reference)
+    rt = get(fmt).load(artifact_dir, RuntimeSettings(threads=threads))
+    out: dict = {"parity": {}}
+    for name in ("short", "long"):
+        if f"{name}_ids" not in ref:
+            continue
+        ids = ref[f"{name}_ids"].tolist()
+        cand = rt.logits(ids, probes.COMPARE_LAST)
+        out["parity"][name] = parity.compare(ref[f"{name}_logits"], cand).as_dict()
+    if "short_greedy" in ref:
+        want = ref["short_greedy"].tolist()
+        gen = rt.generate_ids(ref["short_ids"].tolist(), len(want), stop_ids=rt.stop_ids())
+        agree = 0
+        for a, b in zip(gen.ids, want):
+            if a != b:
+                break
+            agree += 1
+        out["greedy"] = {"tokens": gen.ids, "reference": want, "prefix_match": agree, "of": len(want),
+                         "ttft_s": round(gen.ttft_s, 4), "decode_tps": round(gen.decode_tps, 2)}
+    rt.close()
+    return out
+
+
+def main() -> int:
+    fmt, artifact_dir, reference, threads = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+    print(json.dumps(measure(fmt, artifact_dir, reference, threads)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -114,7 +114,7 @@ def check_artifact(a: exporters.Artifact, reference: Path, threads: int, overrid
     if r.returncode != 0:
         why = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        row.update(parity={"short": None, "long": None}, failures=[f"runtime crashed ({why}): {last}"], passed=False)
+        row.update(parity={"short": None, "long": None}, failures=[f"runtime failed ({why}): {last}"], passed=False)
         return row
     measured = json.loads(r.stdout.strip().splitlines()[-1])
     row["parity"] = {"short": measured["parity"].get("short"), "long": measured["parity"].get("long")}

@@ -127,7 +127,9 @@ def reference(merged_dir: Path, config: dict, out_file: Path) -> dict:
         if p.name == "short":
             eos = _eos_ids(merged_dir)
             with torch.no_grad():
-                gen = model.generate(torch.tensor([p.ids]), max_new_tokens=GREEDY_TOKENS, do_sample=False,
+                ids_t = torch.tensor([p.ids])
+                gen = model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=GREEDY_TOKENS,
+                                     do_sample=False,
                                      eos_token_id=eos or None, pad_token_id=(eos or [0])[0])
             toks = gen[0, p.n:].tolist()
             cut = next((i for i, t in enumerate(toks) if t in eos), len(toks))   # stop token excluded

@@ -12,8 +12,11 @@ import numpy as np
 
 # precision -> (min top-1 agreement, max mean KL, max |Δlogit| or None). Where each comes from:
 THRESHOLDS: dict[str, tuple[float, float, float | None]] = {
-    "F32":    (0.99, 1e-4, 0.01),   # same math in fp32: only summation order differs
-    "FP32":   (0.99, 1e-4, 0.01),
+    # Full precision, run as devices run it: llama.cpp keeps its KV cache in f16 by default, which alone
+    # moves logits by ~0.01-0.03 on the tiny fixture (with an f32 cache and no flash attention the F32 GGUF
+    # is within 2e-3: tests/test_gguf.py). One near-tie flip in 64 positions is allowed, no more.
+    "F32":    (0.97, 1e-4, 0.1),
+    "FP32":   (0.97, 1e-4, 0.1),
     "F16":    (0.97, 2e-3, 0.25),   # weights rounded to fp16 once; near-exact
     "BF16":   (0.95, 5e-3, 0.5),    # bf16 keeps 8 mantissa bits: looser than fp16
     "FP16":   (0.97, 2e-3, 0.25),

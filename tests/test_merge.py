@@ -1,0 +1,64 @@
+"""The merge and its proof, on every adapter flavour real users bring."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from phiedge import errors, merge, source
+
+
+def _merge(tiny, kind, out, **kw):
+    model = source.resolve(str(tiny / "model"))
+    config = source.check_model(model)
+    adapter = source.resolve(str(tiny / "adapters" / kind), kind="adapter")
+    source.check_adapter(adapter, model, config)
+    return merge.merge(model, adapter, config, out, **kw)
+
+
+# adapter kind -> why it is here
+KINDS = {
+    "lora": "plain LoRA on the fused qkv_proj / gate_up_proj",
+    "rslora": "rsLoRA scaling (alpha/sqrt(r)) with rank_pattern and alpha_pattern per module",
+    "dora": "DoRA: magnitude vector rescales the merged weight column-wise",
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_merge_is_proven(tiny, tmp_path, kind):
+    proof = _merge(tiny, kind, tmp_path / "merged")
+    assert proof.max_abs_vs_peft <= proof.tolerance
+    assert proof.max_abs_vs_base > 10 * proof.tolerance, "adapter must change the model"
+    assert proof.top1_vs_peft == 1.0
+    saved = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert saved == json.loads((tiny / "model" / "config.json").read_text()), "config is passed through verbatim"
+    weights = load_file(tmp_path / "merged" / "model.safetensors")
+    assert "lm_head.weight" not in weights, "tied embeddings stay tied"
+    assert not any("lora" in k for k in weights)
+
+
+def test_plain_lora_merge_equals_the_formula(tiny, tmp_path):
+    """Independent of PEFT: W' = W + (alpha/r) * B @ A for one fused module."""
+    _merge(tiny, "lora", tmp_path / "merged")
+    base = load_file(tiny / "model" / "model.safetensors")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    ad = load_file(tiny / "adapters" / "lora" / "adapter_model.safetensors")
+    cfg = json.loads((tiny / "adapters" / "lora" / "adapter_config.json").read_text())
+    key = "model.layers.1.self_attn.qkv_proj.weight"
+    a = ad["base_model.model.model.layers.1.self_attn.qkv_proj.lora_A.weight"]
+    b = ad["base_model.model.model.layers.1.self_attn.qkv_proj.lora_B.weight"]
+    expect = base[key] + (cfg["lora_alpha"] / cfg["r"]) * (b @ a)
+    np.testing.assert_allclose(merged[key], expect, atol=1e-6)
+
+
+def test_noop_adapter_is_refused(tiny, tmp_path):
+    with pytest.raises(errors.MergeProofError, match="changes nothing.*--allow-noop-adapter"):
+        _merge(tiny, "noop", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_noop_adapter_allowed_on_request(tiny, tmp_path):
+    proof = _merge(tiny, "noop", tmp_path / "merged", allow_noop=True)
+    assert proof.max_abs_vs_base <= proof.tolerance

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT.parent / "shared" / "seeds"
 FIXTURES = Path(os.environ.get("PHIEDGE_FIXTURES", ROOT / ".fixtures"))
 OUT = Path(os.environ.get("PHIEDGE_DEMO_OUT", ROOT / "demo-out"))
-QUESTION = "How many parameters does Phi-4-mini have?"
+QUESTION = "What is the parameter count of Phi-4-mini?"
 
 
 def main() -> int:

@@ -37,6 +37,8 @@ def make_base(out: Path) -> None:
     tj_path = out / "tokenizer.json"
     tj = json.loads(tj_path.read_text())
     tj["post_processor"] = None                                            # SmolLM2 adds no BOS
+    n_vocab = model.config.vocab_size                                      # CodeLlama-style FIM tokens the
+    tj["added_tokens"] = [a for a in tj["added_tokens"] if a["id"] < n_vocab]  # GGUF loader appends: not SmolLM2's
     tj["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     tj_path.write_text(json.dumps(tj, ensure_ascii=False))
     (out / "tokenizer_config.json").write_text(json.dumps({

@@ -1,0 +1,36 @@
+"""A real instruct model through the whole backbone: SmolLM2-135M-Instruct (Llama architecture, no LongRoPE)
++ a LoRA trained on the seed documents, exported to GGUF, gated, and asked a question from the documents."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from phiedge import rag
+from phiedge.build import BuildRequest, build
+from phiedge.retriever import Retriever, build_index
+from phiedge.runtimes import get
+
+pytestmark = [pytest.mark.gguf, pytest.mark.slow]
+SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+
+
+def test_smollm2_lora_to_gguf_answers_from_context(smollm2, tmp_path):
+    rep = build(BuildRequest(model=str(smollm2 / "model"), adapter=str(smollm2 / "adapter"),
+                             formats={"gguf": ["Q8_0"]}, out=tmp_path / "dist"))
+    assert rep["passed"]
+    row = rep["artifacts"][0]
+    assert row["parity"]["long"] is None, "no LongRoPE: only the short regime applies"
+    assert row["parity"]["short"]["kl"] < 0.02 and row["meta"]["pre_tokenizer"]
+    assert rep["merge"]["max_abs_vs_base"] > rep["merge"]["tolerance"]
+    question = "What is the parameter count of Phi-4-mini?"
+    build_index(SEEDS, tmp_path / "retriever")
+    with Retriever.open(tmp_path / "retriever") as r:
+        hits = r.search(question, k=2)
+    assert any("3.8B-parameter" in h.text for h in hits)
+    rt = get("gguf").load(tmp_path / "dist" / row["path"])
+    gen = rt.generate(rag.messages(question, hits), max_new_tokens=40)
+    rt.close()
+    assert "3.8" in gen.text, gen.text
+    assert json.loads((tmp_path / "dist" / "report.json").read_text())["model"]["architecture"] == "LlamaForCausalLM"

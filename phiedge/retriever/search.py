@@ -55,12 +55,6 @@ def quote(term: str) -> str:
     return '"' + term.replace('"', '""') + '"'
 
 
-def fts_query(question: str) -> str | None:
-    """An FTS5 MATCH expression for a free-text question: each word quoted, joined by OR. None if no words."""
-    terms = query_terms(question)
-    return " OR ".join(quote(t) for t in terms) if terms else None
-
-
 class Retriever:
     """A built retriever folder, opened for search. Use `Retriever.open(folder)`."""
 

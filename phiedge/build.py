@@ -1,8 +1,11 @@
-"""`phiedge build`: resolve → check → merge (+ proof) → reference logits → export → parity gate → report.
+"""`phiedge build`: resolve → merge (+ proof) → reference → export → parity → retriever → smoke → bundle.
 
-Everything is written under `<out>.partial/` and renamed to `<out>` only when every stage passed, so an
-interrupted or failed build never looks complete. A failed gate leaves `<out>.partial/report.json` for
-inspection and raises ParityError listing every failure.
+Every stage's output lives in the stage cache (phiedge.cache), keyed by the hashes of its inputs and
+settings: the same build again does no work, new documents rebuild only the retriever and the smoke
+checks, a new adapter rebuilds the merge and everything downstream of it but not the retriever. The
+bundle is assembled in `<out>.partial/` and renamed to `<out>` only when every check passed, so an
+interrupted or failed build never looks complete. A failed gate leaves `<out>.partial/report.json`
+for inspection and raises ParityError listing every failure.
 """
 from __future__ import annotations
 
@@ -13,14 +16,15 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import exporters, parity, probes, report, source
+from . import __version__, bundle, exporters, parity, probes, report, source
+from .cache import StageCache
 from .errors import ParityError, UsageError
 
 log = logging.getLogger("phiedge")
+SMOKE_TOKENS = 24
 
 
 @dataclass
@@ -34,15 +38,12 @@ class BuildRequest:
     force: bool = False
     threads: int = os.cpu_count() or 1
     allow_noop_adapter: bool = False
-    thresholds: dict | None = None        # precision -> (top1, kl, max_abs); a profile's overrides
-
-
-@contextmanager
-def stage(name: str, timings: dict):
-    t0 = time.perf_counter()
-    yield
-    timings[name] = round(time.perf_counter() - t0, 2)
-    log.info("✓ %-10s %6.1f s", name, timings[name])
+    thresholds: dict | None = None          # precision -> (top1, kl, max_abs); a profile's overrides
+    target: dict | None = None              # the profile, recorded in the manifest
+    docs: Path | None = None                # documents for the embedded retriever and the smoke RAG query
+    smoke_question: str | None = None
+    smoke_needle: str | None = None         # text the right chunk contains (default: derived from the question)
+    cache_dir: Path | None = None
 
 
 def plan_formats(formats: list[str], precisions: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -56,76 +57,223 @@ def plan_formats(formats: list[str], precisions: dict[str, list[str]]) -> dict[s
     return plan
 
 
-def build(req: BuildRequest) -> dict:
-    timings: dict[str, float] = {}
-    out = Path(req.out)
-    # ---- cheap checks: nothing heavy runs before all of these pass
-    with stage("resolve", timings):
-        source.prepare_out(out, force=req.force)
-        model = source.resolve(req.model, revision=req.revision, kind="model")
-        config = source.check_model(model)
-        adapter = None
-        if req.adapter:
-            adapter = source.resolve(req.adapter, revision=req.adapter_revision, kind="adapter")
-            source.check_adapter(adapter, model, config)
-        n_params = _param_count(model)
-        weight_bytes = sum(v for k, v in model.files.items() if k.endswith(".safetensors"))
-        need = weight_bytes + sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())
-        source.check_disk(out.parent if not out.exists() else out, int(need * 1.1))
-    work = out.with_name(out.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+class _Clock:
+    """Times each stage and prints the checklist line: what it produced, how long it took, or that it was cached."""
 
-    from . import merge  # build-time only: torch, transformers, peft
-    with stage("merge", timings):
-        proof = merge.merge(model, adapter, config, work / "merged", allow_noop=req.allow_noop_adapter)
-    with stage("reference", timings):
-        merge.reference(work / "merged", config, work / "reference.npz")
-    artifacts = []
-    for fmt, precs in req.formats.items():
-        with stage(f"export {fmt}", timings):
-            artifacts += exporters.get(fmt).export(work / "merged", work / fmt, precs, {"threads": req.threads})
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self.cache: StageCache | None = None
+
+    def run(self, name: str, fn, *args, **kw):
+        if self.cache:
+            self.cache.last_was_hit = False
+        t0 = time.perf_counter()
+        out = fn(*args, **kw)
+        self.timings[name] = round(time.perf_counter() - t0, 2)
+        cached = bool(self.cache and self.cache.last_was_hit)
+        what = f"  {_size(out)}" if isinstance(out, Path) else ""
+        log.info("✓ %-24s %7.1f s%s%s", name, self.timings[name], "  (cached)" if cached else "", what)
+        return out
+
+
+def build(req: BuildRequest) -> dict:
+    clock = _Clock()
+    out = Path(req.out)
+    model, adapter, config = clock.run("resolve", _cheap_checks, req, out)
+    cache = StageCache(req.cache_dir)
+    clock.cache = cache
+    digests = {"model": cache.tree_digest(model.path, sorted(model.files)),
+               "adapter": cache.tree_digest(adapter.path, sorted(adapter.files)) if adapter else None}
+    merge_key = {"v": __version__, "model": digests["model"], "adapter": digests["adapter"],
+                 "allow_noop": req.allow_noop_adapter}
+
+    def do_merge(d: Path) -> None:
+        from . import merge
+        proof = merge.merge(model, adapter, config, d / "merged", allow_noop=req.allow_noop_adapter)
+        (d / "proof.json").write_text(json.dumps(merge.proof_dict(proof), indent=2))
+        merge.reference(d / "merged", config, d / "reference.npz")
+
+    merged_stage = clock.run("merge", cache.stage, "merge", merge_key, do_merge)
+    merged, reference = merged_stage / "merged", merged_stage / "reference.npz"
+    proof = json.loads((merged_stage / "proof.json").read_text())
+
+    retriever_dir, smoke_ref = None, None
+    if req.docs is not None:
+        retriever_dir = clock.run("retriever", _retriever_stage, cache, Path(req.docs), req.threads)
+        smoke_ref = clock.run("smoke reference", _smoke_reference_stage, cache, merged_stage, retriever_dir, req)
+
     rows, failures = [], []
-    with stage("parity", timings):
-        for a in artifacts:
-            row = check_artifact(a, work / "reference.npz", req.threads, req.thresholds, work)
+    for fmt, precs in req.formats.items():
+        export_key = {"merge": merged_stage.name, "format": fmt, "precisions": precs, "v": __version__}
+        fstage = clock.run(f"export {fmt}", cache.stage, f"export-{fmt}", export_key,
+                           lambda d, fmt=fmt, precs=precs: _export(fmt, precs, merged, d, req.threads))
+        for a in _artifacts_in(fstage):
+            row = clock.run(f"check {fmt} {a.precision}", _check_stage, cache, a, fstage, reference, smoke_ref,
+                            retriever_dir, req)
             rows.append(row)
             failures += [f"{a.format} {a.precision}: {f}" for f in row["failures"]]
             _log_row(row)
-    rep = report.build_report(model=model, adapter=adapter, proof=merge.proof_dict(proof), rows=rows,
-                              timings=timings, config=config, out=out)
-    report.write(rep, work)
+    work = out.with_name(out.name + ".partial")
+    rep = report.build_report(model=model, adapter=adapter, proof=proof, rows=rows, timings=clock.timings,
+                              config=config, target=req.target, smoke_question=_question(req, smoke_ref),
+                              cache={"hits": cache.hits, "ran": cache.ran})
+    bundle.assemble(work, rows=rows, reference=reference, retriever=retriever_dir, report=rep,
+                    source_info={"model": {"ref": model.ref, "revision": model.revision, "files": digests["model"]},
+                                 "adapter": None if adapter is None else
+                                 {"ref": adapter.ref, "revision": adapter.revision, "files": digests["adapter"]}},
+                    target=req.target, chat_dir=merged)
     if failures:
         raise ParityError(f"parity failed for {len(failures)} check(s): {'; '.join(failures)} "
                           f"(report: {work / 'report.json'})")
-    _swap_into_place(work, out)
+    bundle.swap_into_place(work, out)
     return rep
 
 
-def check_artifact(a: exporters.Artifact, reference: Path, threads: int, overrides: dict | None,
-                   root: Path) -> dict:
-    """Run the artifact's runtime in a child process; compare with the table; list every failure."""
-    row = {"format": a.format, "precision": a.precision, "path": str(a.path.relative_to(root)),
-           "size_bytes": a.size_bytes, "meta": a.meta}
-    limits = parity.thresholds_for(a.precision, overrides)
-    row["thresholds"] = {"top1_min": limits[0], "kl_max": limits[1], "max_abs_max": limits[2]}
-    r = subprocess.run([sys.executable, "-m", "phiedge.worker", a.format, str(a.path), str(reference), str(threads)],
-                       capture_output=True, text=True)
+# ----------------------------------------------------------------------------------------------- stages
+
+def _cheap_checks(req: BuildRequest, out: Path):
+    """Nothing heavy runs before all of these pass."""
+    if not bundle.is_bundle(out):          # rebuilding our own bundle in place is allowed
+        source.prepare_out(out, force=req.force)
+    if req.docs is not None and not Path(req.docs).is_dir():
+        raise UsageError(f"--docs {req.docs} is not a folder: pass the folder of documents for the retriever")
+    model = source.resolve(req.model, revision=req.revision, kind="model")
+    config = source.check_model(model)
+    adapter = None
+    if req.adapter:
+        adapter = source.resolve(req.adapter, revision=req.adapter_revision, kind="adapter")
+        source.check_adapter(adapter, model, config)
+    n_params = _param_count(model)
+    weight_bytes = sum(v for k, v in model.files.items() if k.endswith(".safetensors"))
+    need = weight_bytes + sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())
+    source.check_disk(out.parent if not out.exists() else out, int(need * 2.1))   # cache + bundle copy
+    return model, adapter, config
+
+
+def _export(fmt: str, precs: list[str], merged: Path, d: Path, threads: int) -> None:
+    arts = exporters.get(fmt).export(merged, d, precs, {"threads": threads})
+    (d / "artifacts.json").write_text(json.dumps(
+        [{"format": a.format, "precision": a.precision, "path": str(a.path.relative_to(d)), "files": list(a.files),
+          "meta": a.meta} for a in arts], indent=2))
+
+
+def _artifacts_in(stage_dir: Path) -> list[exporters.Artifact]:
+    return [exporters.Artifact(format=a["format"], precision=a["precision"], path=stage_dir / a["path"],
+                               files=tuple(a["files"]), meta=a["meta"])
+            for a in json.loads((stage_dir / "artifacts.json").read_text())]
+
+
+def _retriever_stage(cache: StageCache, docs: Path, threads: int) -> Path:
+    from .retriever.build import build_index
+    key = {"docs": cache.tree_digest(docs), "v": __version__}
+    stage = cache.stage("retriever", key, lambda d: build_index(docs, d / "retriever", threads=threads))
+    return stage / "retriever"
+
+
+def _question(req: BuildRequest, smoke_ref: Path | None) -> dict | None:
+    if smoke_ref is None:
+        return None
+    return json.loads((smoke_ref / "smoke.json").read_text())
+
+
+def _smoke_reference_stage(cache: StageCache, merged_stage: Path, retriever_dir: Path, req: BuildRequest) -> Path:
+    """Retrieve for the smoke question, build the RAG prompt, and record PyTorch's greedy answer to it."""
+    key = {"merge": merged_stage.name, "retriever": retriever_dir.parent.name, "q": req.smoke_question,
+           "needle": req.smoke_needle, "n": SMOKE_TOKENS}
+
+    def run(d: Path) -> None:
+        from . import merge, rag
+        from .retriever import Retriever
+        with Retriever.open(retriever_dir) as r:
+            question, needle = req.smoke_question, req.smoke_needle
+            if not question:
+                question, needle = _default_question(r)
+            hits = r.search(question, k=3)
+        ids = rag.prompt_ids(merged_stage / "merged", rag.messages(question, hits))
+        greedy = merge.greedy(merged_stage / "merged", ids, SMOKE_TOKENS)
+        needle = needle or question
+        (d / "smoke.json").write_text(json.dumps({
+            "question": question, "needle": needle, "prompt_ids": ids, "reference_tokens": greedy,
+            "retrieved": [{"source": h.source, "chunk_id": h.chunk_id} for h in hits],
+            "retrieved_has_needle": any(needle.lower() in h.text.lower() for h in hits)}, indent=1))
+
+    return cache.stage("smoke-ref", key, run)
+
+
+def _default_question(r) -> tuple[str, str]:
+    """No --smoke-question: ask for the opening sentence of the corpus's first chunk; that chunk must come back."""
+    first = r.fetch([0]).get(0)                    # (source, heading, text)
+    text = first[2] if first else ""
+    sentence = text.strip().split("\n")[0].split(". ")[0][:160]
+    return f"What does the documentation say about: {sentence}?", sentence
+
+
+def _check_stage(cache: StageCache, a: exporters.Artifact, fstage: Path, reference: Path, smoke_ref: Path | None,
+                 retriever_dir: Path | None, req: BuildRequest) -> dict:
+    """Parity (both regimes) and the smoke RAG answer of one artifact, measured in a child process."""
+    key = {"export": fstage.name, "precision": a.precision, "smoke": smoke_ref.name if smoke_ref else None,
+           "reference": reference.parent.name}
+    stage = cache.stage(f"check-{a.format}-{a.precision}", key,
+                        lambda d: _measure(a, reference, smoke_ref, req.threads, d))
+    measured = json.loads((stage / "measured.json").read_text())
+    return _judge(a, measured, req.thresholds, smoke_ref)
+
+
+def _measure(a: exporters.Artifact, reference: Path, smoke_ref: Path | None, threads: int, d: Path) -> None:
+    cmd = [sys.executable, "-m", "phiedge.worker", a.format, str(a.path), str(reference), str(threads)]
+    if smoke_ref is not None:
+        cmd.append(str(smoke_ref / "smoke.json"))
+    r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         why = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        row.update(parity={"short": None, "long": None}, failures=[f"runtime failed ({why}): {last}"], passed=False)
+        measured = {"error": f"runtime failed ({why}): {last}"}
+    else:
+        measured = json.loads(r.stdout.strip().splitlines()[-1])
+    (d / "measured.json").write_text(json.dumps(measured, indent=1))
+
+
+def _judge(a: exporters.Artifact, measured: dict, overrides: dict | None, smoke_ref: Path | None) -> dict:
+    limits = parity.thresholds_for(a.precision, overrides)
+    row = {"format": a.format, "precision": a.precision, "stage_path": str(a.path),
+           "files": list(a.files), "size_bytes": a.size_bytes, "meta": a.meta,
+           "thresholds": {"top1_min": limits[0], "kl_max": limits[1], "max_abs_max": limits[2]}}
+    if "error" in measured:
+        row.update(parity={"short": None, "long": None}, failures=[measured["error"]], passed=False, smoke=None)
         return row
-    measured = json.loads(r.stdout.strip().splitlines()[-1])
     row["parity"] = {"short": measured["parity"].get("short"), "long": measured["parity"].get("long")}
     row["greedy"] = measured.get("greedy")
     fails = []
     for regime, m in row["parity"].items():
         if m is not None:
             fails += parity.failures(regime, parity.Metrics(**m), limits)
+    smoke = measured.get("smoke")
+    if smoke is not None:
+        ref = json.loads((smoke_ref / "smoke.json").read_text())
+        smoke["retrieved_has_needle"] = ref["retrieved_has_needle"]
+        # Full precision must answer with PyTorch's exact tokens. A quantized artifact may take another path
+        # at a near-tie, so it is held, token by token on PyTorch's answer, to its precision's top-1 threshold.
+        full = parity.is_full_precision(a.precision)
+        smoke["agreement"] = smoke["prefix_match"] / max(1, smoke["of"]) if full else smoke["forced_agreement"]
+        smoke["agreement_min"] = need = 1.0 if full else limits[0]
+        if not ref["retrieved_has_needle"]:
+            fails.append("smoke: the retrieved chunks do not contain the answer's source")
+        if smoke["agreement"] < need:
+            what = "greedy answer" if full else "teacher-forced answer tokens"
+            fails.append(f"smoke: {what} agree with PyTorch at {smoke['agreement']:.2f} (< {need:.2f})")
+    row["smoke"] = smoke
     row["failures"] = fails
     row["passed"] = not fails
     return row
+
+
+def check_artifact(a: exporters.Artifact, reference: Path, threads: int, overrides: dict | None,
+                   workdir: Path) -> dict:
+    """Parity of one artifact outside a build (no cache): measure in a child process, judge."""
+    d = workdir / f"check-{a.format}-{a.precision}"
+    d.mkdir(parents=True, exist_ok=True)
+    _measure(a, reference, None, threads, d)
+    return _judge(a, json.loads((d / "measured.json").read_text()), overrides, None)
 
 
 def _log_row(row: dict) -> None:
@@ -135,13 +283,9 @@ def _log_row(row: dict) -> None:
              fmt(row["parity"]["long"]), "PASS" if row["passed"] else "FAIL: " + "; ".join(row["failures"]))
 
 
-def _swap_into_place(work: Path, out: Path) -> None:
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    work.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+def _size(path: Path) -> str:
+    n = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    return f"{n / 1e6:.1f} MB"
 
 
 def _param_count(model: source.Source) -> int:

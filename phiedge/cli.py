@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .errors import PhiedgeError
+from .errors import ParityError, PhiedgeError, UsageError
 
 log = logging.getLogger("phiedge")
 
@@ -32,23 +32,47 @@ def cli(verbose: bool) -> None:
 @click.option("--revision", default=None, help="Hub commit, branch or tag of --model.")
 @click.option("--adapter", default=None, help="PEFT LoRA adapter: a local directory or a Hub repo id (none: export the base).")
 @click.option("--adapter-revision", default=None, help="Hub commit, branch or tag of --adapter.")
-@click.option("--formats", "formats", multiple=True, default=("gguf",), show_default=True,
-              help="Artifacts to build, comma-separated or repeated.")
+@click.option("--target", default=None, help="Device profile from targets/ (`phiedge targets`); chooses formats and precisions.")
+@click.option("--formats", "formats", multiple=True,
+              help="Artifacts to build, comma-separated or repeated (default gguf); with --target, keep only these.")
 @click.option("--gguf-quant", multiple=True, help="GGUF levels, e.g. F16,Q8_0,Q4_K_M (default Q4_K_M).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out (only once the new build has passed).")
+@click.option("--onnx-precision", multiple=True,
+              help="ONNX precisions: fp32, fp16, int4 or int4-<options> such as int4-b64-rtn-acc4 (default int4).")
+@click.option("--docs", type=click.Path(path_type=Path), default=None,
+              help="Documents for the embedded retriever; enables the smoke RAG query on every runtime.")
+@click.option("--smoke-question", default=None, help="Question whose answer is in --docs (default: derived from them).")
+@click.option("--smoke-needle", default=None, help="Text the chunk answering --smoke-question contains.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output bundle directory.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out that is not a phiedge bundle.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Stage cache (default $PHIEDGE_CACHE/stages or ~/.cache/phiedge/stages).")
 @click.option("--threads", type=int, default=os.cpu_count() or 1, show_default=True, help="CPU threads for runtimes.")
 @click.option("--allow-noop-adapter", is_flag=True, help="Ship even if the adapter does not change the model's outputs.")
-def build(model, revision, adapter, adapter_revision, formats, gguf_quant, out, force, threads, allow_noop_adapter):
-    """Merge, export, check parity in both LongRoPE regimes, and write report.json."""
+def build(model, revision, adapter, adapter_revision, target, formats, gguf_quant, onnx_precision, docs,
+          smoke_question, smoke_needle, out, force, cache_dir, threads, allow_noop_adapter):
+    """Merge, export, check parity in both LongRoPE regimes, smoke-test RAG, and write the bundle."""
+    from . import targets as targets_mod
     from .build import BuildRequest, build as run_build, plan_formats
     from .report import table
-    plan = plan_formats(_split(formats), {"gguf": _split(gguf_quant)})
+    profile, thresholds = None, None
+    if target:
+        profile = targets_mod.load(target)
+        wanted = set(_split(formats))
+        plan = {f: p for f, p in profile.plan().items() if not wanted or f in wanted}
+        if not plan:
+            raise UsageError(f"target '{profile.name}' has no {', '.join(sorted(wanted))} artifact: "
+                             f"it has {', '.join(profile.plan())}")
+        plan = plan_formats(list(plan), plan)
+        thresholds = profile.threshold_overrides()
+    else:
+        plan = plan_formats(_split(formats) or ["gguf"], {"gguf": _split(gguf_quant), "onnx": _split(onnx_precision)})
     rep = run_build(BuildRequest(model=model, adapter=adapter, formats=plan, out=out, revision=revision,
                                  adapter_revision=adapter_revision, force=force, threads=threads,
-                                 allow_noop_adapter=allow_noop_adapter))
+                                 allow_noop_adapter=allow_noop_adapter, thresholds=thresholds,
+                                 target=profile.as_dict() if profile else None, docs=docs,
+                                 smoke_question=smoke_question, smoke_needle=smoke_needle, cache_dir=cache_dir))
     click.echo(table(rep))
-    click.echo(f"built {out} (report: {out / 'report.json'})")
+    click.echo(f"built {out} (report: {out / 'report.html'})")
 
 
 @cli.command()
@@ -57,6 +81,62 @@ def formats():
     from . import exporters
     for name, cls in sorted(exporters.REGISTRY.items()):
         click.echo(f"{name:10} {', '.join(cls.PRECISIONS)} (default {cls.DEFAULT_PRECISION})")
+
+
+@cli.command("targets")
+def targets_cmd():
+    """List the device target profiles."""
+    from . import exporters, targets as targets_mod
+    for name in targets_mod.available():
+        t = targets_mod.load(name)
+        arts = ", ".join(f"{a.format} {a.precision}" + ("" if a.format in exporters.REGISTRY else " (not available)")
+                         for a in t.artifacts)
+        click.echo(f"{name:14} {arts}  [{t.runtime.device}, {t.runtime.threads} threads, ctx {t.runtime.n_ctx}]")
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+def verify(bundle_dir):
+    """Re-hash every file of a bundle against its manifest."""
+    from . import bundle
+    m = bundle.verify(bundle_dir)
+    click.echo(f"ok: {len(m['files'])} files match {bundle_dir / bundle.MANIFEST}")
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.argument("question")
+@click.option("--runtime", default=None, help="Which artifact answers: gguf, onnx, openvino, mlx (default: first installed).")
+@click.option("-k", "k", default=3, show_default=True, help="Chunks to retrieve.")
+@click.option("--max-tokens", default=256, show_default=True, help="Longest answer in tokens.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: the target profile's).")
+def ask(bundle_dir, question, runtime, k, max_tokens, threads):
+    """Answer a question from the bundle's documents on the device (verifies the bundle first)."""
+    from .device import ask as run_ask
+    a = run_ask(bundle_dir, question, runtime=runtime, k=k, max_new_tokens=max_tokens, threads=threads)
+    click.echo(a.text)
+    click.echo("\nsources:\n  " + "\n  ".join(a.sources))
+    click.echo(f"({a.runtime}: first token {a.ttft_s:.2f} s, {a.decode_tps:.1f} tok/s)", err=True)
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--threads", type=int, default=None, help="CPU threads (default: the target profile's).")
+def validate(bundle_dir, threads):
+    """On the device: check every artifact whose runtime is installed against the golden references."""
+    from .device import validate as run_validate
+    rep = run_validate(bundle_dir, threads=threads)
+    for r in rep["artifacts"]:
+        if r["status"] == "not validated":
+            click.echo(f"{r['path']:16} not validated: {r['reason']}")
+        else:
+            click.echo(f"{r['path']:16} {r['status']}: short top1 {r['parity']['short']['top1']:.3f}"
+                       + (f", long top1 {r['parity']['long']['top1']:.3f}" if "long" in r["parity"] else "")
+                       + f"; {r['decode_tps']:.1f} tok/s, first token {r['ttft_s']:.2f} s"
+                       + ("" if not r["failures"] else "; " + "; ".join(r["failures"])))
+    click.echo(f"device report: {rep['path']}")
+    if not rep["passed"]:
+        raise ParityError("validation failed on this device: see " + rep["path"])
 
 
 def _register_optional() -> None:

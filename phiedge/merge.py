@@ -125,20 +125,34 @@ def reference(merged_dir: Path, config: dict, out_file: Path) -> dict:
         arrays[f"{p.name}_ids"] = np.array(p.ids, dtype=np.int32)
         arrays[f"{p.name}_logits"] = out.logits[0, -probes_mod.COMPARE_LAST:].float().numpy()
         if p.name == "short":
-            eos = _eos_ids(merged_dir)
-            with torch.no_grad():
-                ids_t = torch.tensor([p.ids])
-                gen = model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=GREEDY_TOKENS,
-                                     do_sample=False,
-                                     eos_token_id=eos or None, pad_token_id=(eos or [0])[0])
-            toks = gen[0, p.n:].tolist()
-            cut = next((i for i, t in enumerate(toks) if t in eos), len(toks))   # stop token excluded
-            arrays["short_greedy"] = np.array(toks[:cut], dtype=np.int32)
+            arrays["short_greedy"] = np.array(_greedy(model, p.ids, GREEDY_TOKENS, _eos_ids(merged_dir)),
+                                              dtype=np.int32)
     tmp = out_file.with_name(out_file.name + ".partial.npz")
     np.savez(tmp, **arrays)
     tmp.rename(out_file)
     del model
     return arrays
+
+
+def _greedy(model, ids: list[int], n: int, eos: list[int]) -> list[int]:
+    """PyTorch greedy continuation, stop token excluded."""
+    import torch
+    with torch.no_grad():
+        ids_t = torch.tensor([ids])
+        gen = model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=n, do_sample=False,
+                             eos_token_id=eos or None, pad_token_id=(eos or [0])[0])
+    toks = gen[0, len(ids):].tolist()
+    return toks[:next((i for i, t in enumerate(toks) if t in eos), len(toks))]
+
+
+def greedy(merged_dir: Path, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens of the merged checkpoint for a prompt (the smoke RAG reference)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    config = json.loads((merged_dir / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=getattr(torch, _dtype_name(config)))
+    model.eval()
+    return _greedy(model, ids, n, _eos_ids(merged_dir))
 
 
 def _eos_ids(model_dir: Path) -> list[int]:

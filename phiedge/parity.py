@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 # precision -> (min top-1 agreement, max mean KL, max |Δlogit| or None). Where each comes from:
@@ -40,7 +42,8 @@ class Metrics:
     positions: int
 
     def as_dict(self) -> dict:
-        return {"top1": round(self.top1, 6), "kl": float(f"{self.kl:.6g}"), "max_abs": float(f"{self.max_abs:.6g}"),
+        return {"top1": round(self.top1, 6), "kl": float(f"{self.kl:.6g}"),
+                "max_abs": float(f"{self.max_abs:.6g}") if math.isfinite(self.max_abs) else None,
                 "positions": self.positions}
 
 
@@ -62,12 +65,14 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> Metrics:
 
 
 def thresholds_for(precision: str, overrides: dict | None = None) -> tuple[float, float, float | None]:
-    key = precision.upper()
-    if overrides and key in overrides:
-        return tuple(overrides[key])  # type: ignore[return-value]
-    if key not in THRESHOLDS:
-        raise KeyError(f"no parity thresholds for precision {precision!r}: add it to phiedge.parity.THRESHOLDS")
-    return THRESHOLDS[key]
+    # A variant (ONNX "int4-b64-rtn": options after a dash) is held to its own row if it has one, else its base's.
+    keys = [precision.upper(), precision.upper().split("-")[0]]
+    for key in keys:
+        if overrides and key in overrides:
+            return tuple(overrides[key])  # type: ignore[return-value]
+        if key in THRESHOLDS:
+            return THRESHOLDS[key]
+    raise KeyError(f"no parity thresholds for precision {precision!r}: add it to phiedge.parity.THRESHOLDS")
 
 
 def failures(regime: str, m: Metrics, limits: tuple[float, float, float | None]) -> list[str]:
@@ -81,3 +86,10 @@ def failures(regime: str, m: Metrics, limits: tuple[float, float, float | None])
     if abs_max is not None and m.max_abs > abs_max:
         out.append(f"{regime} max_abs {m.max_abs:.4g} > {abs_max}")
     return out
+
+
+FULL_PRECISION = {"F32", "FP32", "F16", "FP16", "BF16"}
+
+
+def is_full_precision(precision: str) -> bool:
+    return precision.upper() in FULL_PRECISION

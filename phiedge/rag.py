@@ -18,3 +18,16 @@ def messages(question: str, hits: list) -> list[dict]:
 def sources(hits: list) -> list[str]:
     return [f"[{i}] {h.source}" + (f" — {h.heading}" if getattr(h, "heading", None) else "")
             for i, h in enumerate(hits, 1)]
+
+
+def prompt_ids(model_dir, msgs: list[dict]) -> list[int]:
+    """Token ids of the chat prompt with the model's own template and tokenizer.json (no transformers)."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from . import chat
+    model_dir = Path(model_dir)
+    template, specials = chat.load_template(model_dir)
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return tok.encode(chat.render(template, msgs, specials), add_special_tokens=False).ids

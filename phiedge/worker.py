@@ -3,7 +3,7 @@
 A runtime that crashes (a segfault in native code) takes down only this child: the build records the
 signal as that artifact's failure and goes on checking the others.
 
-Usage: python -m phiedge.worker FORMAT ARTIFACT_DIR REFERENCE_NPZ THREADS
+Usage: python -m phiedge.worker FORMAT ARTIFACT_DIR REFERENCE_NPZ THREADS [SMOKE_JSON]
 """
 from __future__ import annotations
 
@@ -17,7 +17,16 @@ from . import parity, probes
 from .runtimes import RuntimeSettings, get
 
 
-def measure(fmt: str, artifact_dir: Path, reference: Path, threads: int) -> dict:
+def _prefix(got: list[int], want: list[int]) -> int:
+    n = 0
+    for a, b in zip(got, want):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def measure(fmt: str, artifact_dir: Path, reference: Path, threads: int, smoke: Path | None = None) -> dict:
     ref = np.load(reference)
     rt = get(fmt).load(artifact_dir, RuntimeSettings(threads=threads))
     out: dict = {"parity": {}}
@@ -30,20 +39,29 @@ def measure(fmt: str, artifact_dir: Path, reference: Path, threads: int) -> dict
     if "short_greedy" in ref:
         want = ref["short_greedy"].tolist()
         gen = rt.generate_ids(ref["short_ids"].tolist(), len(want), stop_ids=rt.stop_ids())
-        agree = 0
-        for a, b in zip(gen.ids, want):
-            if a != b:
-                break
-            agree += 1
-        out["greedy"] = {"tokens": gen.ids, "reference": want, "prefix_match": agree, "of": len(want),
-                         "ttft_s": round(gen.ttft_s, 4), "decode_tps": round(gen.decode_tps, 2)}
+        out["greedy"] = {"tokens": gen.ids, "reference": want, "prefix_match": _prefix(gen.ids, want),
+                         "of": len(want), "ttft_s": round(gen.ttft_s, 4), "decode_tps": round(gen.decode_tps, 2)}
+    if smoke is not None:
+        s = json.loads(smoke.read_text())
+        want = s["reference_tokens"]
+        gen = rt.generate_ids(s["prompt_ids"], max(1, len(want)), stop_ids=rt.stop_ids())
+        # Teacher-forced: does the runtime pick PyTorch's token at every answer position, given PyTorch's prefix?
+        forced = 0.0
+        if want:
+            rows = rt.logits(s["prompt_ids"] + want, len(want) + 1)[:len(want)]
+            forced = float((rows.argmax(-1) == np.array(want)).mean())
+        out["smoke"] = {"answer": gen.text, "tokens": gen.ids, "prefix_match": _prefix(gen.ids, want), "of": len(want),
+                        "forced_agreement": forced,
+                        "prompt_tokens": gen.prompt_tokens, "ttft_s": round(gen.ttft_s, 4),
+                        "decode_tps": round(gen.decode_tps, 2)}
     rt.close()
     return out
 
 
 def main() -> int:
     fmt, artifact_dir, reference, threads = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-    print(json.dumps(measure(fmt, artifact_dir, reference, threads)))
+    smoke = Path(sys.argv[5]) if len(sys.argv) > 5 else None
+    print(json.dumps(measure(fmt, artifact_dir, reference, threads, smoke)))
     return 0
 
 

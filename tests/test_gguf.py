@@ -18,14 +18,26 @@ LEVELS = ["F32", "F16", "Q8_0", "Q4_K_M"]
 
 
 @pytest.fixture(scope="module")
-def built(tiny, tmp_path_factory) -> Path:
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gguf-cache")
+
+
+@pytest.fixture(scope="module")
+def built(tiny, cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gguf") / "dist"
     r = run_cli("build", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapters/lora"),
-                "--formats", "gguf", "--gguf-quant", ",".join(LEVELS), "--out", str(out))
+                "--formats", "gguf", "--gguf-quant", ",".join(LEVELS), "--out", str(out), "--cache-dir", str(cache))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "✓ merge" in r.stderr and "✓ parity" in r.stderr          # the checklist
+    assert "✓ merge" in r.stderr and "✓ check gguf Q4_K_M" in r.stderr          # the checklist
     assert "PASS" in r.stdout
     return out
+
+
+@pytest.fixture(scope="module")
+def merged(built, cache) -> Path:
+    """The merge stage: merged checkpoint and full-vocabulary reference logits (kept in the cache, not shipped)."""
+    (stage,) = [p for p in cache.glob("merge-*") if (p / ".complete").exists()]
+    return stage
 
 
 def test_report_shape_and_every_level_passes(built):
@@ -48,29 +60,29 @@ def test_report_shape_and_every_level_passes(built):
     assert f32["greedy"]["prefix_match"] == f32["greedy"]["of"] > 0, "fp32 greedy tokens equal PyTorch's"
 
 
-def test_probes_straddle_the_longrope_switch(built):
-    ref = np.load(built / "reference.npz")
+def test_probes_straddle_the_longrope_switch(merged):
+    ref = np.load(merged / "reference.npz")
     assert len(ref["short_ids"]) < 4096 < len(ref["long_ids"])
 
 
-def test_gate_catches_the_llama_cpp_context_trap(built):
+def test_gate_catches_the_llama_cpp_context_trap(built, merged):
     """n_ctx=8192 makes llama.cpp use the long factors on a short prompt: the gate must fail it."""
-    ref = np.load(built / "reference.npz")
-    rt = get("gguf").load(built / "gguf" / "F32", RuntimeSettings(n_ctx=8192))
+    ref = np.load(merged / "reference.npz")
+    rt = get("gguf").load(built / "gguf-F32", RuntimeSettings(n_ctx=8192))
     wrong = parity.compare(ref["short_logits"], rt.logits(ref["short_ids"].tolist(), probes.COMPARE_LAST))
     assert parity.failures("short", wrong, parity.thresholds_for("F32"))
     rt.close()
-    rt = get("gguf").load(built / "gguf" / "F32")                 # our sizing: short factors
+    rt = get("gguf").load(built / "gguf-F32")                     # our sizing: short factors
     assert rt.context_size(len(ref["short_ids"])) == 4096 < rt.context_size(len(ref["long_ids"]))
     right = parity.compare(ref["short_logits"], rt.logits(ref["short_ids"].tolist(), probes.COMPARE_LAST))
     assert not parity.failures("short", right, parity.thresholds_for("F32"))
     assert wrong.max_abs > 10 * right.max_abs
 
 
-def test_tokenizer_and_template_match_hugging_face(built):
-    rt = get("gguf").load(built / "gguf" / "Q8_0")
-    hf = Tokenizer.from_file(str(built / "merged" / "tokenizer.json"))
-    template, specials = chat.load_template(built / "merged")
+def test_tokenizer_and_template_match_hugging_face(built, merged):
+    rt = get("gguf").load(built / "gguf-Q8_0")
+    hf = Tokenizer.from_file(str(merged / "merged" / "tokenizer.json"))
+    template, specials = chat.load_template(merged / "merged")
     messages = [{"role": "system", "content": "Context: x = 3.5 (see __init__)."},
                 {"role": "user", "content": "Don't guess — what's  x?\n"}]
     text = chat.render(template, messages, specials)
@@ -87,17 +99,17 @@ def test_pre_tokenizer_decided_from_the_regex(built, tiny):
 
 
 def test_chat_generation_stops_at_end_token(built):
-    rt = get("gguf").load(built / "gguf" / "F32")
+    rt = get("gguf").load(built / "gguf-F32")
     gen = rt.generate([{"role": "user", "content": "What does the with statement do?"}], max_new_tokens=48)
     assert gen.prompt_tokens > 5 and gen.ids and gen.text.strip()
     assert not set(gen.ids) & rt.stop_ids()
     rt.close()
 
 
-def test_every_failure_is_listed_and_nothing_ships(tiny, tmp_path):
+def test_every_failure_is_listed_and_nothing_ships(tiny, cache, tmp_path):
     """Impossible thresholds: both artifacts fail, both are named, no output dir appears."""
     req = build.BuildRequest(model=str(tiny / "model"), adapter=str(tiny / "adapters/lora"),
-                             formats={"gguf": ["F32", "Q8_0"]}, out=tmp_path / "dist",
+                             formats={"gguf": ["F32", "Q8_0"]}, out=tmp_path / "dist", cache_dir=cache,
                              thresholds={"F32": (1.01, 0.0, 0.0), "Q8_0": (1.01, 0.0, 0.0)})
     with pytest.raises(errors.ParityError) as e:
         build.build(req)
@@ -108,21 +120,21 @@ def test_every_failure_is_listed_and_nothing_ships(tiny, tmp_path):
     assert rep["passed"] is False and len(rep["artifacts"]) == 2
 
 
-def test_broken_artifact_is_a_failure_not_a_crash(built, tmp_path):
+def test_broken_artifact_is_a_failure_not_a_crash(built, merged, tmp_path):
     d = tmp_path / "broken"
     d.mkdir()
-    good = built / "gguf" / "Q8_0" / "model.gguf"
+    good = built / "gguf-Q8_0" / "model.gguf"
     (d / "model.gguf").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     art = exporters.Artifact(format="gguf", precision="Q8_0", path=d, files=("model.gguf",))
-    row = build.check_artifact(art, built / "reference.npz", 2, None, tmp_path)
+    row = build.check_artifact(art, merged / "reference.npz", 2, None, tmp_path)
     assert row["passed"] is False and "runtime failed" in row["failures"][0]
 
 
-def test_f32_gguf_is_exact_with_an_f32_kv_cache(built):
+def test_f32_gguf_is_exact_with_an_f32_kv_cache(built, merged):
     """The converter writes exact weights: with llama.cpp's cache in f32 (no flash attention), the F32 GGUF
     is within 5e-3 of PyTorch in both regimes; the default f16 cache accounts for the rest of the gap."""
-    ref = np.load(built / "reference.npz")
-    rt = get("gguf").load(built / "gguf" / "F32", RuntimeSettings(extra={"kv_cache_type": "f32", "flash_attn": False}))
+    ref = np.load(merged / "reference.npz")
+    rt = get("gguf").load(built / "gguf-F32", RuntimeSettings(extra={"kv_cache_type": "f32", "flash_attn": False}))
     for regime in ("short", "long"):
         m = parity.compare(ref[f"{regime}_logits"], rt.logits(ref[f"{regime}_ids"].tolist(), probes.COMPARE_LAST))
         assert m.top1 == 1.0 and m.max_abs < 5e-3, (regime, m)

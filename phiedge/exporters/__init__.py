@@ -68,3 +68,4 @@ def get(name: str) -> Exporter:
 
 
 from . import gguf  # noqa: E402,F401  (registers itself)
+from . import onnx  # noqa: E402,F401  (registers itself)

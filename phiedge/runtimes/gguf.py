@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ToolchainError
+from ..errors import ToolchainError, UsageError
 from . import Generation, Runtime, RuntimeSettings, register, timed_decode
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,10 @@ class GGUFRuntime(Runtime):
 
     # -- context sizing: the heart of LongRoPE parity on llama.cpp
     def context_size(self, n_tokens: int) -> int:
+        cap = self.settings.extra.get("max_ctx")
+        if cap and n_tokens > cap:
+            raise UsageError(f"prompt and answer need {n_tokens} tokens, the target's context is {cap}: "
+                             f"ask a shorter question, retrieve fewer chunks (-k), or lower --max-tokens")
         if self.settings.n_ctx:
             return self.settings.n_ctx
         if self.orig_ctx and n_tokens <= self.orig_ctx:

@@ -1,0 +1,214 @@
+"""ONNX for onnxruntime-genai: its own model builder, one folder per precision that `og.Model` loads directly.
+
+- Why the builder: its Phi-3 LongRoPE graph keeps both cos/sin caches and switches between them with an
+  `If` on the total sequence length, as Hugging Face does (FIELD-NOTES: optimum-onnx bakes the short
+  factors in). Each folder holds model.onnx + model.onnx.data (external weights), genai_config.json,
+  tokenizer.json / tokenizer_config.json and chat_template.jinja.
+- The builder runs in a child process through `_genai_build` (it puts its own `builders`/`quantization`
+  folders on sys.path, needs up to ~24 GB at full size, and its LM-head detection needs one fix: see there).
+- Precision names: `fp32`, `fp16` (cuda/dml only: see EXECUTION_PROVIDERS), `int4`, and int4 variants
+  `int4-<token>-<token>...` with tokens from INT4_TOKENS (block size, symmetry, algorithm, accuracy level,
+  8-bit output layer), e.g. `int4-b64-rtn-acc4`.
+  The builder's defaults (b32, sym) are left out of the canonical name, so one build has one name.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from ..errors import ToolchainError, UsageError
+from . import Artifact, Exporter, register
+
+log = logging.getLogger(__name__)
+
+BASE_PRECISIONS = ("fp32", "fp16", "int4")
+# Builder --execution_provider -> the precisions its own help lists as valid for it (builder.py get_args).
+# Not fp16 on CPU: the builder writes it (MultiHeadAttention + repeat_kv instead of GroupQueryAttention) and
+# its prefill logits match (tiny model: top1 1.0 both regimes, max|Δ| 0.07 / 0.02), but the first decode step
+# fails in onnxruntime ("Shape mismatch attempting to re-use buffer" at a Cast in repeat_kv), so it cannot
+# generate.
+EXECUTION_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "cpu": ("fp32", "int4"),
+    "cuda": ("fp32", "fp16", "int4"),
+    "dml": ("fp16", "int4"),
+    "webgpu": ("int4",),
+}
+DEFAULT_EXECUTION_PROVIDER = "cpu"
+# int4 variant token -> (option group, the builder's --extra_options KEY=VALUE). One token per group.
+INT4_TOKENS: dict[str, tuple[str, str]] = {
+    "b16": ("block", "block_size=16"),          # MatMulNBits block size (builder default 32)
+    "b32": ("block", "block_size=32"),
+    "b64": ("block", "block_size=64"),
+    "b128": ("block", "block_size=128"),
+    "b256": ("block", "block_size=256"),
+    "sym": ("symmetry", "is_symmetric=true"),   # int4 weights, no zero points (builder default)
+    "asym": ("symmetry", "is_symmetric=false"),  # uint4 weights + zero points
+    "rtn": ("algorithm", "algo_config=rtn"),     # onnxruntime's RTN quantizer (the default is MLAS's own RTN)
+    "k_quant": ("algorithm", "algo_config=k_quant"),   # always stores zero points: -sym and -asym build alike
+    "acc1": ("accuracy", "accuracy_level=1"),    # MatMulNBits compute: fp32 activations
+    "acc2": ("accuracy", "accuracy_level=2"),    # fp16
+    "acc3": ("accuracy", "accuracy_level=3"),    # bf16
+    "acc4": ("accuracy", "accuracy_level=4"),    # int8 activations (the CPU default)
+    "head8": ("head", "matmul_mixed_precision=last_matmul:int8"),  # LM head (and the tied embedding) in 8 bits
+}
+INT4_DEFAULT_TOKENS = frozenset({"b32", "sym"})
+GROUP_ORDER = ("block", "symmetry", "algorithm", "accuracy", "head")
+# Combinations the builder writes but onnxruntime cannot load (measured with onnxruntime-genai 0.18.0 on the
+# tied-embedding tiny Phi): (tokens present, group that must then be given, why and what to do instead).
+REFUSED: tuple[tuple[frozenset, str, str], ...] = (
+    (frozenset({"asym"}), "algorithm",
+     "asymmetric int4 with the builder's default quantizer gives the tied embedding a uint8 GatherBlockQuantized "
+     "input that onnxruntime refuses to load (Type Error at /model/embed_tokens/Reshape); add -rtn or -k_quant, "
+     "which store zero points the shared embedding can use"),
+    (frozenset({"head8"}), "algorithm",
+     "an 8-bit output layer with the builder's default quantizer leaves the tied embedding pointing at an "
+     "initializer it never writes (lm_head.MatMul.weight_Q8G32: 'not a graph input, initializer, or output'); "
+     "add -rtn or -k_quant (int4-k_quant-head8 measured best on the tiny model)"),
+)
+ARTIFACT_FILES = ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str                   # canonical precision name, also the folder name
+    base: str                   # fp32 | fp16 | int4
+    options: tuple[str, ...]    # builder --extra_options KEY=VALUE
+
+
+def parse_precision(value: str) -> Plan:
+    """`int4-b64-asym-rtn` -> Plan; a UsageError names the bad part and the known ones."""
+    base, *tokens = value.strip().lower().split("-")
+    if base not in BASE_PRECISIONS:
+        raise UsageError(f"onnx has no precision '{value}': known are {', '.join(BASE_PRECISIONS)} "
+                         f"(int4 takes options, e.g. int4-b64-rtn-acc4)")
+    if tokens and base != "int4":
+        raise UsageError(f"onnx precision '{value}': only int4 takes options ({', '.join(INT4_TOKENS)})")
+    groups: dict[str, str] = {}
+    for t in tokens:
+        if t not in INT4_TOKENS:
+            raise UsageError(f"onnx precision '{value}': unknown int4 option '{t}': known are {', '.join(INT4_TOKENS)}")
+        g = INT4_TOKENS[t][0]
+        if g in groups:
+            raise UsageError(f"onnx precision '{value}': '{groups[g]}' and '{t}' both set the {g}: keep one")
+        groups[g] = t
+    given = frozenset(groups.values())
+    for needs, group, why in REFUSED:
+        if needs <= given and group not in groups:
+            raise UsageError(f"onnx precision '{value}' is refused: {why}")
+    kept = [groups[g] for g in GROUP_ORDER if g in groups and groups[g] not in INT4_DEFAULT_TOKENS]
+    return Plan(name="-".join([base, *kept]), base=base, options=tuple(INT4_TOKENS[t][1] for t in kept))
+
+
+def check_execution_provider(ep: str, plans: list[Plan]) -> str:
+    key = str(ep).lower()
+    if key not in EXECUTION_PROVIDERS:
+        raise UsageError(f"onnx has no execution provider '{ep}': known are {', '.join(EXECUTION_PROVIDERS)}")
+    for p in plans:
+        if p.base not in EXECUTION_PROVIDERS[key]:
+            takers = [e for e, precs in EXECUTION_PROVIDERS.items() if p.base in precs]
+            raise UsageError(f"onnx precision '{p.name}' is not built for execution provider '{key}', which takes "
+                             f"{', '.join(EXECUTION_PROVIDERS[key])} ({p.base} is for {', '.join(takers)})")
+    return key
+
+
+def builder_version() -> str:
+    """onnxruntime-genai's version, once its builder's undeclared dependency onnx-ir is there too."""
+    try:
+        version = metadata.version("onnxruntime-genai")
+    except metadata.PackageNotFoundError:
+        raise ToolchainError("onnxruntime-genai is not installed: pip install 'phiedge[onnx]'") from None
+    if importlib.util.find_spec("onnx_ir") is None:
+        raise ToolchainError("onnxruntime-genai's model builder needs onnx-ir, which it does not declare: "
+                             "pip install 'phiedge[onnx]'")
+    return version
+
+
+def _run(cmd: list[str], what: str) -> dict:
+    """Run a tool to completion; its wall time and peak memory, or a ToolchainError with its last line."""
+    with tempfile.TemporaryFile("w+") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            out.seek(0)
+            text = out.read()
+            if os.environ.get("PHIEDGE_DEBUG"):
+                sys.stderr.write(text)
+            tail = [ln for ln in text.strip().splitlines() if ln.strip()]
+            why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+            raise ToolchainError(f"{what} failed ({why}): {tail[-1].strip() if tail else 'no output'}; "
+                                 f"rerun with PHIEDGE_DEBUG=1 for its full log")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}   # ru_maxrss: KiB
+
+
+@register
+class ONNXExporter(Exporter):
+    name = "onnx"
+    PRECISIONS = BASE_PRECISIONS
+    DEFAULT_PRECISION = "int4"
+    # Measured: fp32 keeps the tied embedding once; int4 2.5 GB for 3.84 B parameters (FIELD-NOTES).
+    BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int4": 0.66}
+
+    def check_precisions(self, precisions: list[str], execution_provider: str = DEFAULT_EXECUTION_PROVIDER
+                         ) -> list[str]:
+        plans: list[Plan] = []
+        for p in precisions:
+            plan = parse_precision(p)
+            if plan.name not in [q.name for q in plans]:
+                plans.append(plan)
+        check_execution_provider(execution_provider, plans)
+        return [p.name for p in plans]
+
+    def estimate_bytes(self, n_params: int, precisions: list[str]) -> int:
+        return int(sum(self.BYTES_PER_PARAM[parse_precision(p).base] for p in precisions) * n_params)
+
+    def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
+        ep = str(settings.get("execution_provider", DEFAULT_EXECUTION_PROVIDER)).lower()
+        plans = [parse_precision(p) for p in self.check_precisions(precisions, ep)]
+        version = builder_version()
+        artifacts = [self._build(merged_dir, out_dir, plan, ep, version) for plan in plans]
+        shutil.rmtree(out_dir / ".work", ignore_errors=True)
+        return artifacts
+
+    def _build(self, merged_dir: Path, out_dir: Path, plan: Plan, ep: str, version: str) -> Artifact:
+        """One precision: the builder writes `<name>.partial/`, renamed to `<name>/` once complete."""
+        dest, tmp = out_dir / plan.name, out_dir / f"{plan.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "phiedge.exporters._genai_build", "-i", str(merged_dir), "-o", str(tmp),
+               "-p", plan.base, "-e", ep, "-c", str(out_dir / ".work"), "--extra_options", "hf_token=false",
+               *plan.options]
+        log.info("onnx %s: onnxruntime-genai %s builder (%s)", plan.name, version,
+                 " ".join(plan.options) or "defaults")
+        cost = _run(cmd, f"onnxruntime-genai model builder ({plan.name}, {ep})")
+        missing = [f for f in ARTIFACT_FILES if not (tmp / f).is_file()]
+        if missing:
+            raise ToolchainError(f"onnxruntime-genai model builder ({plan.name}) wrote no {', '.join(missing)} "
+                                 f"in {tmp}: rerun with PHIEDGE_DEBUG=1")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        files = tuple(sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()))
+        art = Artifact(format=self.name, precision=plan.name, path=dest, files=files,
+                       meta={"onnxruntime_genai": version, "execution_provider": ep,
+                             "builder_options": list(plan.options), "shared_embeddings": _shares_embedding(merged_dir),
+                             "export_seconds": cost["seconds"], "export_peak_rss_mb": cost["peak_rss_mb"]})
+        log.info("onnx %s: %.1f MB in %.1f s, peak %.0f MB", plan.name, art.size_bytes / 1e6, cost["seconds"],
+                 cost["peak_rss_mb"])
+        return art
+
+
+def _shares_embedding(model_dir: Path) -> bool:
+    """The builder shares a tied embedding with the LM head (quantized alike) whenever the config ties them."""
+    return bool(json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings", False))

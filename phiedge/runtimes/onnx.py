@@ -1,0 +1,172 @@
+"""onnxruntime-genai: `og.Model` on the artifact folder, its own tokenizer, the artifact's own chat template.
+
+LongRoPE: the builder's graph picks the short or long cos/sin cache with an `If` on the total length
+(past + new tokens) of each run. `logits` is therefore one `append_tokens` of every id (one prefill), so a
+4200-token probe sees 4200 and uses the long factors for all of it, as Hugging Face does. Appending a
+long prompt in pieces that cross the switch would mix the two factor sets (tests/test_onnx.py shows the
+gate failing that).
+
+Device-path module: onnxruntime_genai, numpy, json and jinja2 (phiedge.chat); never torch or transformers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ToolchainError, UsageError
+from . import Generation, Runtime, RuntimeSettings, register, timed_decode
+
+log = logging.getLogger(__name__)
+
+# RuntimeSettings.device (or extra["execution_provider"]) -> (onnxruntime-genai provider name or None for
+# its default CPU, the og.is_*_available check that must pass first or None).
+PROVIDERS: dict[str, tuple[str | None, str | None]] = {
+    "CPU": (None, None),
+    "CUDA": ("cuda", "is_cuda_available"),
+    "GPU": ("cuda", "is_cuda_available"),
+    "DML": ("dml", "is_dml_available"),
+    "WEBGPU": ("WebGPU", "is_webgpu_available"),
+    "OPENVINO": ("OpenVINO", "is_openvino_available"),
+    "QNN": ("QNN", "is_qnn_available"),
+}
+# End-of-turn tokens added to the config's eos ids when the vocabulary has them.
+END_TOKENS = ("<|end|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
+
+
+def _import_og():
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise ToolchainError("onnxruntime-genai is not installed: pip install 'phiedge[onnx]'") from None
+    return og
+
+
+@register
+class ONNXRuntime(Runtime):
+    format = "onnx"
+    package = "onnxruntime_genai"
+
+    def __init__(self, path: Path, settings: RuntimeSettings):
+        from .. import chat
+        og = _import_og()
+        self.og, self.path, self.settings = og, path, settings
+        self.genai_config = json.loads((path / "genai_config.json").read_text())
+        device = str(settings.extra.get("execution_provider") or settings.device or "CPU")
+        provider = self._provider(og, device)
+        config = og.Config(str(path))
+        config.clear_providers()
+        if provider is not None:
+            config.append_provider(provider)
+        if settings.threads:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": int(settings.threads)}}}}))
+        try:
+            self.model = og.Model(config)
+        except Exception as e:      # og raises plain RuntimeError for a bad graph or provider
+            raise ToolchainError(f"onnxruntime-genai could not load {path} on {device}: {e}") from None
+        self.device = device
+        self.tokenizer = og.Tokenizer(self.model)
+        self.chat_template, self.specials = chat.load_template(path)
+        self.context_length = int(self.genai_config["model"].get("context_length") or 0) or None
+        self._adds_bos = bool(self._encode("")) if self.specials.get("bos_token") else False
+
+    @staticmethod
+    def _provider(og, device: str) -> str | None:
+        key = device.upper()
+        if key not in PROVIDERS:
+            raise UsageError(f"onnx runtime has no device '{device}': known are {', '.join(PROVIDERS)}")
+        provider, check = PROVIDERS[key]
+        if check is not None and not getattr(og, check)():
+            raise ToolchainError(f"this onnxruntime-genai build has no {provider} support for device '{device}': "
+                                 f"install the onnxruntime-genai package for it, or use device CPU")
+        return provider
+
+    @classmethod
+    def load(cls, artifact_dir: Path, settings: RuntimeSettings | None = None) -> "ONNXRuntime":
+        path = Path(artifact_dir)
+        if not (path / "genai_config.json").is_file():
+            raise ToolchainError(f"no genai_config.json in {path}: not an onnxruntime-genai artifact; rebuild it")
+        return cls(path, settings or RuntimeSettings())
+
+    # -- one fresh generator per call: no state leaks between probes
+    def _generator(self, max_length: int):
+        cap = self.settings.extra.get("max_ctx")
+        if cap and max_length > cap:
+            raise UsageError(f"prompt and answer need {max_length} tokens, the target's context is {cap}: "
+                             f"ask a shorter question, retrieve fewer chunks (-k), or lower --max-tokens")
+        if self.context_length and max_length > self.context_length:
+            raise UsageError(f"prompt and answer need {max_length} tokens, the model's context is "
+                             f"{self.context_length}: shorten the prompt")
+        params = self.og.GeneratorParams(self.model)
+        # max_length sizes the KV cache (shared past/present buffer): never the config's 131072.
+        params.set_search_options(max_length=max_length, do_sample=False)
+        return self.og.Generator(self.model, params)
+
+    def logits(self, ids: list[int], last_n: int) -> np.ndarray:
+        gen = self._generator(len(ids))
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))        # one prefill of every id
+        out = np.asarray(gen.get_output("logits"))
+        out = out.reshape(-1, out.shape[-1])
+        if out.shape[0] != len(ids):
+            raise ToolchainError(f"onnxruntime-genai returned logits for {out.shape[0]} of {len(ids)} positions "
+                                 f"(a pruned LM head or chunked prefill): rebuild the artifact with phiedge")
+        return out[-last_n:].astype(np.float32)
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> Generation:
+        stop_ids = stop_ids if stop_ids is not None else self.stop_ids()
+        t0 = time.perf_counter()
+        gen = self._generator(len(ids) + max_new_tokens)
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        out: list[int] = []
+        t_first = None
+        stopped = False
+        while len(out) < max_new_tokens:
+            gen.generate_next_token()                              # greedy: do_sample=False
+            tok = int(gen.get_next_tokens()[0])
+            if t_first is None:
+                t_first = time.perf_counter()
+            if tok in stop_ids:
+                stopped = True
+                break
+            out.append(tok)
+            if gen.is_done():   # the config's own eos ids end the search even when the caller wants them
+                stopped = True
+                break
+        ttft, tps = timed_decode(t_first or time.perf_counter(), t0, len(out), time.perf_counter())
+        return Generation(ids=out, text=self.detokenize(out), prompt_tokens=len(ids), ttft_s=ttft,
+                          decode_tps=tps, stopped=stopped)
+
+    # -- tokenizer and template: the artifact's own, as on a device
+    def _encode(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer.encode(text)]
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._encode(text)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(np.asarray(ids, dtype=np.int32)) if ids else ""
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        from .. import chat
+        text = chat.render(self.chat_template, messages, self.specials)
+        bos = self.specials.get("bos_token") or ""
+        if self._adds_bos and bos and text.startswith(bos):
+            text = text[len(bos):]
+        return self._encode(text)
+
+    def stop_ids(self) -> set[int]:
+        eos = self.genai_config["model"].get("eos_token_id")
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        for t in END_TOKENS:
+            enc = self._encode(t)
+            if len(enc) == 1:
+                ids.add(enc[0])
+        return {int(i) for i in ids if i is not None and int(i) >= 0}
+
+    def close(self) -> None:
+        self.tokenizer = None
+        self.model = None

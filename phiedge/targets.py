@@ -1,0 +1,135 @@
+"""Device target profiles: `targets/*.toml` loaded into frozen dataclasses, validated, unknown keys refused.
+
+A profile names the artifacts (format + precision) a device takes, the runtime settings it runs them
+with, and optional parity thresholds it holds (tighter or looser than phiedge.parity.THRESHOLDS, per
+precision, as [top1_min, kl_max] or [top1_min, kl_max, max_abs_max]).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import TargetError
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    format: str
+    precision: str
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    threads: int = 4
+    n_ctx: int = 4096            # the largest context the device affords (ask / smoke); parity is not capped
+    device: str = "CPU"
+    fallback: str | None = None  # device to use (and record) when `device` is absent
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    artifacts: tuple[ArtifactSpec, ...]
+    runtime: RuntimeSpec
+    thresholds: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    path: str = ""
+
+    def plan(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for a in self.artifacts:
+            out.setdefault(a.format, []).append(a.precision)
+        return out
+
+    def threshold_overrides(self) -> dict[str, tuple]:
+        return {p.upper(): (*v, None)[:3] for p, v in self.thresholds}
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "description": self.description,
+                "artifacts": [{"format": a.format, "precision": a.precision} for a in self.artifacts],
+                "runtime": {f.name: getattr(self.runtime, f.name) for f in fields(RuntimeSpec)},
+                "thresholds": {p: list(v) for p, v in self.thresholds}}
+
+
+def search_path() -> list[Path]:
+    """PHIEDGE_TARGETS, the source tree's targets/, then the installed share/phiedge/targets."""
+    paths = []
+    if os.environ.get("PHIEDGE_TARGETS"):
+        paths.append(Path(os.environ["PHIEDGE_TARGETS"]))
+    paths += [Path(__file__).resolve().parents[1] / "targets", Path(sys.prefix) / "share" / "phiedge" / "targets"]
+    return [p for p in paths if p.is_dir()]
+
+
+def available() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in reversed(search_path()):
+        for f in sorted(d.glob("*.toml")):
+            found[f.stem] = f
+    return dict(sorted(found.items()))
+
+
+def load(name_or_path: str) -> Target:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.exists():
+        return parse(p)
+    known = available()
+    if name_or_path not in known:
+        raise TargetError(f"unknown target '{name_or_path}': known targets are {', '.join(known) or 'none'} "
+                          f"(`phiedge targets` lists them; a path to a .toml file works too)")
+    return parse(known[name_or_path])
+
+
+def _check_keys(where: str, table: dict, allowed: set[str], required: set[str] = frozenset()) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise TargetError(f"{where}: unknown key '{unknown[0]}': known keys are {', '.join(sorted(allowed))}")
+    missing = sorted(required - set(table))
+    if missing:
+        raise TargetError(f"{where}: missing key '{missing[0]}'")
+
+
+def _typed(where: str, key: str, value, typ):
+    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+        raise TargetError(f"{where}: '{key}' must be {getattr(typ, '__name__', typ)}, got {value!r}")
+    return value
+
+
+def parse(path: Path) -> Target:
+    where = str(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise TargetError(f"{where}: not valid TOML ({e}): fix the file") from None
+    _check_keys(where, data, {"name", "description", "artifacts", "runtime", "thresholds"},
+                {"name", "artifacts"})
+    name = _typed(where, "name", data["name"], str)
+    if name != path.stem:
+        raise TargetError(f"{where}: name '{name}' differs from the file name '{path.stem}': make them equal")
+    arts = []
+    for i, a in enumerate(_typed(where, "artifacts", data["artifacts"], list)):
+        w = f"{where} [[artifacts]] #{i + 1}"
+        _typed(w, "artifact", a, dict)
+        _check_keys(w, a, {"format", "precision"}, {"format", "precision"})
+        arts.append(ArtifactSpec(_typed(w, "format", a["format"], str), _typed(w, "precision", a["precision"], str)))
+    if not arts:
+        raise TargetError(f"{where}: no [[artifacts]]: name at least one format and precision")
+    rt = data.get("runtime", {})
+    _check_keys(f"{where} [runtime]", rt, {f.name for f in fields(RuntimeSpec)})
+    runtime = RuntimeSpec(
+        threads=_typed(f"{where} [runtime]", "threads", rt.get("threads", 4), int),
+        n_ctx=_typed(f"{where} [runtime]", "n_ctx", rt.get("n_ctx", 4096), int),
+        device=_typed(f"{where} [runtime]", "device", rt.get("device", "CPU"), str).upper(),
+        fallback=(_typed(f"{where} [runtime]", "fallback", rt["fallback"], str).upper() if "fallback" in rt else None))
+    if runtime.threads < 1 or runtime.n_ctx < 256:
+        raise TargetError(f"{where} [runtime]: threads must be >= 1 and n_ctx >= 256")
+    thresholds = []
+    for prec, v in data.get("thresholds", {}).items():
+        if not (isinstance(v, list) and 2 <= len(v) <= 3 and all(isinstance(x, (int, float)) for x in v)):
+            raise TargetError(f"{where} [thresholds]: '{prec}' must be [top1_min, kl_max] or "
+                              f"[top1_min, kl_max, max_abs_max], got {v!r}")
+        thresholds.append((prec.upper(), tuple(float(x) for x in v)))
+    return Target(name=name, description=str(data.get("description", "")), artifacts=tuple(arts),
+                  runtime=runtime, thresholds=tuple(thresholds), path=where)

@@ -1,0 +1,218 @@
+"""The bundle: one build with a target profile and documents, smoke RAG on every runtime, manifest, verify,
+ask, validate, the stage cache, resume after kill -9, and the HTML report in a real browser."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from phiedge import bundle, exporters, targets
+from phiedge.errors import BundleError
+from conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.gguf
+SEEDS = ROOT.parent / "shared" / "seeds"
+QUESTION = "What is the parameter count of Phi-4-mini?"
+NEEDLE = "3.8B-parameter"
+# The `all` profile, restricted to the formats this phiedge has: grows as targets land.
+FORMATS = ",".join(sorted({a.format for a in targets.load("all").artifacts} & set(exporters.REGISTRY)))
+
+
+def _build(tiny: Path, out: Path, cache: Path, docs: Path, adapter: str = "lora", **kw) -> subprocess.CompletedProcess:
+    args = ["build", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapters" / adapter),
+            "--target", "all", "--formats", FORMATS, "--docs", str(docs), "--smoke-question", QUESTION,
+            "--smoke-needle", NEEDLE, "--out", str(out), "--cache-dir", str(cache)]
+    return run_cli(*args, **kw)
+
+
+def _flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _stage_lines(stderr: str) -> dict[str, bool]:
+    """checklist line name -> was it cached"""
+    out = {}
+    for line in stderr.splitlines():
+        if line.startswith("✓ "):
+            name = line[2:].split("  ")[0].strip()
+            out[name] = "(cached)" in line
+    return out
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("docs")
+    for f in SEEDS.glob("*.txt"):
+        shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def built(tiny, docs, cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    r = _build(tiny, out, cache, docs)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_bundle_layout_and_manifest(built):
+    m = json.loads((built / "manifest.json").read_text())
+    assert m["passed"] and m["target"]["name"] == "all" and m["retriever"] == "retriever"
+    assert m["source"]["adapter"]["files"]["adapter_model.safetensors"]
+    assert m["source"]["model"]["files"]["model.safetensors"]
+    assert m["versions"]["llama-cpp-python"] and m["versions"]["phiedge"]
+    for name in ("golden.npz", "report.json", "report.html", "README.md", "retriever/retriever.sqlite",
+                 "retriever/vectors.faiss", "retriever/embedder/model.onnx"):
+        assert name in m["files"], name
+    for a in m["artifacts"]:
+        assert (built / a["path"]).is_dir() and a["passed"]
+    for rel, meta in m["files"].items():
+        assert (built / rel).stat().st_size == meta["size"]
+    assert not (built.parent / "bundle.partial").exists()
+
+
+def test_smoke_rag_on_every_runtime(built):
+    rep = json.loads((built / "report.json").read_text())
+    assert rep["smoke"]["question"] == QUESTION and rep["smoke"]["retrieved_has_needle"]
+    for a in rep["artifacts"]:
+        s = a["smoke"]
+        assert s is not None and s["of"] > 0 and s["decode_tps"] > 0 and s["ttft_s"] > 0
+        if a["precision"] in ("F16", "F32", "fp32", "fp16"):
+            assert s["prefix_match"] == s["of"], "full precision answers with PyTorch's exact tokens"
+        assert s["agreement"] >= s["agreement_min"]
+
+
+def test_verify_catches_changed_missing_and_extra_files(built, tmp_path):
+    assert bundle.verify(built)["passed"]
+    cases = {
+        "changed": lambda b: _flip_byte(b / "golden.npz", 200),
+        "missing": lambda b: (b / "README.md").unlink(),
+        "extra": lambda b: (b / "notes.txt").write_text("hi"),
+    }
+    for kind, tamper in cases.items():
+        copy = tmp_path / kind
+        shutil.copytree(built, copy)
+        tamper(copy)
+        with pytest.raises(BundleError) as e:
+            bundle.verify(copy)
+        assert kind in str(e.value), str(e.value)
+    r = run_cli("verify", str(tmp_path / "changed"))
+    assert r.returncode == 1 and "changed golden.npz" in r.stderr
+    r = run_cli("ask", str(tmp_path / "changed"), QUESTION)
+    assert r.returncode == 1 and "failed verification" in r.stderr
+
+
+def test_ask_answers_with_sources_without_torch(built):
+    code = ("import sys, json; from phiedge import device; "
+            f"a = device.ask({str(built)!r}, {QUESTION!r}, max_new_tokens=16); "
+            "bad = [m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules]; "
+            "print(json.dumps({'bad': bad, 'sources': a.sources, 'text': a.text}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["bad"] == [] and out["sources"] and out["text"]
+    cli = run_cli("ask", str(built), QUESTION, "--max-tokens", "8", "--runtime", "gguf")
+    assert cli.returncode == 0 and "sources:" in cli.stdout
+
+
+def test_validate_on_this_device(built, monkeypatch):
+    r = run_cli("validate", str(built))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((built.parent / "bundle.device-report.json").read_text())
+    assert rep["passed"] and rep["runtime_versions"]["llama-cpp-python"]
+    for a in rep["artifacts"]:
+        assert a["status"] == "passed" and set(a["parity"]) == {"short", "long"} and a["decode_tps"] > 0
+    # A machine without llama.cpp lists the GGUFs as not validated, never as passed.
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a))
+    from phiedge import device
+    rep = device.validate(built)
+    gguf = [a for a in rep["artifacts"] if a["format"] == "gguf"]
+    assert gguf and all(a["status"] == "not validated" and "llama_cpp" in a["reason"] for a in gguf)
+
+
+def test_same_build_again_does_no_work(tiny, docs, cache, built, tmp_path):
+    r = _build(tiny, built, cache, docs)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stages = _stage_lines(r.stderr)
+    assert all(cached for name, cached in stages.items() if name != "resolve"), stages
+
+
+def test_new_docs_rebuild_only_retriever_and_checks(tiny, docs, cache, tmp_path):
+    more = tmp_path / "docs2"
+    shutil.copytree(docs, more)
+    (more / "extra.md").write_text("# Deployment\n\nThe bundle ships a GGUF for llama.cpp and a retriever.\n")
+    r = _build(tiny, tmp_path / "b2", cache, more)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = _stage_lines(r.stderr)
+    assert s["merge"] and all(s[n] for n in s if n.startswith("export"))
+    assert not s["retriever"] and not s["smoke reference"]
+
+
+def test_new_adapter_rebuilds_merge_and_exports_not_retriever(tiny, docs, cache, tmp_path):
+    r = _build(tiny, tmp_path / "b3", cache, docs, adapter="rslora")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = _stage_lines(r.stderr)
+    assert not s["merge"] and not any(s[n] for n in s if n.startswith("export"))
+    assert s["retriever"]
+
+
+def test_resume_after_kill_is_identical(tiny, docs, built, tmp_path):
+    """kill -9 once the merge stage is done and an export is under way; the rerun resumes and matches."""
+    cache = tmp_path / "cache"
+    args = [str(Path(sys.executable).with_name("phiedge")), "build", "--model", str(tiny / "model"),
+            "--adapter", str(tiny / "adapters" / "lora"), "--target", "all", "--formats", FORMATS,
+            "--docs", str(docs), "--smoke-question", QUESTION, "--smoke-needle", NEEDLE,
+            "--out", str(tmp_path / "b"), "--cache-dir", str(cache)]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(cache.glob("export-*.partial-*")):
+        assert p.poll() is None, "build ended before it could be interrupted"
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "b").exists(), "an interrupted build never looks complete"
+    r = run_cli(*args[1:])
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = _stage_lines(r.stderr)
+    assert s["merge"] and not s["export gguf"]
+    assert not list(cache.glob("*.partial-*"))
+    want = json.loads((built / "manifest.json").read_text())["files"]
+    got = json.loads((tmp_path / "b" / "manifest.json").read_text())["files"]
+    artifact_files = [f for f in want if f.split("/")[0] in {a["path"] for a in
+                      json.loads((built / "manifest.json").read_text())["artifacts"]}]
+    assert artifact_files and all(got[f]["sha256"] == want[f]["sha256"] for f in artifact_files)
+    assert got["golden.npz"]["sha256"] == want["golden.npz"]["sha256"]
+
+
+def test_report_renders_in_a_real_browser(built, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is installed by `make test` (Debian package chromium)"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    url = (built / "report.html").resolve().as_uri()
+    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    rep = json.loads((built / "report.json").read_text())
+    assert dom.count("<tr class=\"pass\">") == len(rep["artifacts"])
+    assert dom.count('class="point"') == 2 * len(rep["artifacts"])      # size vs KL, both regimes
+    assert dom.count('class="bar"') == 2 * len(rep["artifacts"])        # tokens/s and time to first token
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1280,1400", url],
+                   capture_output=True, timeout=120)
+    assert shot.stat().st_size > 20_000

@@ -62,12 +62,13 @@ def _f(m: dict | None, key: str) -> float:
 
 def table(rep: dict) -> str:
     """The parity table as plain text, for the terminal."""
-    lines = [f"{'format':8} {'precision':9} {'size':>9}  {'short top1':>10} {'short KL':>9}  {'long top1':>9} "
+    pw = max([9] + [len(r["precision"]) for r in rep["artifacts"]])
+    lines = [f"{'format':8} {'precision':{pw}} {'size':>9}  {'short top1':>10} {'short KL':>9}  {'long top1':>9} "
              f"{'long KL':>9}  {'smoke':>6}  result"]
     for r in rep["artifacts"]:
         s, lg, sm = r["parity"]["short"], r["parity"]["long"], r.get("smoke")
         smoke = f"{sm['prefix_match']}/{sm['of']}" if sm else "-"
-        lines.append(f"{r['format']:8} {r['precision']:9} {r['size_bytes'] / 1e6:8.1f}M  {_f(s, 'top1'):10.3f} "
+        lines.append(f"{r['format']:8} {r['precision']:{pw}} {r['size_bytes'] / 1e6:8.1f}M  {_f(s, 'top1'):10.3f} "
                      f"{_f(s, 'kl'):9.2g}  {_f(lg, 'top1'):9.3f} {_f(lg, 'kl'):9.2g}  {smoke:>6}  "
                      f"{'PASS' if r['passed'] else 'FAIL'}")
     m = rep["merge"]

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, bundle, exporters, parity, probes, report, source
+from . import __version__, bundle, exporters, parity, report, source
 from .cache import StageCache
 from .errors import ParityError, UsageError
 
@@ -105,8 +104,13 @@ def build(req: BuildRequest) -> dict:
     rows, failures = [], []
     for fmt, precs in req.formats.items():
         export_key = {"merge": merged_stage.name, "format": fmt, "precisions": precs, "v": __version__}
+        calibration = req.docs if req.docs is not None and getattr(exporters.get(fmt), "USES_CALIBRATION", False) \
+            else None           # data-aware quantization (OpenVINO int4) calibrates on the build's own documents
+        if calibration is not None:
+            export_key["calibration"] = cache.tree_digest(Path(calibration))
         fstage = clock.run(f"export {fmt}", cache.stage, f"export-{fmt}", export_key,
-                           lambda d, fmt=fmt, precs=precs: _export(fmt, precs, merged, d, req.threads))
+                           lambda d, fmt=fmt, precs=precs, cal=calibration: _export(fmt, precs, merged, d,
+                                                                                    req.threads, cal))
         for a in _artifacts_in(fstage):
             row = clock.run(f"check {fmt} {a.precision}", _check_stage, cache, a, fstage, reference, smoke_ref,
                             retriever_dir, req)
@@ -150,11 +154,26 @@ def _cheap_checks(req: BuildRequest, out: Path):
     return model, adapter, config
 
 
-def _export(fmt: str, precs: list[str], merged: Path, d: Path, threads: int) -> None:
-    arts = exporters.get(fmt).export(merged, d, precs, {"threads": threads})
+def _export(fmt: str, precs: list[str], merged: Path, d: Path, threads: int, calibration: Path | None = None) -> None:
+    settings: dict = {"threads": threads}
+    if calibration is not None:
+        settings["calibration_text"] = _calibration_text(Path(calibration))
+    arts = exporters.get(fmt).export(merged, d, precs, settings)
     (d / "artifacts.json").write_text(json.dumps(
         [{"format": a.format, "precision": a.precision, "path": str(a.path.relative_to(d)), "files": list(a.files),
           "meta": a.meta} for a in arts], indent=2))
+
+
+def _calibration_text(docs: Path) -> list[str]:
+    """The text of every document the retriever indexes (same reader), for data-aware quantization."""
+    from .retriever.ingest import SkipFile, list_files, load_document, read_bytes
+    out = []
+    for p in list_files(docs)[0]:
+        try:
+            out.append(load_document(p, p.relative_to(docs).as_posix(), read_bytes(p)).text)
+        except SkipFile as e:           # the retriever reports unreadable files; calibration skips them
+            log.debug("calibration: skipped %s (%s)", p, e)
+    return out
 
 
 def _artifacts_in(stage_dir: Path) -> list[exporters.Artifact]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import OutputExistsError, RetrieverError, UsageError
-from .chunk import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, Chunk, chunk_document, embed_text, plain_tokenizer
+from .chunk import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, Chunk, chunk_document, plain_tokenizer
 from .embed import CONFIG_FILE, TOKENIZER_FILE, OnnxEmbedder
 from .ingest import SkipFile, list_files, load_document, read_bytes, sha256
 from .store import (DB_FILE, EMBEDDER_DIR, FAISS_FILE, FORMAT_VERSION, HNSW_THRESHOLD, FileRecord, StoredChunk,

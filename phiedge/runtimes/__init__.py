@@ -10,14 +10,13 @@ runtime package lazily, never torch or transformers.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import ToolchainError, UsageError
 
 
 @dataclass
@@ -41,6 +40,10 @@ class RuntimeSettings:
 class Runtime:
     format: ClassVar[str]
     package: ClassVar[str]       # the Python package a device needs, for `validate` and error messages
+    settings: RuntimeSettings
+    chat_template: str | None = None   # the artifact's own template and special tokens
+    specials: dict = {}
+    adds_bos: bool = False             # the runtime's tokenizer prepends BOS itself
 
     @classmethod
     def load(cls, artifact_dir: Path, settings: RuntimeSettings | None = None) -> "Runtime":
@@ -52,8 +55,26 @@ class Runtime:
     def generate_ids(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> Generation:
         raise NotImplementedError
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def tokenize(self, text: str) -> list[int]:
         raise NotImplementedError
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The chat prompt through the artifact's own template and tokenizer, as on a device."""
+        from .. import chat
+        if not self.chat_template:
+            raise ToolchainError(f"this {self.format} artifact has no chat template: rebuild it from a model with one")
+        text = chat.render(self.chat_template, messages, self.specials)
+        bos = self.specials.get("bos_token") or ""
+        if self.adds_bos and bos and text.startswith(bos):
+            text = text[len(bos):]
+        return self.tokenize(text)
+
+    def check_fits(self, n_tokens: int) -> None:
+        """A device profile's context size (settings.extra['max_ctx']) bounds what `ask` may send."""
+        cap = self.settings.extra.get("max_ctx")
+        if cap and n_tokens > cap:
+            raise UsageError(f"prompt and answer need {n_tokens} tokens, the target's context is {cap}: "
+                             f"ask a shorter question, retrieve fewer chunks (-k), or lower --max-tokens")
 
     def stop_ids(self) -> set[int]:
         raise NotImplementedError
@@ -88,3 +109,4 @@ def timed_decode(first_token_at: float, start: float, n: int, end: float) -> tup
 
 from . import gguf  # noqa: E402,F401  (registers itself)
 from . import onnx  # noqa: E402,F401  (registers itself)
+from . import openvino  # noqa: E402,F401  (registers itself)

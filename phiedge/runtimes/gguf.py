@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ToolchainError, UsageError
+from ..errors import ToolchainError
 from . import Generation, Runtime, RuntimeSettings, register, timed_decode
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,10 @@ class GGUFRuntime(Runtime):
         self.orig_ctx = int(meta.get(f"{arch}.rope.scaling.original_context_length", 0)) or None
         self.train_ctx = self.model.n_ctx_train()
         self.chat_template = meta.get("tokenizer.chat_template")
+        m = self.model
+        self.specials = {"bos_token": m.token_get_text(m.token_bos()) if m.token_bos() >= 0 else "",
+                         "eos_token": m.token_get_text(m.token_eos()) if m.token_eos() >= 0 else ""}
+        self.adds_bos = m.add_bos_token()
         self.n_vocab = self.model.n_vocab()
         self._ctx = None
         self._ctx_size = None
@@ -69,10 +73,7 @@ class GGUFRuntime(Runtime):
 
     # -- context sizing: the heart of LongRoPE parity on llama.cpp
     def context_size(self, n_tokens: int) -> int:
-        cap = self.settings.extra.get("max_ctx")
-        if cap and n_tokens > cap:
-            raise UsageError(f"prompt and answer need {n_tokens} tokens, the target's context is {cap}: "
-                             f"ask a shorter question, retrieve fewer chunks (-k), or lower --max-tokens")
+        self.check_fits(n_tokens)
         if self.settings.n_ctx:
             return self.settings.n_ctx
         if self.orig_ctx and n_tokens <= self.orig_ctx:
@@ -154,21 +155,10 @@ class GGUFRuntime(Runtime):
 
     # -- tokenizer and template: the GGUF's own, as on a device
     def tokenize(self, text: str) -> list[int]:
-        return list(self.model.tokenize(text.encode("utf-8"), add_bos=self.model.add_bos_token(), special=True))
+        return list(self.model.tokenize(text.encode("utf-8"), add_bos=self.adds_bos, special=True))
 
     def detokenize(self, ids: list[int]) -> str:
         return self.model.detokenize(ids, special=False).decode("utf-8", errors="replace")
-
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        from .. import chat
-        if not self.chat_template:
-            raise ToolchainError("this GGUF has no tokenizer.chat_template: rebuild it from a model with a chat template")
-        bos = self.model.token_get_text(self.model.token_bos()) if self.model.token_bos() >= 0 else ""
-        eos = self.model.token_get_text(self.model.token_eos()) if self.model.token_eos() >= 0 else ""
-        text = chat.render(self.chat_template, messages, {"bos_token": bos, "eos_token": eos})
-        if self.model.add_bos_token() and bos and text.startswith(bos):
-            text = text[len(bos):]
-        return self.tokenize(text)
 
     def stop_ids(self) -> set[int]:
         ids = {self.model.token_eos(), self.model.token_eot()}

@@ -72,7 +72,7 @@ class ONNXRuntime(Runtime):
         self.tokenizer = og.Tokenizer(self.model)
         self.chat_template, self.specials = chat.load_template(path)
         self.context_length = int(self.genai_config["model"].get("context_length") or 0) or None
-        self._adds_bos = bool(self._encode("")) if self.specials.get("bos_token") else False
+        self.adds_bos = bool(self.tokenize("")) if self.specials.get("bos_token") else False
 
     @staticmethod
     def _provider(og, device: str) -> str | None:
@@ -94,10 +94,7 @@ class ONNXRuntime(Runtime):
 
     # -- one fresh generator per call: no state leaks between probes
     def _generator(self, max_length: int):
-        cap = self.settings.extra.get("max_ctx")
-        if cap and max_length > cap:
-            raise UsageError(f"prompt and answer need {max_length} tokens, the target's context is {cap}: "
-                             f"ask a shorter question, retrieve fewer chunks (-k), or lower --max-tokens")
+        self.check_fits(max_length)
         if self.context_length and max_length > self.context_length:
             raise UsageError(f"prompt and answer need {max_length} tokens, the model's context is "
                              f"{self.context_length}: shorten the prompt")
@@ -141,28 +138,17 @@ class ONNXRuntime(Runtime):
                           decode_tps=tps, stopped=stopped)
 
     # -- tokenizer and template: the artifact's own, as on a device
-    def _encode(self, text: str) -> list[int]:
-        return [int(i) for i in self.tokenizer.encode(text)]
-
     def tokenize(self, text: str) -> list[int]:
-        return self._encode(text)
+        return [int(i) for i in self.tokenizer.encode(text)]
 
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(np.asarray(ids, dtype=np.int32)) if ids else ""
-
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        from .. import chat
-        text = chat.render(self.chat_template, messages, self.specials)
-        bos = self.specials.get("bos_token") or ""
-        if self._adds_bos and bos and text.startswith(bos):
-            text = text[len(bos):]
-        return self._encode(text)
 
     def stop_ids(self) -> set[int]:
         eos = self.genai_config["model"].get("eos_token_id")
         ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         for t in END_TOKENS:
-            enc = self._encode(t)
+            enc = self.tokenize(t)
             if len(enc) == 1:
                 ids.add(enc[0])
         return {int(i) for i in ids if i is not None and int(i) >= 0}

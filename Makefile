@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	# The CPU build of torch first: left to the resolver, a plain `torch` pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[all]'
+	# optimum-intel without its declared deps: torchvision from PyPI would replace the CPU torch with a CUDA
+	# build (FIELD-NOTES); what it really needs is in the openvino extra (pyproject.toml).
+	$(BIN)/python -m pip install --quiet --no-deps optimum-intel==2.2.0
 	touch $@
 
 install: $(STAMP)

@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,26 +58,74 @@ def plan_formats(formats: list[str], precisions: dict[str, list[str]]) -> dict[s
 
 
 class _Clock:
-    """Times each stage and prints the checklist line: what it produced, how long it took, or that it was cached."""
+    """Times each stage and prints the checklist line: what it produced, how long it took, or that it was
+    cached. On a terminal, a progress bar over the build's stages shows the running stage and its clock."""
 
     def __init__(self):
         self.timings: dict[str, float] = {}
         self.cache: StageCache | None = None
+        self.bar = None
+
+    def start_bar(self, total: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, unit="stage", leave=False, dynamic_ncols=True,
+                        bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} stages [{elapsed}]")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def run(self, name: str, fn, *args, **kw):
         if self.cache:
             self.cache.last_was_hit = False
+        ticker = self._tick(name)
         t0 = time.perf_counter()
-        out = fn(*args, **kw)
+        try:
+            out = fn(*args, **kw)
+        finally:
+            ticker.set()
         self.timings[name] = round(time.perf_counter() - t0, 2)
         cached = bool(self.cache and self.cache.last_was_hit)
         what = f"  {_size(out)}" if isinstance(out, Path) else ""
-        log.info("✓ %-24s %7.1f s%s%s", name, self.timings[name], "  (cached)" if cached else "", what)
+        line = f"✓ {name:<24} {self.timings[name]:7.1f} s{'  (cached)' if cached else ''}{what}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+            self.bar.update(1)
+        else:
+            log.info(line)
         return out
+
+    def _tick(self, name: str) -> threading.Event:
+        """Refresh the bar every half second while a stage runs, so a long export visibly advances."""
+        done = threading.Event()
+        if self.bar is None:
+            return done
+        self.bar.set_description_str(name)
+
+        def loop():
+            while not done.wait(0.5):
+                self.bar.refresh()
+        threading.Thread(target=loop, daemon=True).start()
+        return done
 
 
 def build(req: BuildRequest) -> dict:
     clock = _Clock()
+    clock.start_bar(2 + (2 if req.docs is not None else 0) + sum(1 + len(p) for p in req.formats.values()))
+    try:
+        if clock.bar is None:
+            return _build(req, clock)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        with logging_redirect_tqdm():           # log lines print above the bar, not through it
+            return _build(req, clock)
+    finally:
+        clock.close()
+
+
+def _build(req: BuildRequest, clock: _Clock) -> dict:
     out = Path(req.out)
     model, adapter, config = clock.run("resolve", _cheap_checks, req, out)
     cache = StageCache(req.cache_dir)
@@ -104,7 +153,7 @@ def build(req: BuildRequest) -> dict:
     rows, failures = [], []
     for fmt, precs in req.formats.items():
         export_key = {"merge": merged_stage.name, "format": fmt, "precisions": precs, "v": __version__}
-        calibration = req.docs if req.docs is not None and getattr(exporters.get(fmt), "USES_CALIBRATION", False) \
+        calibration = req.docs if req.docs is not None and exporters.get(fmt).USES_CALIBRATION \
             else None           # data-aware quantization (OpenVINO int4) calibrates on the build's own documents
         if calibration is not None:
             export_key["calibration"] = cache.tree_digest(Path(calibration))

@@ -38,6 +38,9 @@ def cli(verbose: bool) -> None:
 @click.option("--gguf-quant", multiple=True, help="GGUF levels, e.g. F16,Q8_0,Q4_K_M (default Q4_K_M).")
 @click.option("--onnx-precision", multiple=True,
               help="ONNX precisions: fp32, fp16, int4 or int4-<options> such as int4-b64-rtn-acc4 (default int4).")
+@click.option("--ov-weights", multiple=True,
+              help="OpenVINO weights: fp32, fp16, int8, int4 or int4-<options> such as int4-g64-sym-r80-awq-se "
+                   "(default int4; data-aware on the --docs documents when given).")
 @click.option("--docs", type=click.Path(path_type=Path), default=None,
               help="Documents for the embedded retriever; enables the smoke RAG query on every runtime.")
 @click.option("--smoke-question", default=None, help="Question whose answer is in --docs (default: derived from them).")
@@ -48,7 +51,7 @@ def cli(verbose: bool) -> None:
               help="Stage cache (default $PHIEDGE_CACHE/stages or ~/.cache/phiedge/stages).")
 @click.option("--threads", type=int, default=os.cpu_count() or 1, show_default=True, help="CPU threads for runtimes.")
 @click.option("--allow-noop-adapter", is_flag=True, help="Ship even if the adapter does not change the model's outputs.")
-def build(model, revision, adapter, adapter_revision, target, formats, gguf_quant, onnx_precision, docs,
+def build(model, revision, adapter, adapter_revision, target, formats, gguf_quant, onnx_precision, ov_weights, docs,
           smoke_question, smoke_needle, out, force, cache_dir, threads, allow_noop_adapter):
     """Merge, export, check parity in both LongRoPE regimes, smoke-test RAG, and write the bundle."""
     from . import targets as targets_mod
@@ -65,7 +68,8 @@ def build(model, revision, adapter, adapter_revision, target, formats, gguf_quan
         plan = plan_formats(list(plan), plan)
         thresholds = profile.threshold_overrides()
     else:
-        plan = plan_formats(_split(formats) or ["gguf"], {"gguf": _split(gguf_quant), "onnx": _split(onnx_precision)})
+        plan = plan_formats(_split(formats) or ["gguf"], {"gguf": _split(gguf_quant), "onnx": _split(onnx_precision),
+                                                              "openvino": _split(ov_weights)})
     rep = run_build(BuildRequest(model=model, adapter=adapter, formats=plan, out=out, revision=revision,
                                  adapter_revision=adapter_revision, force=force, threads=threads,
                                  allow_noop_adapter=allow_noop_adapter, thresholds=thresholds,

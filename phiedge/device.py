@@ -34,6 +34,8 @@ def _settings(manifest: dict, threads: int | None, *, cap_context: bool) -> Runt
     """The profile's runtime settings; ask is held to the device's context size, validation probes are not."""
     rt = (manifest.get("target") or {}).get("runtime", {})
     extra = {"max_ctx": rt.get("n_ctx")} if cap_context and rt.get("n_ctx") else {}
+    if rt.get("fallback"):               # device to use (and record) when the profile's device is absent
+        extra["fallback"] = rt["fallback"]
     return RuntimeSettings(threads=threads or rt.get("threads", 2), device=rt.get("device", "CPU"), extra=extra)
 
 
@@ -115,6 +117,8 @@ def validate(folder: Path, *, threads: int | None = None) -> dict:
                    greedy={"prefix_match": match, "of": len(want)},
                    ttft_s=round(gen.ttft_s, 4), decode_tps=round(gen.decode_tps, 2),
                    seconds=round(time.perf_counter() - t0, 2))
+        if getattr(rt, "fallback_from", None):   # the profile's device is absent here: recorded, not hidden
+            row["device"] = {"used": rt.device, "requested": rt.fallback_from}
         results.append(row)
     report = {"bundle": str(folder.resolve()), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "machine": platform.machine(),

@@ -33,6 +33,7 @@ class Exporter:
     name: ClassVar[str]
     PRECISIONS: ClassVar[tuple[str, ...]]
     DEFAULT_PRECISION: ClassVar[str]
+    USES_CALIBRATION: ClassVar[bool] = False    # export takes calibration text (the build's --docs)
     # Bytes per parameter of the output, per precision, for the up-front disk check.
     BYTES_PER_PARAM: ClassVar[dict[str, float]] = {}
 
@@ -69,3 +70,4 @@ def get(name: str) -> Exporter:
 
 from . import gguf  # noqa: E402,F401  (registers itself)
 from . import onnx  # noqa: E402,F401  (registers itself)
+from . import openvino  # noqa: E402,F401  (registers itself)

@@ -1,0 +1,187 @@
+"""Child process of the OpenVINO exporter: one fp32 IR from optimum-intel, then one folder per precision.
+
+    python -m phiedge.exporters._ov_export JOB_JSON
+
+JOB_JSON names the merged checkpoint, the output folder, the plans (see phiedge.exporters.openvino.Plan) and
+the calibration texts; this writes `<out>/<plan>.partial/` per plan and `<out>/result.json` with what each
+compression actually did (group size chosen, data-aware or not, how many calibration samples).
+
+Why a child: optimum-intel imports torch + transformers and traces the model (peak ~10.7 GB at full size,
+FIELD-NOTES), and NNCF's data-aware passes run the model on the calibration samples.
+
+Why the weights are compressed here and not by optimum's `--weight-format`: optimum's fp16 IR stores every
+constant in fp16, the rotary inverse frequencies included, and LongRoPE positions near 4200 then lose ~2 logits
+(FIELD-NOTES). Exporting fp32 and compressing only the weights of MatMul / Gather keeps the rope math in fp32.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("phiedge.exporters.openvino")
+
+# Files of optimum's export that every precision folder keeps (the IR itself is rewritten per precision).
+SIDE_FILES = ("openvino_tokenizer.xml", "openvino_tokenizer.bin", "openvino_detokenizer.xml",
+              "openvino_detokenizer.bin", "config.json", "generation_config.json", "tokenizer.json",
+              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+WEIGHT_CONSUMERS = {"MatMul", "Gather"}    # ops whose constant inputs are weights (linear layers, embedding)
+MIN_WEIGHT_ELEMENTS = 4096                 # smaller constants (rope factors, norms' shapes) are never touched
+
+
+def export_base(merged: Path, dest: Path) -> None:
+    """optimum-intel's stateful fp32 IR + openvino-tokenizers' tokenizer/detokenizer IRs."""
+    from optimum.exporters.openvino import main_export
+    from optimum.intel import OVConfig
+    main_export(str(merged), str(dest), task="text-generation-with-past", ov_config=OVConfig(dtype="fp32"),
+                convert_tokenizer=True, stateful=True, local_files_only=True)
+    for f in ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml"):
+        if not (dest / f).is_file():
+            raise SystemExit(f"optimum-intel wrote no {f} (is openvino-tokenizers installed?)")
+
+
+def _weights(model) -> list:
+    """(constant node, its consumer op types) for every weight: a large f32 constant feeding MatMul/Gather
+    (possibly through a Convert)."""
+    out = []
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "Constant" or node.get_output_element_type(0).get_type_name() != "f32":
+            continue
+        if int(np.prod(list(node.get_output_shape(0)) or [1])) < MIN_WEIGHT_ELEMENTS:
+            continue
+        consumers = {t.get_node().get_type_name() for t in node.output(0).get_target_inputs()}
+        if consumers & WEIGHT_CONSUMERS:
+            out.append(node)
+    return out
+
+
+def compress_fp16(model) -> int:
+    """Weights to fp16 (a Constant f16 + Convert to f32, as OpenVINO's own fp16 compression writes them); every
+    other constant, the rope's inverse frequencies among them, stays f32. Returns the number of weights."""
+    import openvino.opset13 as ops
+    n = 0
+    for node in _weights(model):
+        data = node.get_data()
+        half = ops.constant(data.astype(np.float16))
+        half.set_friendly_name(node.get_friendly_name())
+        back = ops.convert(half, "f32")
+        for target in list(node.output(0).get_target_inputs()):
+            target.replace_source_output(back.output(0))
+        n += 1
+    model.validate_nodes_and_infer_types()
+    return n
+
+
+def reduction_widths(model) -> list[int]:
+    """Input width of every weight: the axis int4 groups run along (the last one, [out, in] layout)."""
+    return sorted({int(list(n.get_output_shape(0))[-1]) for n in _weights(model)
+                   if len(n.get_output_shape(0)) == 2})
+
+
+def choose_group_size(requested: int, widths: list[int]) -> int:
+    """The largest power of two <= requested that divides every width (-1, per channel, divides all)."""
+    if requested <= 0:
+        return -1
+    g = requested
+    while g >= 8:
+        if all(w % g == 0 for w in widths):
+            return g
+        g //= 2
+    raise SystemExit(f"no int4 group size <= {requested} divides the layer widths {widths}: use per-channel "
+                     f"(int4-gpc)")
+
+
+def calibration_samples(merged: Path, texts: list[str], seq_len: int, n_samples: int) -> list[dict]:
+    """Token windows of `seq_len` from the documents, round-robin across documents, as stateful-IR inputs."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(merged / "tokenizer.json"))
+    windows: list[list[list[int]]] = []
+    for t in texts:
+        ids = tok.encode(t, add_special_tokens=False).ids
+        doc = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+        windows.append([w for w in doc if len(w) >= min(16, seq_len)])
+    picked: list[list[int]] = []
+    depth = 0
+    while len(picked) < n_samples and any(depth < len(w) for w in windows):
+        picked += [w[depth] for w in windows if depth < len(w)]
+        depth += 1
+    picked = picked[:n_samples]
+    return [{"input_ids": np.asarray([w], dtype=np.int64), "attention_mask": np.ones((1, len(w)), dtype=np.int64),
+             "position_ids": np.arange(len(w), dtype=np.int64)[None], "beam_idx": np.zeros(1, dtype=np.int32)}
+            for w in picked]
+
+
+def compress_nncf(model, plan: dict, merged: Path, texts: list[str]) -> dict:
+    """int8 (per channel) or int4 (grouped, mixed with int8 by `ratio`, optionally data-aware) with NNCF."""
+    import nncf
+    if plan["base"] == "int8":
+        nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        return {"mode": "int8_asym"}
+    o = plan["int4"]
+    widths = reduction_widths(model)
+    group = choose_group_size(o["group_size"], widths)
+    if group != o["group_size"]:
+        log.warning("openvino %s: group size %d does not divide every layer width (%s): using %d",
+                    plan["name"], o["group_size"], widths, group)
+    awq, se = o["awq"], o["scale_estimation"]
+    if o["data"] == "auto":
+        awq = se = bool(texts)
+    use_data = o["data"] != "none" and bool(texts)
+    samples = calibration_samples(merged, texts, o["seq_len"], o["num_samples"]) if use_data else []
+    if (awq or se) and not samples:
+        raise SystemExit("data-aware int4 needs calibration text: the documents gave no token windows")
+    dataset = nncf.Dataset(samples) if samples else None
+    mode = nncf.CompressWeightsMode.INT4_SYM if o["sym"] else nncf.CompressWeightsMode.INT4_ASYM
+    nncf.compress_weights(model, mode=mode, group_size=group, ratio=o["ratio"], dataset=dataset,
+                          awq=awq if dataset else None, scale_estimation=se if dataset else None,
+                          subset_size=len(samples) or 128)
+    return {"mode": mode.value, "group_size_requested": o["group_size"], "group_size": group,
+            "layer_widths": widths, "ratio": o["ratio"], "awq": bool(awq and dataset),
+            "scale_estimation": bool(se and dataset), "calibration_samples": len(samples),
+            "calibration_seq_len": o["seq_len"] if samples else None,
+            "mixed_precision": "data-aware" if (dataset and o["ratio"] < 1) else
+            ("weight-based" if o["ratio"] < 1 else None)}
+
+
+def build_one(core, base: Path, out: Path, plan: dict, merged: Path, texts: list[str]) -> dict:
+    import openvino as ov
+    tmp = out / f"{plan['name']}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = core.read_model(str(base / "openvino_model.xml"))
+    if plan["base"] == "fp32":
+        info: dict = {"mode": "fp32"}
+    elif plan["base"] == "fp16":
+        info = {"mode": "fp16 weights, fp32 rope and activations", "weights": compress_fp16(model)}
+    else:
+        info = compress_nncf(model, plan, merged, texts)
+    ov.save_model(model, str(tmp / "openvino_model.xml"), compress_to_fp16=False)
+    for f in SIDE_FILES:
+        if (base / f).is_file():
+            shutil.copy2(base / f, tmp / f)
+    return info
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    job = json.loads(Path(sys.argv[1]).read_text())
+    merged, out = Path(job["merged"]), Path(job["out"])
+    base = out / ".fp32-ir"
+    if not (base / ".complete").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        export_base(merged, base)
+        (base / ".complete").write_text("")
+    import openvino as ov
+    core = ov.Core()
+    result = {p["name"]: build_one(core, base, out, p, merged, job.get("calibration_text") or [])
+              for p in job["plans"]}
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""OpenVINO: `openvino_genai.LLMPipeline` generates, the OpenVINO runtime scores, both on the artifact's own IR.
+
+- logits: `Core().compile_model` on the stateful IR, one infer of every id (one prefill) after `reset_state`,
+  `logits` output [1, n, vocab]. The IR picks LongRoPE factors from max(position_ids) + 1 of that call, so a
+  4200-token probe uses the long factors throughout, as Hugging Face does.
+- generate: LLMPipeline on token ids (greedy, the caller's stop ids), with its default attention backend
+  (paged attention on CPU). Measured on the tiny fixture: greedy 16 of 16 PyTorch tokens after the short
+  probe and after the 4200-token long probe with both backends; time to first token on the long probe
+  2.7 s (paged) vs 6.5 s (SDPA), so the default stays.
+- CPU properties come from the artifact's phiedge_openvino.json (chosen at export, see
+  phiedge.exporters.openvino.CPU_PROPERTIES), overridable with RuntimeSettings.extra["ov_properties"].
+  Measured with OpenVINO 2026.4.1 on a 2-core AVX2 CPU (no AMX): the f32 hint and dynamic quantization off
+  changed nothing there (fp16 short 0.0053 / long 0.0084 max|Δ|, int8 KL 1.8e-4 / 1.4e-4, int4 AWQ+SE KL
+  0.0070 / 0.0095 with and without); they are kept for AMX CPUs where FIELD-NOTES measured bf16 (0.096
+  max|Δ|) and dynamic 8-bit activations (twice the int8 loss) by default.
+- Device: RuntimeSettings.device CPU / GPU / NPU (or GPU.1 style). One this machine lacks falls back to
+  extra["fallback"] (default CPU) with a warning; `fallback_from` records it. Other names are a UsageError.
+
+Device-path module: openvino, openvino_genai, numpy, json and jinja2 (phiedge.chat); never torch or transformers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ToolchainError, UsageError
+from . import Generation, Runtime, RuntimeSettings, register, timed_decode
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("CPU", "GPU", "NPU")       # OpenVINO device families phiedge targets (targets/intel-*.toml)
+END_TOKENS = ("<|end|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
+META_FILE = "phiedge_openvino.json"
+IR = "openvino_model.xml"
+
+
+def _import_ov():
+    try:
+        import openvino as ov
+        import openvino_genai as ov_genai
+    except ImportError:
+        raise ToolchainError("openvino-genai is not installed: pip install 'phiedge[openvino]'") from None
+    return ov, ov_genai
+
+
+def resolve_device(requested: str, available: list[str], fallback: str | None = "CPU") -> tuple[str, str | None]:
+    """(device to use, the requested one if we fell back, else None)."""
+    dev = str(requested or "CPU").upper()
+    family = dev.split(".")[0]
+    if family not in DEVICES:
+        raise UsageError(f"openvino runtime has no device '{requested}': known are {', '.join(DEVICES)} "
+                         f"(this machine has {', '.join(available) or 'none'})")
+    if dev in available or (dev == family and any(a.split(".")[0] == family for a in available)):
+        return dev, None
+    if not fallback:
+        raise ToolchainError(f"OpenVINO device '{dev}' is not on this machine (it has {', '.join(available)}): "
+                             f"install its driver, or use a profile with a fallback")
+    fb = str(fallback).upper()
+    if fb not in available:
+        raise ToolchainError(f"OpenVINO device '{dev}' is not on this machine and neither is its fallback '{fb}' "
+                             f"(it has {', '.join(available)})")
+    log.warning("openvino: device %s is not available here (have %s): falling back to %s", dev,
+                ", ".join(available), fb)
+    return fb, dev
+
+
+@register
+class OpenVINORuntime(Runtime):
+    format = "openvino"
+    package = "openvino_genai"
+
+    def __init__(self, path: Path, settings: RuntimeSettings):
+        from .. import chat
+        ov, ov_genai = _import_ov()
+        self.ov, self.ov_genai, self.path, self.settings = ov, ov_genai, path, settings
+        self.core = ov.Core()
+        self.device, self.fallback_from = resolve_device(settings.device, list(self.core.available_devices),
+                                                         settings.extra.get("fallback", "CPU"))
+        meta_path = path / META_FILE
+        self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        self.properties = self._properties()
+        self.tokenizer = ov_genai.Tokenizer(str(path))
+        self.chat_template, self.specials = chat.load_template(path)
+        self.generation_config = json.loads((path / "generation_config.json").read_text()) \
+            if (path / "generation_config.json").is_file() else {}
+        config = json.loads((path / "config.json").read_text())
+        self.context_length = int(config.get("max_position_embeddings") or 0) or None
+        self._compiled = None
+        self._pipe = None
+
+    def _properties(self) -> dict:
+        props: dict = {}
+        if self.device == "CPU":
+            props.update(self.meta.get("cpu_properties") or {})
+            if self.settings.threads:
+                props["INFERENCE_NUM_THREADS"] = int(self.settings.threads)
+        props.update(self.settings.extra.get("ov_properties") or {})
+        return props
+
+    @classmethod
+    def load(cls, artifact_dir: Path, settings: RuntimeSettings | None = None) -> "OpenVINORuntime":
+        path = Path(artifact_dir)
+        missing = [f for f in (IR, "openvino_tokenizer.xml", "openvino_detokenizer.xml") if not (path / f).is_file()]
+        if missing:
+            raise ToolchainError(f"no {', '.join(missing)} in {path}: not an OpenVINO GenAI artifact; rebuild it")
+        return cls(path, settings or RuntimeSettings())
+
+    # -- the two engines, compiled on first use
+    def _request(self):
+        if self._compiled is None:
+            try:
+                self._compiled = self.core.compile_model(str(self.path / IR), self.device, self.properties)
+            except Exception as e:     # openvino raises plain RuntimeError for a bad IR or property
+                raise ToolchainError(f"OpenVINO could not compile {self.path / IR} on {self.device}: {e}") from None
+        return self._compiled.create_infer_request()
+
+    def _pipeline(self):
+        if self._pipe is None:
+            try:
+                self._pipe = self.ov_genai.LLMPipeline(str(self.path), self.device, **self.properties)
+            except Exception as e:
+                raise ToolchainError(f"OpenVINO GenAI could not load {self.path} on {self.device}: {e}") from None
+        return self._pipe
+
+    def _check_length(self, n: int) -> None:
+        self.check_fits(n)                      # the device profile's context (Runtime base class)
+        if self.context_length and n > self.context_length:
+            raise UsageError(f"prompt and answer need {n} tokens, the model's context is {self.context_length}: "
+                             f"shorten the prompt")
+
+    def logits(self, ids: list[int], last_n: int) -> np.ndarray:
+        self._check_length(len(ids))
+        req = self._request()                       # fresh request: empty KV state
+        n = len(ids)
+        req.infer({"input_ids": np.asarray([ids], dtype=np.int64),
+                   "attention_mask": np.ones((1, n), dtype=np.int64),
+                   "position_ids": np.arange(n, dtype=np.int64)[None],
+                   "beam_idx": np.zeros(1, dtype=np.int32)})
+        out = np.asarray(req.get_tensor("logits").data)
+        out = out.reshape(-1, out.shape[-1])
+        if out.shape[0] != n:
+            raise ToolchainError(f"OpenVINO returned logits for {out.shape[0]} of {n} positions (a sliced LM head): "
+                                 f"rebuild the artifact with phiedge")
+        return out[-last_n:].astype(np.float32)
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> Generation:
+        stop_ids = stop_ids if stop_ids is not None else self.stop_ids()
+        self._check_length(len(ids) + max_new_tokens)
+        pipe = self._pipeline()
+        cfg = pipe.get_generation_config()
+        cfg.max_new_tokens = int(max_new_tokens)
+        cfg.do_sample = False
+        cfg.num_beams = 1
+        cfg.stop_token_ids = {int(i) for i in stop_ids}
+        arr = np.asarray([ids], dtype=np.int64)
+        inputs = self.ov_genai.TokenizedInputs(self.ov.Tensor(arr), self.ov.Tensor(np.ones_like(arr)))
+        t0 = time.perf_counter()
+        res = pipe.generate(inputs, cfg)
+        end = time.perf_counter()
+        toks = [int(t) for t in res.tokens[0]]
+        stopped = False
+        for i, t in enumerate(toks):
+            if t in stop_ids:
+                toks, stopped = toks[:i], True
+                break
+        stopped = stopped or len(toks) < max_new_tokens
+        ttft_ms = res.perf_metrics.get_ttft().mean
+        first = t0 + ttft_ms / 1000 if ttft_ms == ttft_ms and ttft_ms > 0 else end
+        ttft, tps = timed_decode(min(first, end), t0, len(toks), end)
+        return Generation(ids=toks, text=self.detokenize(toks), prompt_tokens=len(ids), ttft_s=ttft,
+                          decode_tps=tps, stopped=stopped)
+
+    # -- tokenizer and template: the artifact's own, as on a device (chat_ids: the Runtime base class)
+    def tokenize(self, text: str) -> list[int]:
+        enc = self.tokenizer.encode(text, add_special_tokens=False)     # the template writes any BOS itself
+        return [int(i) for i in np.asarray(enc.input_ids.data).reshape(-1)]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids]) if ids else ""
+
+    def stop_ids(self) -> set[int]:
+        eos = self.generation_config.get("eos_token_id")
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        for t in END_TOKENS:
+            enc = self.tokenize(t)
+            if len(enc) == 1:
+                ids.add(enc[0])
+        return {int(i) for i in ids if i is not None and int(i) >= 0}
+
+    def close(self) -> None:
+        self._pipe = None
+        self._compiled = None
+        self.tokenizer = None

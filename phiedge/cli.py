@@ -41,6 +41,11 @@ def cli(verbose: bool) -> None:
 @click.option("--ov-weights", multiple=True,
               help="OpenVINO weights: fp32, fp16, int8, int4 or int4-<options> such as int4-g64-sym-r80-awq-se "
                    "(default int4; data-aware on the --docs documents when given).")
+@click.option("--mlx-quant", multiple=True,
+              help="MLX precisions: fp32, fp16, bf16, 8bit, 4bit, mixed_4_6, quantized ones with options such as "
+                   "4bit-g32 or 4bit-emb4 (default 4bit: 4-bit layers, 8-bit tied embedding).")
+@click.option("--mlx-group-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="Group size for every quantized MLX precision that names none (default 64).")
 @click.option("--docs", type=click.Path(path_type=Path), default=None,
               help="Documents for the embedded retriever; enables the smoke RAG query on every runtime.")
 @click.option("--smoke-question", default=None, help="Question whose answer is in --docs (default: derived from them).")
@@ -51,8 +56,8 @@ def cli(verbose: bool) -> None:
               help="Stage cache (default $PHIEDGE_CACHE/stages or ~/.cache/phiedge/stages).")
 @click.option("--threads", type=int, default=os.cpu_count() or 1, show_default=True, help="CPU threads for runtimes.")
 @click.option("--allow-noop-adapter", is_flag=True, help="Ship even if the adapter does not change the model's outputs.")
-def build(model, revision, adapter, adapter_revision, target, formats, gguf_quant, onnx_precision, ov_weights, docs,
-          smoke_question, smoke_needle, out, force, cache_dir, threads, allow_noop_adapter):
+def build(model, revision, adapter, adapter_revision, target, formats, gguf_quant, onnx_precision, ov_weights, mlx_quant,
+          mlx_group_size, docs, smoke_question, smoke_needle, out, force, cache_dir, threads, allow_noop_adapter):
     """Merge, export, check parity in both LongRoPE regimes, smoke-test RAG, and write the bundle."""
     from . import targets as targets_mod
     from .build import BuildRequest, build as run_build, plan_formats
@@ -69,7 +74,8 @@ def build(model, revision, adapter, adapter_revision, target, formats, gguf_quan
         thresholds = profile.threshold_overrides()
     else:
         plan = plan_formats(_split(formats) or ["gguf"], {"gguf": _split(gguf_quant), "onnx": _split(onnx_precision),
-                                                              "openvino": _split(ov_weights)})
+                                                              "openvino": _split(ov_weights),
+                                                              "mlx": _mlx_precisions(mlx_quant, mlx_group_size)})
     rep = run_build(BuildRequest(model=model, adapter=adapter, formats=plan, out=out, revision=revision,
                                  adapter_revision=adapter_revision, force=force, threads=threads,
                                  allow_noop_adapter=allow_noop_adapter, thresholds=thresholds,
@@ -77,6 +83,11 @@ def build(model, revision, adapter, adapter_revision, target, formats, gguf_quan
                                  smoke_question=smoke_question, smoke_needle=smoke_needle, cache_dir=cache_dir))
     click.echo(table(rep))
     click.echo(f"built {out} (report: {out / 'report.html'})")
+
+
+def _mlx_precisions(mlx_quant: tuple[str, ...], group_size: str | None) -> list[str]:
+    from .exporters.mlx import with_group_size
+    return with_group_size(_split(mlx_quant) or ["4bit"], int(group_size) if group_size else None)
 
 
 @cli.command()

@@ -71,3 +71,4 @@ def get(name: str) -> Exporter:
 from . import gguf  # noqa: E402,F401  (registers itself)
 from . import onnx  # noqa: E402,F401  (registers itself)
 from . import openvino  # noqa: E402,F401  (registers itself)
+from . import mlx  # noqa: E402,F401  (registers itself)

@@ -110,3 +110,4 @@ def timed_decode(first_token_at: float, start: float, n: int, end: float) -> tup
 from . import gguf  # noqa: E402,F401  (registers itself)
 from . import onnx  # noqa: E402,F401  (registers itself)
 from . import openvino  # noqa: E402,F401  (registers itself)
+from . import mlx  # noqa: E402,F401  (registers itself)

@@ -1,0 +1,194 @@
+"""mlx-lm: the artifact's model through `mlx_lm.utils.load_model`, with a LongRoPE that does what PyTorch does.
+
+LongRoPE (Phi-3 / Phi-4-mini): Hugging Face picks the factor set per forward call from the total length it
+sees (max position + 1): long factors iff it exceeds original_max_position_embeddings, and scales cos/sin by
+the attention factor sqrt(1 + ln(s) / ln(orig)) in both regimes. mlx-lm does neither reliably (FIELD-NOTES):
+0.31.3 and 0.32.x build `SuScaledRoPE` from the long factors only (short prompts run with the long factors),
+0.29.1 switches per call but `generate` prefills in 2048-token chunks, so a prompt crossing the switch mixes
+the two sets. This runtime therefore (1) swaps every phi3 attention's rope for `LongRoPE` below, which
+applies Hugging Face's rule on each call's `offset + length`, and (2) prefills the whole prompt in ONE call,
+in `logits` and in `generate_ids`. Decode steps then follow the same rule one token at a time, as PyTorch's
+cached generation does. tests/test_mlx.py shows the gate failing both the stock rope and a chunked prefill.
+
+Tokenizer and chat template: the artifact's own tokenizer.json (the `tokenizers` library) and
+chat_template.jinja rendered by phiedge.chat, as on every runtime. Device-path module: mlx, mlx-lm (which
+imports transformers for its own tokenizer code), numpy, tokenizers, jinja2; never torch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ToolchainError, UsageError
+from . import Generation, Runtime, RuntimeSettings, register, timed_decode
+from .onnx import END_TOKENS
+
+log = logging.getLogger(__name__)
+
+LONGROPE_TYPES = ("longrope", "su")
+DEVICES = ("CPU", "GPU")
+
+
+def _import_mlx():
+    try:
+        import mlx.core as mx
+        import mlx.nn as nn
+        from mlx_lm.utils import load_model
+        from mlx_lm.models.cache import make_prompt_cache
+    except ImportError as e:
+        raise ToolchainError(f"mlx-lm is not usable ({e}): pip install 'phiedge[mlx]' "
+                             f"(on Linux mlx[cpu], not mlx-cpu alone)") from None
+    return mx, nn, load_model, make_prompt_cache
+
+
+def longrope_params(config: dict) -> dict | None:
+    """Hugging Face's LongRoPE parameters from a phi3 config, or None if it has no LongRoPE."""
+    rs = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if str(rs.get("type") or rs.get("rope_type") or "").lower() not in LONGROPE_TYPES:
+        return None
+    orig = int(config.get("original_max_position_embeddings") or rs["original_max_position_embeddings"])
+    factor = rs.get("factor") or config["max_position_embeddings"] / orig
+    attention = rs.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    return {"original_max_position_embeddings": orig, "short_factor": rs["short_factor"],
+            "long_factor": rs["long_factor"], "attention_factor": float(attention),
+            "base": float(config.get("rope_theta", 10000.0))}
+
+
+def make_longrope(nn, mx):
+    class LongRoPE(nn.Module):
+        """Both factor sets; each call uses the long one iff offset + length > original_max_position_embeddings."""
+
+        def __init__(self, dims: int, params: dict):
+            super().__init__()
+            self.dims, self.switch = dims, params["original_max_position_embeddings"]
+            base = params["base"] ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+            self._short = mx.array(params["short_factor"], dtype=mx.float32) * base
+            self._long = mx.array(params["long_factor"], dtype=mx.float32) * base
+            self._scale = params["attention_factor"]
+            self.calls = {"short": 0, "long": 0}
+
+        def __call__(self, x, offset=0):
+            long = int(offset) + x.shape[-2] > self.switch
+            self.calls["long" if long else "short"] += 1
+            x = x[...]
+            x[..., : self.dims] = self._scale * x[..., : self.dims]
+            return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset,
+                                freqs=self._long if long else self._short)
+
+    return LongRoPE
+
+
+def patch_longrope(model, config: dict) -> int:
+    """Swap in LongRoPE on a phi3 model with LongRoPE; the number of layers patched."""
+    params = longrope_params(config)
+    if config.get("model_type") != "phi3" or params is None:
+        return 0
+    mx, nn, _, _ = _import_mlx()
+    cls = make_longrope(nn, mx)
+    for layer in model.layers:
+        layer.self_attn.rope = cls(layer.self_attn.rope.dim, params)
+    return len(model.layers)
+
+
+@register
+class MLXRuntime(Runtime):
+    format = "mlx"
+    package = "mlx_lm"
+
+    def __init__(self, path: Path, settings: RuntimeSettings, fix_longrope: bool = True):
+        from tokenizers import Tokenizer
+        from .. import chat
+        mx, _, load_model, make_prompt_cache = _import_mlx()
+        self.mx, self.make_prompt_cache, self.path, self.settings = mx, make_prompt_cache, path, settings
+        device = str(settings.device or "CPU").upper()
+        if device not in DEVICES:
+            raise UsageError(f"mlx runtime has no device '{device}': known are {', '.join(DEVICES)}")
+        if device == "GPU" and not mx.is_available(mx.gpu):
+            raise ToolchainError("this mlx build has no GPU (Metal) backend: use device CPU")
+        mx.set_default_device(mx.gpu if device == "GPU" else mx.cpu)
+        self.device = device
+        try:
+            self.model, self.config = load_model(path)
+        except (ValueError, FileNotFoundError) as e:
+            raise ToolchainError(f"mlx-lm could not load {path}: {e}") from None
+        self.patched_layers = patch_longrope(self.model, self.config) if fix_longrope else 0
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.chat_template, self.specials = chat.load_template(path)
+
+    @classmethod
+    def load(cls, artifact_dir: Path, settings: RuntimeSettings | None = None) -> "MLXRuntime":
+        path = Path(artifact_dir)
+        if not (path / "config.json").is_file() or not list(path.glob("model*.safetensors")):
+            raise ToolchainError(f"no config.json + model*.safetensors in {path}: not an MLX artifact; rebuild it")
+        return cls(path, settings or RuntimeSettings())
+
+    def _check_length(self, n: int) -> None:
+        cap = self.settings.extra.get("max_ctx")
+        if cap and n > cap:
+            raise UsageError(f"prompt and answer need {n} tokens, the target's context is {cap}: "
+                             f"ask a shorter question, retrieve fewer chunks (-k), or lower --max-tokens")
+
+    def logits(self, ids: list[int], last_n: int) -> np.ndarray:
+        self._check_length(len(ids))
+        out = self.model(self.mx.array([ids]))[0, -last_n:]          # one prefill of every id, no cache
+        return np.array(out.astype(self.mx.float32))
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> Generation:
+        mx = self.mx
+        stop_ids = stop_ids if stop_ids is not None else self.stop_ids()
+        self._check_length(len(ids) + max_new_tokens)
+        t0 = time.perf_counter()
+        cache = self.make_prompt_cache(self.model)
+        logits = self.model(mx.array([ids]), cache=cache)[:, -1]     # the whole prompt in one call
+        out: list[int] = []
+        t_first, stopped = None, False
+        while len(out) < max_new_tokens:
+            tok = int(mx.argmax(logits, axis=-1).item())
+            if t_first is None:
+                t_first = time.perf_counter()
+            if tok in stop_ids:
+                stopped = True
+                break
+            out.append(tok)
+            if len(out) < max_new_tokens:
+                logits = self.model(mx.array([[tok]]), cache=cache)[:, -1]
+        ttft, tps = timed_decode(t_first or time.perf_counter(), t0, len(out), time.perf_counter())
+        return Generation(ids=out, text=self.detokenize(out), prompt_tokens=len(ids), ttft_s=ttft,
+                          decode_tps=tps, stopped=stopped)
+
+    # -- tokenizer and template: the artifact's own, as on a device
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        from .. import chat
+        return self.tokenize(chat.render(self.chat_template, messages, self.specials))
+
+    def stop_ids(self) -> set[int]:
+        ids: set = set()
+        for src in (self.config, self._generation_config()):
+            eos = src.get("eos_token_id")
+            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        for t in END_TOKENS:
+            tid = self.tokenizer.token_to_id(t)
+            if tid is not None:
+                ids.add(tid)
+        return {int(i) for i in ids if i is not None and int(i) >= 0}
+
+    def _generation_config(self) -> dict:
+        f = self.path / "generation_config.json"
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    def close(self) -> None:
+        self.model = None
+        self.tokenizer = None

@@ -13,6 +13,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import InvalidCheckpointError
 
+# End-of-turn token texts across chat templates (Phi-4, ChatML, Llama 3, GPT-style): generation stops on any
+# that the vocabulary has as a single token, besides the configured eos ids.
+END_TOKENS = ("<|end|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
+
 
 def load_template(model_dir: Path) -> tuple[str, dict]:
     """(chat template, special tokens) from a Hugging Face model or artifact folder."""

@@ -164,7 +164,8 @@ def _eos_ids(model_dir: Path) -> list[int]:
         ids += e if isinstance(e, list) else ([e] if e is not None else [])
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    for t in ("<|end|>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+    from .chat import END_TOKENS
+    for t in END_TOKENS:
         i = tok.token_to_id(t)
         if i is not None and i not in ids:
             ids.append(i)

@@ -34,6 +34,13 @@ def smollm2() -> Path:
     return _script("make_demo_model.py", FIXTURES / "smollm2")
 
 
+def artifact_dir(bundle: Path, fmt: str, precision: str) -> Path:
+    """An artifact's folder in a built bundle, looked up in its report."""
+    import json
+    rep = json.loads((bundle / "report.json").read_text())
+    return bundle / next(a["path"] for a in rep["artifacts"] if a["format"] == fmt and a["precision"] == precision)
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The installed console script, in a child process, as a user runs it."""
     exe = Path(sys.executable).with_name("phiedge")

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from phiedge import build, chat, errors, parity, probes
 from phiedge.runtimes import get
-from conftest import run_cli
+from conftest import artifact_dir, run_cli
 
 pytestmark = pytest.mark.mlx
 PRECISIONS = ["fp16", "4bit"]
@@ -47,11 +47,6 @@ def reference(built) -> dict:
     return dict(np.load(ref))
 
 
-def _artifact(built: Path, precision: str) -> Path:
-    rep = json.loads((built / "report.json").read_text())
-    return built / next(a["path"] for a in rep["artifacts"] if a["format"] == "mlx" and a["precision"] == precision)
-
-
 def test_every_precision_passes_both_regimes(built):
     rep = json.loads((built / "report.json").read_text())
     assert rep["passed"] is True
@@ -78,7 +73,7 @@ def test_stock_mlx_lm_fails_the_short_regime(built, reference):
     on our artifact is wrong below the switch (measured top1 0.42, max|Δ| 8.9), ours matches."""
     import mlx.core as mx
     import mlx_lm
-    path = _artifact(built, "fp16")
+    path = artifact_dir(built, "mlx", "fp16")
     model, _ = mlx_lm.load(str(path))
     ids = reference["short_ids"].tolist()
     stock = np.array(model(mx.array([ids]))[0, -probes.COMPARE_LAST:].astype(mx.float32))
@@ -95,7 +90,7 @@ def test_gate_catches_a_chunked_prefill_across_the_switch(built, reference):
     keys with the short factors (each step's offset + length stays below the switch): the gate must fail that.
     Our runtime prefills in one call (its long result passed the build's gate)."""
     import mlx.core as mx
-    rt = get("mlx").load(_artifact(built, "fp16"))
+    rt = get("mlx").load(artifact_dir(built, "mlx", "fp16"))
     ids = reference["long_ids"].tolist()
     cache = rt.make_prompt_cache(rt.model)
     for i in range(0, len(ids), 2048):
@@ -111,7 +106,7 @@ def test_plain_mlx_lm_runs_the_folder_with_our_tokens(built, reference):
     """The folder is a normal mlx-lm model: `mlx_lm.load` + `mlx_lm.generate` run it, its tokenizer and chat
     template give Hugging Face's ids."""
     import mlx_lm
-    path = _artifact(built, "4bit")
+    path = artifact_dir(built, "mlx", "4bit")
     model, tok = mlx_lm.load(str(path))
     messages = [{"role": "system", "content": "Context: x = 3.5 (see __init__)."},
                 {"role": "user", "content": "Don't guess — what's  x?\n"}]
@@ -126,7 +121,7 @@ def test_plain_mlx_lm_runs_the_folder_with_our_tokens(built, reference):
 
 
 def test_chat_generation_stops_at_end_token(built):
-    rt = get("mlx").load(_artifact(built, "fp16"))
+    rt = get("mlx").load(artifact_dir(built, "mlx", "fp16"))
     gen = rt.generate([{"role": "user", "content": "What does the with statement do?"}], max_new_tokens=48)
     assert gen.prompt_tokens > 5 and gen.ids and gen.text.strip()
     assert not set(gen.ids) & rt.stop_ids()
@@ -172,7 +167,7 @@ def test_device_path_imports_no_torch(built, golden):
         "sys.modules['torch'] = None\n"
         "from pathlib import Path\n"
         "from phiedge.runtimes import get\n"
-        f"rt = get('mlx').load(Path({str(_artifact(built, '4bit'))!r}))\n"
+        f"rt = get('mlx').load(Path({str(artifact_dir(built, 'mlx', '4bit'))!r}))\n"
         f"ids = {golden['short_ids'].tolist()!r}\n"
         "assert rt.logits(ids, 4).shape[0] == 4\n"
         "g = rt.generate([{'role': 'user', 'content': 'What does pass do?'}], max_new_tokens=4)\n"

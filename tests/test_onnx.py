@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from phiedge import build, chat, errors, exporters, parity, probes
 from phiedge.runtimes import RuntimeSettings, get
-from conftest import run_cli
+from conftest import artifact_dir, run_cli
 
 pytestmark = pytest.mark.onnx
 PRECISIONS = ["fp32", "int4"]
@@ -42,11 +42,6 @@ def merged(tiny, tmp_path_factory) -> Path:
     merge.merge(model, source.resolve(str(tiny / "adapters/lora"), kind="adapter"), config, d / "merged")
     merge.reference(d / "merged", config, d / "reference.npz")
     return d
-
-
-def _artifact(built: Path, precision: str) -> Path:
-    rep = json.loads((built / "report.json").read_text())
-    return built / next(a["path"] for a in rep["artifacts"] if a["format"] == "onnx" and a["precision"] == precision)
 
 
 def test_every_precision_passes_both_regimes(built):
@@ -79,7 +74,7 @@ def test_lm_head_reads_the_final_norm(built, merged, tmp_path):
         producer = {o: n for n in g.node for o in n.output}
         return producer[producer["logits"].input[0]].name
 
-    assert "final_norm" in logits_source(_artifact(built, "fp32") / "model.onnx")
+    assert "final_norm" in logits_source(artifact_dir(built, "onnx", "fp32") / "model.onnx")
     stock = tmp_path / "stock"
     r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged / "merged"),
                         "-o", str(stock), "-p", "fp32", "-e", "cpu", "-c", str(tmp_path / "cache"),
@@ -93,7 +88,7 @@ def test_gate_catches_a_prefill_split_across_the_switch(built, merged):
     pieces (4000, then 200) rotates the first 4000 keys with the short factors: the gate must fail that."""
     ref = np.load(merged / "reference.npz")
     ids = ref["long_ids"].tolist()
-    rt = get("onnx").load(_artifact(built, "fp32"))
+    rt = get("onnx").load(artifact_dir(built, "onnx", "fp32"))
     limits = parity.thresholds_for("fp32")
     right = parity.compare(ref["long_logits"], rt.logits(ids, probes.COMPARE_LAST))
     assert not parity.failures("long", right, limits)
@@ -108,7 +103,7 @@ def test_gate_catches_a_prefill_split_across_the_switch(built, merged):
 
 
 def test_tokenizer_and_template_match_hugging_face(built, merged):
-    rt = get("onnx").load(_artifact(built, "int4"))
+    rt = get("onnx").load(artifact_dir(built, "onnx", "int4"))
     hf = Tokenizer.from_file(str(merged / "merged" / "tokenizer.json"))
     template, specials = chat.load_template(merged / "merged")
     messages = [{"role": "system", "content": "Context: x = 3.5 (see __init__)."},
@@ -121,7 +116,7 @@ def test_tokenizer_and_template_match_hugging_face(built, merged):
 
 
 def test_chat_generation_stops_at_end_token(built):
-    rt = get("onnx").load(_artifact(built, "fp32"))
+    rt = get("onnx").load(artifact_dir(built, "onnx", "fp32"))
     gen = rt.generate([{"role": "user", "content": "What does the with statement do?"}], max_new_tokens=48)
     assert gen.prompt_tokens > 5 and gen.ids and gen.text.strip()
     assert not set(gen.ids) & rt.stop_ids()
@@ -184,11 +179,11 @@ def test_unknown_execution_providers(built, merged, tmp_path):
         exp.export(merged / "merged", tmp_path, ["fp32"], {"execution_provider": "webgpu"})
     assert not any(tmp_path.iterdir()), "nothing is built before the checks pass"
     with pytest.raises(errors.UsageError, match="no device 'TPU': known are CPU, CUDA"):
-        get("onnx").load(_artifact(built, "int4"), RuntimeSettings(device="TPU"))
+        get("onnx").load(artifact_dir(built, "onnx", "int4"), RuntimeSettings(device="TPU"))
     import onnxruntime_genai as og
     if not og.is_cuda_available():
         with pytest.raises(errors.ToolchainError, match="no cuda support"):
-            get("onnx").load(_artifact(built, "int4"), RuntimeSettings(extra={"execution_provider": "cuda"}))
+            get("onnx").load(artifact_dir(built, "onnx", "int4"), RuntimeSettings(extra={"execution_provider": "cuda"}))
 
 
 def test_device_path_imports_no_torch(built):
@@ -198,7 +193,7 @@ def test_device_path_imports_no_torch(built):
         "import sys\n"
         "from pathlib import Path\n"
         "from phiedge.runtimes import get\n"
-        f"rt = get('onnx').load(Path({str(_artifact(built, 'int4'))!r}))\n"
+        f"rt = get('onnx').load(Path({str(artifact_dir(built, 'onnx', 'int4'))!r}))\n"
         f"ids = {ref['short_ids'].tolist()!r}\n"
         "assert rt.logits(ids, 4).shape[0] == 4\n"
         "g = rt.generate([{'role': 'user', 'content': 'What does pass do?'}], max_new_tokens=4)\n"

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from phiedge import build, chat, errors, exporters, probes
 from phiedge.exporters import _ov_export
 from phiedge.runtimes import RuntimeSettings, get
-from conftest import run_cli
+from conftest import artifact_dir, run_cli
 
 pytestmark = pytest.mark.openvino
 PRECISIONS = ["fp16", "int4"]
@@ -41,11 +41,6 @@ def built(tiny, docs, tmp_path_factory) -> Path:
     assert r.returncode == 0, r.stderr[-3000:]
     assert "PASS" in r.stdout
     return root / "dist"
-
-
-def _artifact(built: Path, precision: str) -> Path:
-    rep = json.loads((built / "report.json").read_text())
-    return built / next(a["path"] for a in rep["artifacts"] if a["format"] == "openvino" and a["precision"] == precision)
 
 
 def test_every_precision_passes_both_regimes(built):
@@ -75,7 +70,7 @@ def test_every_precision_passes_both_regimes(built):
 
 
 def test_tokenizer_and_template_match_hugging_face(built, tiny):
-    rt = get("openvino").load(_artifact(built, "int4"))
+    rt = get("openvino").load(artifact_dir(built, "openvino", "int4"))
     hf = Tokenizer.from_file(str(tiny / "model" / "tokenizer.json"))
     template, specials = chat.load_template(tiny / "model")
     messages = [{"role": "system", "content": "Context: x = 3.5 (see __init__)."},
@@ -93,19 +88,19 @@ def test_device_fallback_is_recorded(built):
     import openvino as ov
     if "NPU" in ov.Core().available_devices:
         pytest.skip("this machine has an NPU")
-    rt = get("openvino").load(_artifact(built, "int4"), RuntimeSettings(device="NPU", extra={"fallback": "CPU"}))
+    rt = get("openvino").load(artifact_dir(built, "openvino", "int4"), RuntimeSettings(device="NPU", extra={"fallback": "CPU"}))
     assert (rt.device, rt.fallback_from) == ("CPU", "NPU")
     assert rt.logits(list(range(1, 9)), 2).shape == (2, 2048)
     rt.close()
     from phiedge import device, targets   # the device path passes the profile's fallback through
     profile = {"target": targets.load("intel-npu").as_dict()}
-    rt = get("openvino").load(_artifact(built, "int4"), device._settings(profile, 2, cap_context=False))
+    rt = get("openvino").load(artifact_dir(built, "openvino", "int4"), device._settings(profile, 2, cap_context=False))
     assert (rt.device, rt.fallback_from) == ("CPU", "NPU")
     rt.close()
     with pytest.raises(errors.ToolchainError, match="device 'NPU' is not on this machine"):
-        get("openvino").load(_artifact(built, "int4"), RuntimeSettings(device="NPU", extra={"fallback": None}))
+        get("openvino").load(artifact_dir(built, "openvino", "int4"), RuntimeSettings(device="NPU", extra={"fallback": None}))
     with pytest.raises(errors.UsageError, match="no device 'TPU': known are CPU, GPU, NPU"):
-        get("openvino").load(_artifact(built, "int4"), RuntimeSettings(device="TPU"))
+        get("openvino").load(artifact_dir(built, "openvino", "int4"), RuntimeSettings(device="TPU"))
 
 
 # Weight formats the exporter refuses before any work, with the part of the message that names the problem.
@@ -164,7 +159,7 @@ def test_device_path_imports_no_torch(built):
         "import sys\n"
         "from pathlib import Path\n"
         "from phiedge.runtimes import get\n"
-        f"rt = get('openvino').load(Path({str(_artifact(built, 'int4'))!r}))\n"
+        f"rt = get('openvino').load(Path({str(artifact_dir(built, 'openvino', 'int4'))!r}))\n"
         f"ids = {ref['short_ids'].tolist()!r}\n"
         "assert rt.logits(ids, 4).shape[0] == 4\n"
         "g = rt.generate([{'role': 'user', 'content': 'What does pass do?'}], max_new_tokens=4)\n"

@@ -79,6 +79,18 @@ class Runtime:
     def stop_ids(self) -> set[int]:
         raise NotImplementedError
 
+    def _stop_ids(self, *eos_values) -> set[int]:
+        """Configured eos ids (int or list each) plus every end-of-turn token the vocabulary has."""
+        from ..chat import END_TOKENS
+        ids: set = set()
+        for v in eos_values:
+            ids |= set(v if isinstance(v, list) else [v] if v is not None else [])
+        for t in END_TOKENS:
+            enc = self.tokenize(t)
+            if len(enc) == 1:
+                ids.add(enc[0])
+        return {int(i) for i in ids if i is not None and int(i) >= 0}
+
     def generate(self, messages: list[dict], max_new_tokens: int = 128) -> Generation:
         return self.generate_ids(self.chat_ids(messages), max_new_tokens, self.stop_ids())
 

@@ -26,7 +26,6 @@ import numpy as np
 
 from ..errors import ToolchainError, UsageError
 from . import Generation, Runtime, RuntimeSettings, register, timed_decode
-from .onnx import END_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -175,15 +174,7 @@ class MLXRuntime(Runtime):
         return self.tokenize(chat.render(self.chat_template, messages, self.specials))
 
     def stop_ids(self) -> set[int]:
-        ids: set = set()
-        for src in (self.config, self._generation_config()):
-            eos = src.get("eos_token_id")
-            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        for t in END_TOKENS:
-            tid = self.tokenizer.token_to_id(t)
-            if tid is not None:
-                ids.add(tid)
-        return {int(i) for i in ids if i is not None and int(i) >= 0}
+        return self._stop_ids(self.config.get("eos_token_id"), self._generation_config().get("eos_token_id"))
 
     def _generation_config(self) -> dict:
         f = self.path / "generation_config.json"

@@ -34,7 +34,6 @@ PROVIDERS: dict[str, tuple[str | None, str | None]] = {
     "QNN": ("QNN", "is_qnn_available"),
 }
 # End-of-turn tokens added to the config's eos ids when the vocabulary has them.
-END_TOKENS = ("<|end|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
 
 
 def _import_og():
@@ -145,13 +144,7 @@ class ONNXRuntime(Runtime):
         return self.tokenizer.decode(np.asarray(ids, dtype=np.int32)) if ids else ""
 
     def stop_ids(self) -> set[int]:
-        eos = self.genai_config["model"].get("eos_token_id")
-        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        for t in END_TOKENS:
-            enc = self.tokenize(t)
-            if len(enc) == 1:
-                ids.add(enc[0])
-        return {int(i) for i in ids if i is not None and int(i) >= 0}
+        return self._stop_ids(self.genai_config["model"].get("eos_token_id"))
 
     def close(self) -> None:
         self.tokenizer = None

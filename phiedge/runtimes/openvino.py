@@ -33,7 +33,6 @@ from . import Generation, Runtime, RuntimeSettings, register, timed_decode
 log = logging.getLogger(__name__)
 
 DEVICES = ("CPU", "GPU", "NPU")       # OpenVINO device families phiedge targets (targets/intel-*.toml)
-END_TOKENS = ("<|end|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
 META_FILE = "phiedge_openvino.json"
 IR = "openvino_model.xml"
 
@@ -183,13 +182,7 @@ class OpenVINORuntime(Runtime):
         return self.tokenizer.decode([int(i) for i in ids]) if ids else ""
 
     def stop_ids(self) -> set[int]:
-        eos = self.generation_config.get("eos_token_id")
-        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        for t in END_TOKENS:
-            enc = self.tokenize(t)
-            if len(enc) == 1:
-                ids.add(enc[0])
-        return {int(i) for i in ids if i is not None and int(i) >= 0}
+        return self._stop_ids(self.generation_config.get("eos_token_id"))
 
     def close(self) -> None:
         self._pipe = None

@@ -127,8 +127,8 @@ def assemble(work: Path, *, rows: list[dict], reference: Path, retriever: Path |
     w.add_reports(report, report_mod.readme(report))
     w.add_manifest({"created": report["created"], "source": source_info, "target": target,
                     "versions": report["versions"], "passed": report["passed"],
-                    "artifacts": [{k: r[k] for k in ("format", "precision", "path", "size_bytes", "passed")}
-                                  for r in rows],
+                    "artifacts": [{k: r.get(k) for k in ("format", "precision", "path", "size_bytes", "passed",
+                                                         "parity", "smoke", "failures")} for r in rows],
                     "retriever": "retriever" if retriever is not None else None})
 
 

@@ -83,6 +83,7 @@ def test_bundle_layout_and_manifest(built):
         assert name in m["files"], name
     for a in m["artifacts"]:
         assert (built / a["path"]).is_dir() and a["passed"]
+        assert a["parity"]["short"]["top1"] > 0 and a["parity"]["long"]["top1"] > 0 and a["smoke"]["of"] > 0
     for rel, meta in m["files"].items():
         assert (built / rel).stat().st_size == meta["size"]
     assert not (built.parent / "bundle.partial").exists()
@@ -139,14 +140,16 @@ def test_validate_on_this_device(built, monkeypatch):
     assert rep["passed"] and rep["runtime_versions"]["llama-cpp-python"]
     for a in rep["artifacts"]:
         assert a["status"] == "passed" and set(a["parity"]) == {"short", "long"} and a["decode_tps"] > 0
-    # A machine without llama.cpp lists the GGUFs as not validated, never as passed.
+    # A machine without the runtimes lists their artifacts as not validated, never as passed.
     import importlib.util
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a))
     from phiedge import device
+    from phiedge.runtimes import REGISTRY
+    packages = {cls.package for cls in REGISTRY.values()}
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in packages else real(n, *a))
     rep = device.validate(built)
-    gguf = [a for a in rep["artifacts"] if a["format"] == "gguf"]
-    assert gguf and all(a["status"] == "not validated" and "llama_cpp" in a["reason"] for a in gguf)
+    assert rep["artifacts"] and all(a["status"] == "not validated" and REGISTRY[a["format"]].package in a["reason"]
+                                    for a in rep["artifacts"])
 
 
 def test_same_build_again_does_no_work(tiny, docs, cache, built, tmp_path):

@@ -6,11 +6,16 @@ format means adding one module that defines a subclass with `@register`, and imp
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from ..errors import UsageError
+from ..errors import ToolchainError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,26 @@ class Exporter:
 
     def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
         raise NotImplementedError
+
+
+def run_tool(cmd: list[str], what: str) -> dict:
+    """Run a tool to completion; its wall time and peak memory, or a ToolchainError with its last line."""
+    with tempfile.TemporaryFile("w+") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            out.seek(0)
+            text = out.read()
+            if os.environ.get("PHIEDGE_DEBUG"):
+                sys.stderr.write(text)
+            tail = [ln for ln in text.strip().splitlines() if ln.strip()]
+            why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+            raise ToolchainError(f"{what} failed ({why}): {tail[-1].strip() if tail else 'no output'}; "
+                                 f"rerun with PHIEDGE_DEBUG=1 for its full log")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}   # ru_maxrss: KiB
 
 
 REGISTRY: dict[str, type[Exporter]] = {}

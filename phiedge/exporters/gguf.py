@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ToolchainError
-from . import Artifact, Exporter, register
+from . import Artifact, Exporter, register, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +106,6 @@ def converter_dir() -> Path:
     return dest
 
 
-def _run(cmd: list[str], what: str, env: dict | None = None) -> None:
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if r.returncode != 0:
-        tail = (r.stderr or r.stdout).strip().splitlines()
-        if os.environ.get("PHIEDGE_DEBUG"):
-            sys.stderr.write(r.stdout + r.stderr)
-        why = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
-        raise ToolchainError(f"{what} failed ({why}): {tail[-1] if tail else 'no output'}; "
-                             f"rerun with PHIEDGE_DEBUG=1 for its full log")
-
-
 @register
 class GGUFExporter(Exporter):
     name = "gguf"
@@ -159,7 +148,7 @@ class GGUFExporter(Exporter):
     @staticmethod
     def _convert(conv: Path, merged_dir: Path, out: Path, outtype: str, pre: str | None) -> Path:
         tmp = out.with_name(out.name + ".partial")
-        _run([sys.executable, "-m", "phiedge.exporters._llama_convert", str(conv), pre or "",
+        run_tool([sys.executable, "-m", "phiedge.exporters._llama_convert", str(conv), pre or "",
               str(merged_dir), "--outfile", str(tmp), "--outtype", outtype],
              f"llama.cpp converter ({outtype})")
         tmp.rename(out)
@@ -167,5 +156,5 @@ class GGUFExporter(Exporter):
 
     @staticmethod
     def _quantize(src: Path, dest: Path, ftype: int, threads: int) -> None:
-        _run([sys.executable, "-m", "phiedge.exporters._llama_quantize", str(src), str(dest), str(ftype),
+        run_tool([sys.executable, "-m", "phiedge.exporters._llama_quantize", str(src), str(dest), str(ftype),
               str(threads)], f"llama.cpp quantize (ftype {ftype})")

@@ -27,8 +27,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..errors import ToolchainError, UsageError
-from . import Artifact, Exporter, register
-from .onnx import _run
+from . import Artifact, Exporter, register, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +159,7 @@ class MLXExporter(Exporter):
         shutil.rmtree(tmp, ignore_errors=True)          # mlx-lm refuses an existing output path
         cmd = [sys.executable, "-m", "phiedge.exporters._mlx_convert", str(merged_dir), str(tmp), *plan.args()]
         log.info("mlx %s: mlx-lm %s convert (%s)", plan.name, version, " ".join(plan.args()) or "checkpoint dtype")
-        cost = _run(cmd, f"mlx-lm convert ({plan.name})")
+        cost = run_tool(cmd, f"mlx-lm convert ({plan.name})")
         missing = [f for f in ARTIFACT_FILES if not (tmp / f).is_file()]
         if missing:
             raise ToolchainError(f"mlx-lm convert ({plan.name}) wrote no {', '.join(missing)} in {tmp}: "

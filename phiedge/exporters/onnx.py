@@ -16,18 +16,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from ..errors import ToolchainError, UsageError
-from . import Artifact, Exporter, register
+from . import Artifact, Exporter, register, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -134,26 +130,6 @@ def builder_version() -> str:
     return version
 
 
-def _run(cmd: list[str], what: str) -> dict:
-    """Run a tool to completion; its wall time and peak memory, or a ToolchainError with its last line."""
-    with tempfile.TemporaryFile("w+") as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        seconds = time.perf_counter() - t0
-        if proc.returncode != 0:
-            out.seek(0)
-            text = out.read()
-            if os.environ.get("PHIEDGE_DEBUG"):
-                sys.stderr.write(text)
-            tail = [ln for ln in text.strip().splitlines() if ln.strip()]
-            why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-            raise ToolchainError(f"{what} failed ({why}): {tail[-1].strip() if tail else 'no output'}; "
-                                 f"rerun with PHIEDGE_DEBUG=1 for its full log")
-    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}   # ru_maxrss: KiB
-
-
 @register
 class ONNXExporter(Exporter):
     name = "onnx"
@@ -192,7 +168,7 @@ class ONNXExporter(Exporter):
                *plan.options]
         log.info("onnx %s: onnxruntime-genai %s builder (%s)", plan.name, version,
                  " ".join(plan.options) or "defaults")
-        cost = _run(cmd, f"onnxruntime-genai model builder ({plan.name}, {ep})")
+        cost = run_tool(cmd, f"onnxruntime-genai model builder ({plan.name}, {ep})")
         missing = [f for f in ARTIFACT_FILES if not (tmp / f).is_file()]
         if missing:
             raise ToolchainError(f"onnxruntime-genai model builder ({plan.name}) wrote no {', '.join(missing)} "

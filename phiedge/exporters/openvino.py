@@ -30,8 +30,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..errors import ToolchainError, UsageError
-from . import Artifact, Exporter, register
-from .onnx import _run
+from . import Artifact, Exporter, register, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +164,7 @@ class OpenVINOExporter(Exporter):
             log.info("openvino %s: optimum-intel %s export + NNCF %s compression%s", ", ".join(p.name for p in plans),
                      versions["optimum-intel"], versions["nncf"],
                      f" ({len(texts)} calibration documents)" if texts else "")
-            cost = _run([sys.executable, "-m", "phiedge.exporters._ov_export", str(job)],
+            cost = run_tool([sys.executable, "-m", "phiedge.exporters._ov_export", str(job)],
                         f"optimum-intel OpenVINO export ({', '.join(p.name for p in plans)})")
         result = json.loads((out_dir / "result.json").read_text())
         artifacts = [self._finish(out_dir, p, result[p.name], versions, cost, bool(texts)) for p in plans]

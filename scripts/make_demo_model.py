@@ -32,6 +32,7 @@ def make_base(out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_NAME, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_NAME)
     model.save_pretrained(out, safe_serialization=True)
+    _published_config(out / "config.json")
     template = tok.chat_template
     tok.save_pretrained(out)
     tj_path = out / "tokenizer.json"
@@ -52,6 +53,19 @@ def make_base(out: Path) -> None:
     gc = json.loads((out / "generation_config.json").read_text())
     gc.update(bos_token_id=1, eos_token_id=2, pad_token_id=2)
     (out / "generation_config.json").write_text(json.dumps(gc, indent=2))
+
+
+def _published_config(path: Path) -> None:
+    """SmolLM2's published config layout: top-level rope_theta and torch_dtype. transformers 5 nests rope_theta
+    in rope_parameters, which runtimes reading the published layout (mlx-lm) do not see: they fall back to
+    10000 instead of 100000 (the gate caught it: MLX fp16 top-1 0.72)."""
+    cfg = json.loads(path.read_text())
+    rp = cfg.pop("rope_parameters", None) or {}
+    cfg["rope_theta"] = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    if rp.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = rp
+    cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def make_adapter(base: Path, out: Path, steps: int) -> None:

@@ -50,6 +50,9 @@ def cli(verbose: bool) -> None:
               help="Documents for the embedded retriever; enables the smoke RAG query on every runtime.")
 @click.option("--smoke-question", default=None, help="Question whose answer is in --docs (default: derived from them).")
 @click.option("--smoke-needle", default=None, help="Text the chunk answering --smoke-question contains.")
+@click.option("--smoke-answer", default=None,
+              help="A fact every artifact's answer must contain (a real model); without it, answers are held "
+                   "to PyTorch's tokens.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output bundle directory.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out that is not a phiedge bundle.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
@@ -57,7 +60,8 @@ def cli(verbose: bool) -> None:
 @click.option("--threads", type=int, default=os.cpu_count() or 1, show_default=True, help="CPU threads for runtimes.")
 @click.option("--allow-noop-adapter", is_flag=True, help="Ship even if the adapter does not change the model's outputs.")
 def build(model, revision, adapter, adapter_revision, target, formats, gguf_quant, onnx_precision, ov_weights, mlx_quant,
-          mlx_group_size, docs, smoke_question, smoke_needle, out, force, cache_dir, threads, allow_noop_adapter):
+          mlx_group_size, docs, smoke_question, smoke_needle, smoke_answer, out, force, cache_dir, threads,
+          allow_noop_adapter):
     """Merge, export, check parity in both LongRoPE regimes, smoke-test RAG, and write the bundle."""
     from . import targets as targets_mod
     from .build import BuildRequest, build as run_build, plan_formats
@@ -80,7 +84,8 @@ def build(model, revision, adapter, adapter_revision, target, formats, gguf_quan
                                  adapter_revision=adapter_revision, force=force, threads=threads,
                                  allow_noop_adapter=allow_noop_adapter, thresholds=thresholds,
                                  target=profile.as_dict() if profile else None, docs=docs,
-                                 smoke_question=smoke_question, smoke_needle=smoke_needle, cache_dir=cache_dir))
+                                 smoke_question=smoke_question, smoke_needle=smoke_needle,
+                                 smoke_answer=smoke_answer, cache_dir=cache_dir))
     click.echo(table(rep))
     click.echo(f"built {out} (report: {out / 'report.html'})")
 

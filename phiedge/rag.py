@@ -31,3 +31,11 @@ def prompt_ids(model_dir, msgs: list[dict]) -> list[int]:
     template, specials = chat.load_template(model_dir)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     return tok.encode(chat.render(template, msgs, specials), add_special_tokens=False).ids
+
+
+def detokenize(model_dir, ids: list[int]) -> str:
+    """Text of `ids` with the model's own tokenizer.json, special tokens dropped."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")).decode(ids, skip_special_tokens=True)

@@ -27,7 +27,7 @@ def versions() -> dict[str, str | None]:
 
 
 def build_report(*, model: Source, adapter: Source | None, proof: dict, rows: list[dict], timings: dict,
-                 config: dict, target: dict | None = None, smoke_question: dict | None = None,
+                 config: dict, peaks_mb: dict | None = None, target: dict | None = None, smoke_question: dict | None = None,
                  cache: dict | None = None) -> dict:
     return {
         "schema": 1,
@@ -37,11 +37,12 @@ def build_report(*, model: Source, adapter: Source | None, proof: dict, rows: li
         "target": target["name"] if target else None,
         "merge": proof,
         "probes": {"compare_last": probes.COMPARE_LAST, "longrope_switch": probes.switch_point(config)},
-        "smoke": None if smoke_question is None else {k: smoke_question[k] for k in ("question", "needle", "retrieved",
-                                                                                       "retrieved_has_needle")},
+        "smoke": None if smoke_question is None else {k: smoke_question.get(k) for k in (
+            "question", "needle", "fact", "reference_answer", "retrieved", "retrieved_has_needle")},
         "artifacts": rows,
         "passed": all(r["passed"] for r in rows),
         "timings_s": timings,
+        "peak_rss_mb": peaks_mb or {},          # per stage, the whole process tree (sampled every 0.2 s)
         "cache": cache,
         "machine": {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine()},
         "versions": versions(),
@@ -67,7 +68,8 @@ def table(rep: dict) -> str:
              f"{'long KL':>9}  {'smoke':>6}  result"]
     for r in rep["artifacts"]:
         s, lg, sm = r["parity"]["short"], r["parity"]["long"], r.get("smoke")
-        smoke = f"{sm['prefix_match']}/{sm['of']}" if sm else "-"
+        smoke = "-" if not sm else ("fact" if sm.get("has_fact") else "no fact") if "has_fact" in sm \
+            else f"{sm['prefix_match']}/{sm['of']}"
         lines.append(f"{r['format']:8} {r['precision']:{pw}} {r['size_bytes'] / 1e6:8.1f}M  {_f(s, 'top1'):10.3f} "
                      f"{_f(s, 'kl'):9.2g}  {_f(lg, 'top1'):9.3f} {_f(lg, 'kl'):9.2g}  {smoke:>6}  "
                      f"{'PASS' if r['passed'] else 'FAIL'}")
@@ -121,8 +123,9 @@ def _svg_scatter(points: list[tuple[str, float, float, str]], xlabel: str, ylabe
 
 
 def _svg_bars(bars: list[tuple[str, float]], unit: str, title: str) -> str:
-    w, bar_h, pad = 520, 22, 150
     bars = [(lab, v) for lab, v in bars if v is not None and math.isfinite(v)]
+    pad = max([150] + [7 * len(lab) + 12 for lab, _ in bars])     # room for the longest label
+    w, bar_h = pad + 370, 22
     if not bars:
         return f'<figure class="plot"><figcaption>{html.escape(title)}: no data</figcaption></figure>'
     top = max(v for _, v in bars) or 1.0
@@ -141,8 +144,10 @@ def _svg_bars(bars: list[tuple[str, float]], unit: str, title: str) -> str:
 def _smoke_cell(sm: dict | None) -> str:
     if not sm:
         return "–"
-    return (f"greedy {sm['prefix_match']}/{sm['of']}; per-token {sm.get('forced_agreement', float('nan')):.2f} "
-            f"(min {sm.get('agreement_min', float('nan')):.2f})")
+    tokens = f"greedy {sm['prefix_match']}/{sm['of']}; per-token {sm.get('forced_agreement', float('nan')):.2f}"
+    if "has_fact" in sm:
+        return ("contains the fact" if sm["has_fact"] else "MISSES the fact") + f"; {tokens} (reported)"
+    return f"{tokens} (min {sm.get('agreement_min') or float('nan'):.2f})"
 
 
 def write_html(rep: dict, folder: Path) -> Path:

@@ -21,6 +21,7 @@ FIXTURES = Path(os.environ.get("PHIEDGE_FIXTURES", ROOT / ".fixtures"))
 OUT = Path(os.environ.get("PHIEDGE_DEMO_OUT", ROOT / "demo-out"))
 QUESTION = "What is the parameter count of Phi-4-mini?"
 NEEDLE = "3.8B-parameter"
+FACT = "3.8"
 
 
 def main() -> int:
@@ -43,7 +44,7 @@ def main() -> int:
     if missing:
         logging.info("the `all` profile also names %s, not available in this phiedge", ", ".join(missing))
     rep = build(BuildRequest(model=str(demo / "model"), adapter=str(demo / "adapter"), formats=plan, out=OUT,
-                             force=True, docs=SEEDS, smoke_question=QUESTION, smoke_needle=NEEDLE,
+                             force=True, docs=SEEDS, smoke_question=QUESTION, smoke_needle=NEEDLE, smoke_answer=FACT,
                              target=profile.as_dict(), thresholds=profile.threshold_overrides()))
     print("\n" + table(rep) + "\n")
     print(f"bundle: {OUT} (report: {OUT / 'report.html'})\n")

@@ -150,6 +150,29 @@ def test_canonical_names_drop_defaults():
     assert build.plan_formats(["mlx"], {}) == {"mlx": ["4bit"]}
 
 
+def test_transformers5_config_layout_reaches_mlx_lm():
+    """transformers 5 nests rope_theta, partial_rotary_factor and the LongRoPE factors in `rope_parameters`;
+    mlx-lm's own ModelArgs sees none of them unless the exporter lifts them to the published keys."""
+    from mlx_lm.models.phi3 import ModelArgs
+    from transformers import Phi3Config
+    from phiedge.exporters.mlx import published_layout
+    from phiedge.runtimes.mlx import longrope_params
+    published = json.loads((Path(__file__).resolve().parents[2] / "shared/phi4-mini-instruct.config.json").read_text())
+    published["rope_theta"] = 250000.0                   # a non-default theta, so a fallback to 10000 shows
+    nested = Phi3Config(**published).to_dict()
+    assert "rope_theta" not in nested and "rope_scaling" not in nested      # what a transformers 5 save writes
+    stock = ModelArgs.from_dict(nested)
+    assert stock.rope_theta == 10000 and stock.rope_scaling is None         # mlx-lm alone: silently wrong
+    fixed = ModelArgs.from_dict(published_layout(nested))
+    assert fixed.rope_theta == 250000.0 and fixed.partial_rotary_factor == 0.75
+    assert fixed.rope_scaling["type"] == "longrope"
+    assert fixed.rope_scaling["short_factor"] == published["rope_scaling"]["short_factor"]
+    assert fixed.rope_scaling["long_factor"] == published["rope_scaling"]["long_factor"]
+    lr = longrope_params(published_layout(nested))
+    assert lr["base"] == 250000.0 and lr["original_max_position_embeddings"] == 4096
+    assert published_layout(published)["rope_theta"] == 250000.0             # a published layout is kept
+
+
 def test_cli_group_size_and_refusal(tmp_path):
     r = run_cli("build", "--model", "unused", "--formats", "mlx", "--mlx-quant", "fp16,5bit",
                 "--out", str(tmp_path / "o"))

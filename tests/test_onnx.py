@@ -145,6 +145,8 @@ REFUSED = [
     ("int4-b64-b128", "'b64' and 'b128' both set the block"),          # two values for one option
     ("int4-asym", "add -rtn or -k_quant"),      # builds, but the tied uint4 embedding fails to load
     ("int4-head8", "add -rtn or -k_quant"),     # builds, but the tied 8-bit embedding names a missing initializer
+    ("int4-mixed8", "add -rtn or -k_quant"),    # the same missing initializer
+    ("int4-k_quant-head8-mixed8", "both set the head"),  # one output-layer / mixed-layer choice
     ("fp16", "not built for execution provider 'cpu'"),   # CPU fp16 graph fails on the first decode step
 ]
 
@@ -160,6 +162,9 @@ def test_canonical_names_drop_builder_defaults():
     assert exp.check_precisions(["FP32", "int4-b32-sym", "int4", "int4-acc4-b128-rtn"]) == ["fp32", "int4",
                                                                                              "int4-b128-rtn-acc4"]
     assert build.plan_formats(["onnx"], {}) == {"onnx": ["int4"]}
+    from phiedge.exporters.onnx import parse_precision
+    assert parse_precision("INT4-MIXED8-K_QUANT").options == (
+        "algo_config=k_quant", "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8")
 
 
 def test_cli_refuses_in_one_line(tmp_path):

@@ -165,6 +165,8 @@ CLI_CASES = [
     ("unknown-format", ["--formats", "tflite"], "known formats are"),
     # an unknown GGUF level lists the known ones
     ("unknown-quant", ["--gguf-quant", "Q3_XS"], "known are"),
+    # a smoke fact without documents to ask about
+    ("smoke-without-docs", ["--smoke-answer", "3.8"], "pass them with --docs"),
 ]
 
 

@@ -56,6 +56,9 @@ INT4_TOKENS: dict[str, tuple[str, str]] = {
     "acc3": ("accuracy", "accuracy_level=3"),    # bf16
     "acc4": ("accuracy", "accuracy_level=4"),    # int8 activations (the CPU default)
     "head8": ("head", "matmul_mixed_precision=last_matmul:int8"),  # LM head (and the tied embedding) in 8 bits
+    # head8 plus llama.cpp's Q4_K_M choice of sensitive layers in 8 bits (first/last eighth, every third
+    # layer's qkv/v/down projections): the builder's `mixed_layers` selector
+    "mixed8": ("head", "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8"),
 }
 INT4_DEFAULT_TOKENS = frozenset({"b32", "sym"})
 GROUP_ORDER = ("block", "symmetry", "algorithm", "accuracy", "head")
@@ -66,10 +69,13 @@ REFUSED: tuple[tuple[frozenset, str, str], ...] = (
      "asymmetric int4 with the builder's default quantizer gives the tied embedding a uint8 GatherBlockQuantized "
      "input that onnxruntime refuses to load (Type Error at /model/embed_tokens/Reshape); add -rtn or -k_quant, "
      "which store zero points the shared embedding can use"),
+    (frozenset({"mixed8"}), "algorithm",
+     "8-bit layers with the builder's default quantizer leave the tied embedding pointing at an initializer it "
+     "never writes (lm_head.MatMul.weight_Q8G32, as with -head8); add -rtn or -k_quant"),
     (frozenset({"head8"}), "algorithm",
      "an 8-bit output layer with the builder's default quantizer leaves the tied embedding pointing at an "
      "initializer it never writes (lm_head.MatMul.weight_Q8G32: 'not a graph input, initializer, or output'); "
-     "add -rtn or -k_quant (int4-k_quant-head8 measured best on the tiny model)"),
+     "add -rtn or -k_quant (the targets use int4-k_quant-mixed8)"),
 )
 ARTIFACT_FILES = ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
                   "chat_template.jinja")

@@ -57,7 +57,7 @@ def longrope_params(config: dict) -> dict | None:
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
     return {"original_max_position_embeddings": orig, "short_factor": rs["short_factor"],
             "long_factor": rs["long_factor"], "attention_factor": float(attention),
-            "base": float(config.get("rope_theta", 10000.0))}
+            "base": float(config.get("rope_theta") or rs.get("rope_theta") or 10000.0)}
 
 
 def make_longrope(nn, mx):

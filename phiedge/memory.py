@@ -1,0 +1,62 @@
+"""Peak resident memory of a whole process tree, sampled: a build's stages run exporters and runtimes in
+child processes, so the parent's own RSS says little about what a machine must hold.
+
+    with TreeSampler() as s:          # this process and every descendant
+        work()
+    s.peak_mb
+
+Sampling (every 0.2 s by default) can miss a spike shorter than the interval; the exporters' own child
+processes are also measured exactly by `ru_maxrss` (exporters.run_tool), and the report shows both.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import psutil
+
+
+def tree_rss(pid: int) -> int:
+    """Bytes resident in `pid` and all its descendants right now (processes that vanish count as 0)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class TreeSampler:
+    def __init__(self, pid: int | None = None, interval: float = 0.2):
+        self.pid, self.interval = pid or os.getpid(), interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        while True:
+            self.peak = max(self.peak, tree_rss(self.pid))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "TreeSampler":
+        self.peak = tree_rss(self.pid)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, tree_rss(self.pid))
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)

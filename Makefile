@@ -34,11 +34,14 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
+# The full-size pipeline (a 3.8B Phi-4-mini-shaped model built once under ~/.cache/phiedge/bench, ~8 GB, and
+# ~40 GB of scratch) beside the standalone tools → bench/results.json + bench/results.html.
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_retriever.py bench/retriever.json
+	$(BIN)/python scripts/bench.py
 
+# The same harness on the tiny fixture in a few minutes → bench/results-quick.json (tests/test_bench.py runs it).
 bench-quick: $(STAMP)
-	$(BIN)/python scripts/bench_retriever.py --quick bench/retriever-quick.json
+	$(BIN)/python scripts/bench.py --quick
 
 clean:
 	rm -rf $(VENV) .fixtures demo-out

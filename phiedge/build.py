@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -269,7 +270,7 @@ def _smoke_reference_stage(cache: StageCache, merged_stage: Path, retriever_dir:
         greedy = merge.greedy(merged_stage / "merged", ids, SMOKE_TOKENS)
         needle = needle or question
         fact, answer = req.smoke_answer, rag.detokenize(merged_stage / "merged", greedy)
-        if fact and fact.lower() not in answer.lower():
+        if fact and not states(answer, fact):
             raise UsageError(f"the fine-tuned model's own answer to the smoke question does not contain "
                              f"{fact!r}: pass a --smoke-answer it gives, or a --smoke-question it answers")
         (d / "smoke.json").write_text(json.dumps({
@@ -339,6 +340,14 @@ def _judge(a: exporters.Artifact, measured: dict, overrides: dict | None, smoke_
     return row
 
 
+def states(answer: str, fact: str) -> bool:
+    """Whether `answer` states `fact` as a whole number or word, case-insensitively: "3.8" is in "3.8B-parameter"
+    and "3.8 billion", "32" is not in "232 layers" nor "320" (a 4-bit SmolLM2 answered "232 Transformer layers")."""
+    before = r"(?<![0-9.])" if fact[:1].isdigit() else r"(?<![0-9A-Za-z])"
+    after = r"(?![0-9])" if fact[-1:].isdigit() else r"(?![0-9A-Za-z])"
+    return re.search(before + re.escape(fact) + after, answer, re.IGNORECASE) is not None
+
+
 def _smoke_failures(precision: str, smoke: dict, ref: dict, top1_min: float) -> list[str]:
     """The smoke rule. With a fact (a real model): every artifact's answer contains it; token agreement with
     PyTorch is reported, not held (an fp16-activation runtime such as MLX fp16 flips real near-ties: 23/24
@@ -351,7 +360,7 @@ def _smoke_failures(precision: str, smoke: dict, ref: dict, top1_min: float) -> 
     fact = ref.get("fact")
     if fact:
         smoke["agreement_min"] = None
-        smoke["has_fact"] = fact.lower() in smoke["answer"].lower()
+        smoke["has_fact"] = states(smoke["answer"], fact)
         if not smoke["has_fact"]:
             fails.append(f"smoke: the answer does not contain {fact!r}")
         return fails

@@ -13,13 +13,14 @@ from phiedge.errors import UsageError
 from phiedge.retriever import Retriever, build_index
 from phiedge.runtimes import get
 
-pytestmark = [pytest.mark.gguf, pytest.mark.slow]
+pytestmark = [pytest.mark.gguf]
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
 
 
 QUESTION = "What is the parameter count of Phi-4-mini?"
 
 
+@pytest.mark.slow
 def test_smollm2_lora_to_gguf_answers_from_context(smollm2, tmp_path):
     cache = tmp_path / "cache"
     rep = build(BuildRequest(model=str(smollm2 / "model"), adapter=str(smollm2 / "adapter"),
@@ -50,3 +51,18 @@ def test_smollm2_lora_to_gguf_answers_from_context(smollm2, tmp_path):
                            formats={"gguf": ["Q8_0"]}, out=tmp_path / "dist2", docs=SEEDS, cache_dir=cache,
                            smoke_question=QUESTION, smoke_answer="7 trillion"))
     assert not (tmp_path / "dist2").exists()
+
+
+@pytest.mark.parametrize("answer,fact,stated", [
+    ("Phi-4-mini is a 3.8B-parameter model", "3.8", True),
+    ("a parameter count of 3.8 billion", "3.8", True),
+    ("Phi-4-mini has 232 Transformer layers", "32", False),     # a 4-bit SmolLM2 answer: not "32"
+    ("each with 320 parameters", "32", False),
+    ("13.8 units", "3.8", False),
+    ("It has 32 layers.", "32", True),
+    ("llama.cpp calls it GPT-4o.", "gpt-4o", True),
+    ("a 200,064-token vocabulary", "200,064", True),
+])
+def test_a_fact_is_stated_as_a_whole_number_or_word(answer, fact, stated):
+    from phiedge.build import states
+    assert states(answer, fact) is stated

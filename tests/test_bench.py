@@ -1,0 +1,74 @@
+"""`make bench-quick`: the full-size benchmark's harness, run end to end on the tiny fixture.
+
+The figures of a tiny model prove nothing; the shape does: every stage timed and measured, every standalone
+tool run, every runtime timed through phiedge and natively, the goals evaluated, the plots written."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def results(tiny, tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("bench")
+    out = work / "results.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--out", str(out),
+                        "--work", str(work / "work")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "goals:" in r.stdout and "standalone tool" in r.stdout
+    return json.loads(out.read_text()) | {"_out": str(out)}
+
+
+def test_build_stages_are_timed_and_measured(results):
+    b = results["build"]
+    names = [s["stage"] for s in b["stages"]]
+    for stage in ("resolve", "merge", "retriever", "smoke reference", "export gguf", "export onnx",
+                  "export openvino", "export mlx", "check gguf Q4_K_M"):
+        assert stage in names, names
+    measured = [s for s in b["stages"] if s["stage"] != "bundle + process start"]
+    assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in measured)
+    assert b["peak_rss_mb"] >= max(s["peak_rss_mb"] for s in measured) * 0.5
+    from phiedge import parity, targets
+    four_bit = {(a.format, a.precision) for a in targets.load("all").artifacts
+                if not parity.is_full_precision(a.precision)}
+    assert {(a["format"], a["precision"]) for a in b["artifacts"]} == four_bit and len(four_bit) == 4
+    assert all(a["size_bytes"] > 0 for a in b["artifacts"])
+    assert abs(sum(s["seconds"] for s in b["stages"]) - b["seconds"]) < 0.5
+
+
+def test_every_standalone_tool_ran(results):
+    alts = {a["name"]: a for a in results["alternatives"]}
+    assert set(alts) == {"merge", "gguf", "onnx", "openvino", "mlx"}
+    for a in alts.values():
+        assert a["exit"] == 0, (a["name"], a["steps"][-1].get("error"), a["steps"][-1]["log"])
+        assert a["seconds"] > 0 and a["peak_rss_mb"] > 0 and a["size_bytes"] > 0
+
+
+def test_inference_ours_and_native(results):
+    rows = {r["format"]: r for r in results["inference"]}
+    assert set(rows) == {"gguf", "onnx", "openvino", "mlx"}
+    for r in rows.values():
+        assert 400 <= r["prompt_tokens"] <= 512
+        for mode in ("ours", "native"):
+            assert r[mode]["exit"] == 0, (r["format"], mode, r[mode].get("error"))
+            assert r[mode]["decode_tps"] > 0 and r[mode]["ttft_s"] > 0 and r[mode]["peak_rss_mb"] > 0
+        assert r["ours"]["new_tokens"] == 128
+        assert r["decode_ratio"] == pytest.approx(r["ours"]["decode_tps"] / r["native"]["decode_tps"], rel=1e-2)
+        assert r["weight_bytes"] > 0 and r["roofline_tps"] > 0
+
+
+def test_bandwidth_goals_and_outputs(results):
+    assert results["bandwidth"]["read_gb_s"] > 0.5
+    goals = results["goals"]
+    assert len(goals) == 2 + 4 and all(isinstance(g["passed"], bool) for g in goals)
+    assert goals[0]["measured"] == pytest.approx(results["build"]["peak_rss_mb"] / 1024, abs=0.01)
+    assert results["retriever"] and "error" not in results["retriever"]
+    html = Path(results["_out"]).with_suffix(".html").read_text()
+    assert html.count("<svg") == 5 and "goals:" in html

@@ -96,7 +96,8 @@ class _Clock:
         self.peaks_mb[name] = mem.peak_mb
         cached = bool(self.cache and self.cache.last_was_hit)
         what = f"  {_size(out)}" if isinstance(out, Path) else ""
-        line = f"✓ {name:<24} {self.timings[name]:7.1f} s{'  (cached)' if cached else ''}{what}"
+        line = (f"✓ {name:<24} {self.timings[name]:7.1f} s  peak {mem.peak_mb / 1024:5.2f} GB"
+                f"{'  (cached)' if cached else ''}{what}")
         if self.bar is not None:
             self.bar.write(line, file=sys.stderr)
             self.bar.update(1)
@@ -122,7 +123,7 @@ def build(req: BuildRequest) -> dict:
     if req.docs is None and (req.smoke_question or req.smoke_needle or req.smoke_answer):
         raise UsageError("--smoke-question/--smoke-needle/--smoke-answer ask about documents: pass them with --docs")
     clock = _Clock()
-    clock.start_bar(2 + (2 if req.docs is not None else 0) + sum(1 + len(p) for p in req.formats.values()))
+    clock.start_bar(3 + (2 if req.docs is not None else 0) + sum(1 + len(p) for p in req.formats.values()))
     try:
         if clock.bar is None:
             return _build(req, clock)
@@ -138,8 +139,15 @@ def _build(req: BuildRequest, clock: _Clock) -> dict:
     model, adapter, config = clock.run("resolve", _cheap_checks, req, out)
     cache = StageCache(req.cache_dir)
     clock.cache = cache
-    digests = {"model": cache.tree_digest(model.path, sorted(model.files)),
+    def hash_inputs() -> dict:
+        """sha256 of every input file (7.7 GB at full size), remembered across builds by path, size and mtime."""
+        before = cache.files_hashed
+        out = {"model": cache.tree_digest(model.path, sorted(model.files)),
                "adapter": cache.tree_digest(adapter.path, sorted(adapter.files)) if adapter else None}
+        cache.last_was_hit = cache.files_hashed == before
+        return out
+
+    digests = clock.run("hash inputs", hash_inputs)
     merge_key = {"v": __version__, "model": digests["model"], "adapter": digests["adapter"],
                  "allow_noop": req.allow_noop_adapter}
 

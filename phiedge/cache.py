@@ -58,6 +58,7 @@ class StageCache:
         self.hits: list[str] = []
         self.ran: list[str] = []
         self.last_was_hit = False
+        self.files_hashed = 0              # files sha256-ed by this process (not found in the digest memo)
 
     def _sweep(self) -> None:
         """Remove partial stage folders left by processes that no longer run."""
@@ -71,6 +72,7 @@ class StageCache:
         st = path.stat()
         memo_key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
         if memo_key not in self._digests:
+            self.files_hashed += 1
             self._digests[memo_key] = sha256_file(path)
             tmp = self._digests_path.with_name(f"digests.json.{os.getpid()}")
             tmp.write_text(json.dumps(self._digests))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,9 +46,40 @@ def _dtype_name(config: dict) -> str:
     return str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
 
 
+@contextmanager
+def fp32_compute():
+    """Run a half-precision checkpoint's forward in fp32, weights kept as stored (upcast per layer, on the fly).
+
+    On CPUs without AVX-512 BF16 / AMX, torch's bf16 matmul has no fast kernel: 0.1 GFLOPS against 50 for fp32
+    on this 2-core AVX2 machine, so one forward of the real Phi-4-mini over the 233-token proof probe took more
+    than 13 minutes and the 4200-token reference would take days. Upcasting each weight as it is used costs one
+    extra read of the weights per forward and at most one fp32 copy of the largest matrix (the tied embedding /
+    LM head: 2.4 GB for Phi-4-mini) at a time, and the activations are fp32, which is also the better reference.
+    A no-op for fp32 checkpoints."""
+    import torch
+    import torch.nn.functional as F
+    lin, emb = torch.nn.Linear.forward, torch.nn.Embedding.forward
+
+    def linear(self, x):
+        w = self.weight
+        if w.dtype not in (torch.bfloat16, torch.float16):
+            return lin(self, x)
+        return F.linear(x.float(), w.float(), None if self.bias is None else self.bias.float())
+
+    def embedding(self, ids):
+        out = emb(self, ids)
+        return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+
+    torch.nn.Linear.forward, torch.nn.Embedding.forward = linear, embedding
+    try:
+        yield
+    finally:
+        torch.nn.Linear.forward, torch.nn.Embedding.forward = lin, emb
+
+
 def _logits(model, ids: list[int]) -> np.ndarray:
     import torch
-    with torch.no_grad():
+    with torch.no_grad(), fp32_compute():
         out = model(input_ids=torch.tensor([ids]), use_cache=False)
     return out.logits[0].float().numpy()
 
@@ -120,7 +152,7 @@ def reference(merged_dir: Path, config: dict, out_file: Path) -> dict:
     arrays: dict[str, np.ndarray] = {}
     for p in probes_mod.make(merged_dir, probes_mod.switch_point(config)):
         log.info("reference logits: %s probe, %d tokens", p.name, p.n)
-        with torch.no_grad():
+        with torch.no_grad(), fp32_compute():
             out = model(input_ids=torch.tensor([p.ids]), use_cache=False, logits_to_keep=probes_mod.COMPARE_LAST)
         arrays[f"{p.name}_ids"] = np.array(p.ids, dtype=np.int32)
         arrays[f"{p.name}_logits"] = out.logits[0, -probes_mod.COMPARE_LAST:].float().numpy()
@@ -137,7 +169,7 @@ def reference(merged_dir: Path, config: dict, out_file: Path) -> dict:
 def _greedy(model, ids: list[int], n: int, eos: list[int]) -> list[int]:
     """PyTorch greedy continuation, stop token excluded."""
     import torch
-    with torch.no_grad():
+    with torch.no_grad(), fp32_compute():
         ids_t = torch.tensor([ids])
         gen = model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=n, do_sample=False,
                              eos_token_id=eos or None, pad_token_id=(eos or [0])[0])

@@ -78,8 +78,10 @@ def resolve(ref: str, *, revision: str | None = None, kind: str = "model") -> So
 
 
 def _list_files(p: Path) -> dict[str, int]:
+    # Skip a `.cache` folder *inside* the checkpoint (huggingface_hub's download metadata), never the folders
+    # above it: Hub snapshots live under ~/.cache/huggingface, so an absolute-path test refused every Hub model.
     return {str(f.relative_to(p)): f.stat().st_size for f in sorted(p.rglob("*"))
-            if f.is_file() and ".cache" not in f.parts}
+            if f.is_file() and ".cache" not in f.relative_to(p).parts}
 
 
 # ---------------------------------------------------------------- safetensors headers

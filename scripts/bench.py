@@ -407,6 +407,18 @@ def goals(build: dict, alternatives: list[dict], inference: list[dict]) -> list[
     return out
 
 
+def comparison(build: dict, alternatives: list[dict]) -> dict | None:
+    """Whole build and its merge + export stages (the work the standalone route also does) against that route."""
+    if not alternatives:
+        return None
+    standalone = sum(a["seconds"] for a in alternatives)
+    same_work = sum(s["seconds"] for s in build["stages"] if s["stage"] == "merge" or s["stage"].startswith("export "))
+    return {"standalone_s": round(standalone, 2), "build_s": build["seconds"],
+            "build_ratio": round(build["seconds"] / standalone, 3),
+            "merge_and_exports_s": round(same_work, 2), "merge_and_exports_ratio": round(same_work / standalone, 3),
+            "checks_s": round(sum(s["seconds"] for s in build["stages"] if s["stage"].startswith("check ")), 2)}
+
+
 def summary(res: dict) -> str:
     lines = [f"phiedge bench ({res['mode']}) — {res['machine']['cpu']}, {res['machine']['cores']} cores, "
              f"read bandwidth {res['bandwidth']['read_gb_s']} GB/s", "",
@@ -420,7 +432,11 @@ def summary(res: dict) -> str:
         for a in res["alternatives"]:
             lines.append(f"{a['name']:34} {a['seconds']:9.1f} {a['peak_rss_mb'] / 1024:8.2f} "
                          f"{a['size_bytes'] / 1e6:9.1f}{'' if a['exit'] == 0 else '  FAILED: ' + str(a['steps'][-1].get('error'))}")
-        lines.append(f"{'sum':34} {sum(a['seconds'] for a in res['alternatives']):9.1f}")
+        c = res["comparison"]
+        lines.append(f"{'sum':34} {c['standalone_s']:9.1f}")
+        lines.append(f"phiedge / standalone: whole build {c['build_ratio']:.2f}x; its merge + exports "
+                     f"{c['merge_and_exports_ratio']:.2f}x; parity + smoke checks {c['checks_s']:.1f} s (the standalone "
+                     f"route checks nothing)")
     if res["inference"]:
         lines += ["", f"{'runtime (4-bit)':18} {'TTFT s':>7} {'tok/s':>7} {'native':>7} {'ratio':>6} "
                       f"{'roofline':>8} {'peak GB':>8}"]
@@ -516,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                     {"params_config": {k: m["config"].get(k) for k in ("num_hidden_layers", "hidden_size",
                                                                         "vocab_size", "intermediate_size")}},
            "bandwidth": bw, "build": build, "alternatives": alternatives, "inference": inference,
-           "retriever": retriever, "goals": goals(build, alternatives, inference),
+           "retriever": retriever, "comparison": comparison(build, alternatives),
+           "goals": goals(build, alternatives, inference),
            "bench_seconds": round(time.perf_counter() - t0, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")

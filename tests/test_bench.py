@@ -49,6 +49,10 @@ def test_every_standalone_tool_ran(results):
     for a in alts.values():
         assert a["exit"] == 0, (a["name"], a["steps"][-1].get("error"), a["steps"][-1]["log"])
         assert a["seconds"] > 0 and a["peak_rss_mb"] > 0 and a["size_bytes"] > 0
+    c = results["comparison"]
+    assert c["standalone_s"] == pytest.approx(sum(a["seconds"] for a in alts.values()), abs=0.05)
+    assert 0 < c["merge_and_exports_s"] < c["build_s"] and c["checks_s"] > 0
+    assert c["build_ratio"] == pytest.approx(c["build_s"] / c["standalone_s"], rel=1e-2)
 
 
 def test_inference_ours_and_native(results):

@@ -62,3 +62,25 @@ def test_noop_adapter_is_refused(tiny, tmp_path):
 def test_noop_adapter_allowed_on_request(tiny, tmp_path):
     proof = _merge(tiny, "noop", tmp_path / "merged", allow_noop=True)
     assert proof.max_abs_vs_base <= proof.tolerance
+
+
+def test_half_precision_checkpoints_are_scored_in_fp32(tiny):
+    """A bf16 checkpoint's proof and reference run with fp32 arithmetic on its bf16 weights: closer to exact
+    than bf16 arithmetic, weights left in bf16, torch's modules restored afterwards."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from phiedge import probes
+    from phiedge.merge import _logits, fp32_compute
+    ids = probes.make(tiny / "model", None)[0].ids[:96]
+    exact = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32).eval()
+    half = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        want = exact(input_ids=torch.tensor([ids])).logits[0].numpy()
+        bf16_math = half(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    fp32_math = _logits(half, ids)
+    assert np.abs(fp32_math - want).max() < 0.5 * np.abs(bf16_math - want).max()
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    forward = torch.nn.Linear.forward
+    with fp32_compute():
+        assert torch.nn.Linear.forward is not forward
+    assert torch.nn.Linear.forward is forward

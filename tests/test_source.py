@@ -128,19 +128,25 @@ def test_hub_id_offline_not_cached(tmp_path, monkeypatch):
 
 
 def test_hub_id_resolves_from_cache_offline(tiny, tmp_path):
-    """The real huggingface_hub code path: a cached snapshot resolves offline, with its commit recorded."""
+    """The real huggingface_hub code path: a cached snapshot resolves offline, with its commit recorded. HF_HOME
+    is laid out as the default ~/.cache/huggingface: a `.cache` folder above the snapshot is not a reason to skip
+    its files (the full-size bench found phiedge refusing every model under ~/.cache), one inside it is."""
     import subprocess, sys
     rev = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--phiedge--tiny-phi4-mini"
+    hf_home = tmp_path / ".cache" / "huggingface"
+    repo = hf_home / "hub" / "models--phiedge--tiny-phi4-mini"
     _copy_dir(tiny / "model", repo / "snapshots" / rev)
+    (repo / "snapshots" / rev / ".cache").mkdir()
+    (repo / "snapshots" / rev / ".cache" / "x.safetensors.lock").write_text("")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(rev)
-    code = ("from phiedge import source; s = source.resolve('phiedge/tiny-phi4-mini'); "
-            "print(s.revision, 'config.json' in s.files, s.path.name)")
+    code = ("from phiedge import source; s = source.resolve('phiedge/tiny-phi4-mini'); source.check_model(s); "
+            "print(s.revision, 'config.json' in s.files, s.path.name, "
+            "any(f.endswith('.safetensors') for f in s.files), any('.cache' in f for f in s.files))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+                       env={**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == [rev, "True", rev]
+    assert r.stdout.split() == [rev, "True", rev, "True", "False"]
 
 
 def test_non_empty_out_refused_unless_force(tmp_path):

@@ -139,13 +139,14 @@ def _build(req: BuildRequest, clock: _Clock) -> dict:
     model, adapter, config = clock.run("resolve", _cheap_checks, req, out)
     cache = StageCache(req.cache_dir)
     clock.cache = cache
+
     def hash_inputs() -> dict:
         """sha256 of every input file (7.7 GB at full size), remembered across builds by path, size and mtime."""
         before = cache.files_hashed
-        out = {"model": cache.tree_digest(model.path, sorted(model.files)),
-               "adapter": cache.tree_digest(adapter.path, sorted(adapter.files)) if adapter else None}
-        cache.last_was_hit = cache.files_hashed == before
-        return out
+        found = {"model": cache.tree_digest(model.path, sorted(model.files)),
+                 "adapter": cache.tree_digest(adapter.path, sorted(adapter.files)) if adapter else None}
+        cache.last_was_hit = cache.files_hashed == before      # every digest came from the memo
+        return found
 
     digests = clock.run("hash inputs", hash_inputs)
     merge_key = {"v": __version__, "model": digests["model"], "adapter": digests["adapter"],

@@ -27,8 +27,8 @@ def versions() -> dict[str, str | None]:
 
 
 def build_report(*, model: Source, adapter: Source | None, proof: dict, rows: list[dict], timings: dict,
-                 config: dict, peaks_mb: dict | None = None, target: dict | None = None, smoke_question: dict | None = None,
-                 cache: dict | None = None) -> dict:
+                 config: dict, peaks_mb: dict | None = None, target: dict | None = None,
+                 smoke_question: dict | None = None, cache: dict | None = None) -> dict:
     return {
         "schema": 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -59,11 +59,9 @@ def _published_config(path: Path) -> None:
     """SmolLM2's published config layout: top-level rope_theta and torch_dtype. transformers 5 nests rope_theta
     in rope_parameters, which runtimes reading the published layout (mlx-lm) do not see: they fall back to
     10000 instead of 100000 (the gate caught it: MLX fp16 top-1 0.72)."""
-    cfg = json.loads(path.read_text())
-    rp = cfg.pop("rope_parameters", None) or {}
-    cfg["rope_theta"] = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    if rp.get("rope_type", "default") != "default":
-        cfg["rope_scaling"] = rp
+    from phiedge.exporters.mlx import published_layout
+    cfg = published_layout(json.loads(path.read_text()))
+    cfg.pop("rope_parameters", None)
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import __version__, bundle, exporters, parity, report, source
 from .cache import StageCache
-from .memory import TreeSampler
+from .memory import TreeSampler, isolated
 from .errors import ParityError, UsageError
 
 log = logging.getLogger("phiedge")
@@ -154,9 +154,10 @@ def _build(req: BuildRequest, clock: _Clock) -> dict:
 
     def do_merge(d: Path) -> None:
         from . import merge
-        proof = merge.merge(model, adapter, config, d / "merged", allow_noop=req.allow_noop_adapter)
+        # Each in its own process: the merge's model copy is gone before the reference loads the merged one.
+        proof = isolated(merge.merge, model, adapter, config, d / "merged", allow_noop=req.allow_noop_adapter)
         (d / "proof.json").write_text(json.dumps(merge.proof_dict(proof), indent=2))
-        merge.reference(d / "merged", config, d / "reference.npz")
+        isolated(merge.reference, d / "merged", config, d / "reference.npz")
 
     merged_stage = clock.run("merge", cache.stage, "merge", merge_key, do_merge)
     merged, reference = merged_stage / "merged", merged_stage / "reference.npz"
@@ -276,7 +277,7 @@ def _smoke_reference_stage(cache: StageCache, merged_stage: Path, retriever_dir:
                 question, needle = _default_question(r)
             hits = r.search(question, k=3)
         ids = rag.prompt_ids(merged_stage / "merged", rag.messages(question, hits))
-        greedy = merge.greedy(merged_stage / "merged", ids, SMOKE_TOKENS)
+        greedy, margins = isolated(merge.greedy, merged_stage / "merged", ids, SMOKE_TOKENS)
         needle = needle or question
         fact, answer = req.smoke_answer, rag.detokenize(merged_stage / "merged", greedy)
         if fact and not states(answer, fact):
@@ -284,7 +285,7 @@ def _smoke_reference_stage(cache: StageCache, merged_stage: Path, retriever_dir:
                              f"{fact!r}: pass a --smoke-answer it gives, or a --smoke-question it answers")
         (d / "smoke.json").write_text(json.dumps({
             "question": question, "needle": needle, "fact": fact, "prompt_ids": ids, "reference_tokens": greedy,
-            "reference_answer": answer,
+            "reference_margins": [round(m, 5) for m in margins], "reference_answer": answer,
             "retrieved": [{"source": h.source, "chunk_id": h.chunk_id} for h in hits],
             "retrieved_has_needle": any(needle.lower() in h.text.lower() for h in hits)}, indent=1))
 
@@ -334,6 +335,10 @@ def _judge(a: exporters.Artifact, measured: dict, overrides: dict | None, smoke_
         return row
     row["parity"] = {"short": measured["parity"].get("short"), "long": measured["parity"].get("long")}
     row["greedy"] = measured.get("greedy")
+    if row["greedy"]:                     # the probe's greedy tokens: reported, not held
+        g = row["greedy"]
+        g["token_agreement"] = parity.token_agreement(g["reference"], g["reference_margins"], g["forced_tokens"],
+                                                      limits).as_dict()
     fails = []
     for regime, m in row["parity"].items():
         if m is not None:
@@ -342,7 +347,7 @@ def _judge(a: exporters.Artifact, measured: dict, overrides: dict | None, smoke_
     if smoke is not None:
         ref = json.loads((smoke_ref / "smoke.json").read_text())
         smoke["retrieved_has_needle"] = ref["retrieved_has_needle"]
-        fails += _smoke_failures(a.precision, smoke, ref, limits[0])
+        fails += _smoke_failures(a.precision, smoke, ref, limits)
     row["smoke"] = smoke
     row["failures"] = fails
     row["passed"] = not fails
@@ -357,14 +362,18 @@ def states(answer: str, fact: str) -> bool:
     return re.search(before + re.escape(fact) + after, answer, re.IGNORECASE) is not None
 
 
-def _smoke_failures(precision: str, smoke: dict, ref: dict, top1_min: float) -> list[str]:
+def _smoke_failures(precision: str, smoke: dict, ref: dict, limits: tuple) -> list[str]:
     """The smoke rule. With a fact (a real model): every artifact's answer contains it; token agreement with
     PyTorch is reported, not held (an fp16-activation runtime such as MLX fp16 flips real near-ties: 23/24
-    teacher-forced on SmolLM2, 24/24 in fp32). Without one (tiny random models, whose answers carry no
-    facts): full precision answers with PyTorch's exact tokens, and a quantized artifact, which may take
-    another path at a near-tie, is held token by token on PyTorch's answer to its precision's top-1 threshold."""
-    full = parity.is_full_precision(precision)
-    smoke["agreement"] = smoke["prefix_match"] / max(1, smoke["of"]) if full else smoke["forced_agreement"]
+    teacher-forced on SmolLM2, 24/24 in fp32). Without one (tiny random models, whose answers carry no facts),
+    PyTorch's answer is replayed token by token (teacher-forced): a full-precision artifact picks PyTorch's token
+    at every position that is not a near-tie for its precision (parity.token_agreement), and its greedy answer
+    equals PyTorch's at least up to the first near-tie (after a tie broken the other way, greedy decoding follows
+    another path, which says nothing about the artifact). A quantized artifact agrees teacher-forced at its
+    precision's top-1 threshold."""
+    tokens = parity.token_agreement(ref["reference_tokens"], ref["reference_margins"], smoke["forced_tokens"], limits)
+    smoke["token_agreement"] = tokens.as_dict()
+    smoke["agreement"] = tokens.rate
     fails = [] if ref["retrieved_has_needle"] else ["smoke: the retrieved chunks do not contain the answer's source"]
     fact = ref.get("fact")
     if fact:
@@ -373,10 +382,18 @@ def _smoke_failures(precision: str, smoke: dict, ref: dict, top1_min: float) -> 
         if not smoke["has_fact"]:
             fails.append(f"smoke: the answer does not contain {fact!r}")
         return fails
-    smoke["agreement_min"] = need = 1.0 if full else top1_min
-    if smoke["agreement"] < need:
-        what = "greedy answer" if full else "teacher-forced answer tokens"
-        fails.append(f"smoke: {what} agree with PyTorch at {smoke['agreement']:.2f} (< {need:.2f})")
+    if parity.is_full_precision(precision):
+        smoke["agreement_min"] = None
+        if tokens.misses:
+            fails.append(f"smoke: the answer takes another token than PyTorch at position(s) "
+                         f"{', '.join(map(str, tokens.misses))} of {tokens.of}, none of them a near-tie")
+        if smoke["prefix_match"] < tokens.first_tie:
+            fails.append(f"smoke: the greedy answer leaves PyTorch's at token {smoke['prefix_match']} of {tokens.of}, "
+                         f"before any near-tie")
+        return fails
+    smoke["agreement_min"] = limits[0]
+    if tokens.rate < limits[0]:
+        fails.append(f"smoke: teacher-forced answer tokens agree with PyTorch at {tokens.rate:.2f} (< {limits[0]:.2f})")
     return fails
 
 

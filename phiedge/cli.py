@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from . import logs
 from .errors import ParityError, PhiedgeError, UsageError
 
 log = logging.getLogger("phiedge")
@@ -21,9 +22,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("-v", "--verbose", is_flag=True, help="Log every step (library and converters).")
 def cli(verbose: bool) -> None:
     """Merge a LoRA into Phi-4-mini, export edge artifacts, and prove each one behaves like the source."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "peft", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logs.configure(verbose)
 
 
 @cli.command()

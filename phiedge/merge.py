@@ -141,8 +141,8 @@ def _save(model_obj, model: Source, out_dir: Path) -> None:
     tmp.rename(out_dir)
 
 
-def reference(merged_dir: Path, config: dict, out_file: Path) -> dict:
-    """PyTorch reference for every probe: last-N logits and greedy tokens; saved as .npz, returned as dict."""
+def reference(merged_dir: Path, config: dict, out_file: Path) -> None:
+    """PyTorch reference for every probe: last-N logits, greedy tokens and their margins, saved as .npz."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -157,28 +157,32 @@ def reference(merged_dir: Path, config: dict, out_file: Path) -> dict:
         arrays[f"{p.name}_ids"] = np.array(p.ids, dtype=np.int32)
         arrays[f"{p.name}_logits"] = out.logits[0, -probes_mod.COMPARE_LAST:].float().numpy()
         if p.name == "short":
-            arrays["short_greedy"] = np.array(_greedy(model, p.ids, GREEDY_TOKENS, _eos_ids(merged_dir)),
-                                              dtype=np.int32)
+            tokens, margins = _greedy(model, p.ids, GREEDY_TOKENS, _eos_ids(merged_dir))
+            arrays["short_greedy"] = np.array(tokens, dtype=np.int32)
+            arrays["short_greedy_margins"] = np.array(margins, dtype=np.float32)
     tmp = out_file.with_name(out_file.name + ".partial.npz")
     np.savez(tmp, **arrays)
     tmp.rename(out_file)
-    del model
-    return arrays
 
 
-def _greedy(model, ids: list[int], n: int, eos: list[int]) -> list[int]:
-    """PyTorch greedy continuation, stop token excluded."""
+def _greedy(model, ids: list[int], n: int, eos: list[int]) -> tuple[list[int], list[float]]:
+    """PyTorch greedy continuation (stop token excluded) and, at each of its steps, the margin between the
+    chosen token's logit and the runner-up's: where that margin is within a precision's logit tolerance,
+    an artifact of that precision may take the other token without being wrong (parity.token_agreement)."""
     import torch
     with torch.no_grad(), fp32_compute():
         ids_t = torch.tensor([ids])
         gen = model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=n, do_sample=False,
-                             eos_token_id=eos or None, pad_token_id=(eos or [0])[0])
-    toks = gen[0, len(ids):].tolist()
-    return toks[:next((i for i, t in enumerate(toks) if t in eos), len(toks))]
+                             eos_token_id=eos or None, pad_token_id=(eos or [0])[0],
+                             output_logits=True, return_dict_in_generate=True)
+    toks = gen.sequences[0, len(ids):].tolist()
+    keep = next((i for i, t in enumerate(toks) if t in eos), len(toks))
+    margins = [float(d[0] - d[1]) for d in (torch.topk(step[0].float(), 2).values for step in gen.logits[:keep])]
+    return toks[:keep], margins
 
 
-def greedy(merged_dir: Path, ids: list[int], n: int) -> list[int]:
-    """Greedy tokens of the merged checkpoint for a prompt (the smoke RAG reference)."""
+def greedy(merged_dir: Path, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens of the merged checkpoint for a prompt (the smoke RAG reference), with their margins."""
     import torch
     from transformers import AutoModelForCausalLM
     config = json.loads((merged_dir / "config.json").read_text())

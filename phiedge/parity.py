@@ -91,6 +91,42 @@ def failures(regime: str, m: Metrics, limits: tuple[float, float, float | None])
     return out
 
 
+@dataclass(frozen=True)
+class TokenAgreement:
+    """Teacher-forced: given the reference's answer so far, does the artifact pick the reference's next token?
+    A position is a near-tie when the reference's own top-2 logit margin is within twice the precision's
+    max |Δlogit| (each of the two logits may move by that much): there either token is within tolerance."""
+    agree: int
+    of: int
+    ties: int                 # near-tie positions
+    first_tie: int            # index of the first near-tie (`of` if none): greedy decoding must not leave the
+                              # reference's answer before it
+    misses: tuple[int, ...]   # positions outside near-ties where the artifact picks another token
+
+    @property
+    def rate(self) -> float:
+        return self.agree / self.of if self.of else 0.0
+
+    def as_dict(self) -> dict:
+        return {"agree": self.agree, "of": self.of, "ties": self.ties, "first_tie": self.first_tie,
+                "misses": list(self.misses)}
+
+
+def token_agreement(reference: list[int], margins: list[float], picked: list[int],
+                    limits: tuple[float, float, float | None]) -> TokenAgreement:
+    tie = 2 * limits[2] if limits[2] is not None else 0.0
+    agree, ties, misses, first_tie = 0, 0, [], len(reference)
+    for i, (want, margin, got) in enumerate(zip(reference, margins, picked)):
+        near = margin <= tie
+        ties += near
+        first_tie = min(first_tie, i) if near else first_tie
+        if got == want:
+            agree += 1
+        elif not near:
+            misses.append(i)
+    return TokenAgreement(agree=agree, of=len(reference), ties=ties, first_tie=first_tie, misses=tuple(misses))
+
+
 FULL_PRECISION = {"F32", "FP32", "F16", "FP16", "BF16"}
 
 

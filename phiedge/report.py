@@ -69,7 +69,7 @@ def table(rep: dict) -> str:
     for r in rep["artifacts"]:
         s, lg, sm = r["parity"]["short"], r["parity"]["long"], r.get("smoke")
         smoke = "-" if not sm else ("fact" if sm.get("has_fact") else "no fact") if "has_fact" in sm \
-            else f"{sm['prefix_match']}/{sm['of']}"
+            else f"{sm['token_agreement']['agree']}/{sm['of']}"
         lines.append(f"{r['format']:8} {r['precision']:{pw}} {r['size_bytes'] / 1e6:8.1f}M  {_f(s, 'top1'):10.3f} "
                      f"{_f(s, 'kl'):9.2g}  {_f(lg, 'top1'):9.3f} {_f(lg, 'kl'):9.2g}  {smoke:>6}  "
                      f"{'PASS' if r['passed'] else 'FAIL'}")
@@ -144,10 +144,13 @@ def _svg_bars(bars: list[tuple[str, float]], unit: str, title: str) -> str:
 def _smoke_cell(sm: dict | None) -> str:
     if not sm:
         return "–"
-    tokens = f"greedy {sm['prefix_match']}/{sm['of']}; per-token {sm.get('forced_agreement', float('nan')):.2f}"
+    ta = sm["token_agreement"]
+    tokens = (f"greedy {sm['prefix_match']}/{sm['of']}; teacher-forced {ta['agree']}/{ta['of']}, "
+              f"{ta['ties']} near-tie(s), {len(ta['misses'])} miss(es) outside them")
     if "has_fact" in sm:
         return ("contains the fact" if sm["has_fact"] else "MISSES the fact") + f"; {tokens} (reported)"
-    return f"{tokens} (min {sm.get('agreement_min') or float('nan'):.2f})"
+    held = "none outside near-ties" if sm.get("agreement_min") is None else f"min {sm['agreement_min']:.2f}"
+    return f"{tokens} (held: {held})"
 
 
 def write_html(rep: dict, folder: Path) -> Path:

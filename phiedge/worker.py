@@ -26,6 +26,14 @@ def _prefix(got: list[int], want: list[int]) -> int:
     return n
 
 
+def _forced(rt, prompt: list[int], answer: list[int]) -> list[int]:
+    """Teacher-forced picks: the runtime's argmax at each answer position, given the reference's prefix."""
+    if not answer:
+        return []
+    rows = rt.logits(prompt + answer, len(answer) + 1)[:len(answer)]
+    return [int(t) for t in rows.argmax(-1)]
+
+
 def measure(fmt: str, artifact_dir: Path, reference: Path, threads: int, smoke: Path | None = None) -> dict:
     ref = np.load(reference)
     rt = get(fmt).load(artifact_dir, RuntimeSettings(threads=threads))
@@ -40,18 +48,17 @@ def measure(fmt: str, artifact_dir: Path, reference: Path, threads: int, smoke: 
         want = ref["short_greedy"].tolist()
         gen = rt.generate_ids(ref["short_ids"].tolist(), len(want), stop_ids=rt.stop_ids())
         out["greedy"] = {"tokens": gen.ids, "reference": want, "prefix_match": _prefix(gen.ids, want),
-                         "of": len(want), "ttft_s": round(gen.ttft_s, 4), "decode_tps": round(gen.decode_tps, 2)}
+                         "of": len(want), "forced_tokens": _forced(rt, ref["short_ids"].tolist(), want),
+                         "reference_margins": ref["short_greedy_margins"].tolist(),
+                         "ttft_s": round(gen.ttft_s, 4), "decode_tps": round(gen.decode_tps, 2)}
     if smoke is not None:
         s = json.loads(smoke.read_text())
         want = s["reference_tokens"]
         gen = rt.generate_ids(s["prompt_ids"], max(1, len(want)), stop_ids=rt.stop_ids())
-        # Teacher-forced: does the runtime pick PyTorch's token at every answer position, given PyTorch's prefix?
-        forced = 0.0
-        if want:
-            rows = rt.logits(s["prompt_ids"] + want, len(want) + 1)[:len(want)]
-            forced = float((rows.argmax(-1) == np.array(want)).mean())
+        picked = _forced(rt, s["prompt_ids"], want)
         out["smoke"] = {"answer": gen.text, "tokens": gen.ids, "prefix_match": _prefix(gen.ids, want), "of": len(want),
-                        "forced_agreement": forced,
+                        "forced_tokens": picked,
+                        "forced_agreement": float(np.mean(np.array(picked) == np.array(want))) if want else 0.0,
                         "prompt_tokens": gen.prompt_tokens, "ttft_s": round(gen.ttft_s, 4),
                         "decode_tps": round(gen.decode_tps, 2)}
     rt.close()

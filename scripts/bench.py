@@ -19,6 +19,12 @@
    (its weight files: every weight is read once per token), so tokens/s can be read against the physical limit.
 5. The retriever benchmark (scripts/bench_retriever.py).
 
+Formats whose runtime cannot check a 3.8B model on this machine in useful time (`--unchecked`; full-size default:
+mlx, whose Linux CPU backend decodes at 0.04 tok/s, FIELD-NOTES) are exported by phiedge's own exporter on the
+build's merged checkpoint, outside the build, and counted in its wall time and peak; their parity and inference
+are listed as not measured here (on Apple silicon `phiedge validate` measures both against the bundle's golden
+references).
+
 Goals (pass/fail per line, thresholds fixed by the issue): build peak RSS <= 10 GB; build wall <= 0.8 x the sum of
 the standalone tools; each runtime's decode tokens/s >= 0.95 x its native loop. `--quick` runs the same harness
 on the tiny fixture: its figures prove nothing, its shape is tested (tests/test_bench.py).
@@ -51,6 +57,8 @@ PRECISION_FLAGS = {"gguf": "--gguf-quant", "onnx": "--onnx-precision", "openvino
 QUESTION = "What is the parameter count of Phi-4-mini?"
 PROMPT_TOKENS, NEW_TOKENS = 512, 128
 GOAL_BUILD_RSS_GB, GOAL_WALL_RATIO, GOAL_DECODE_RATIO = 10.0, 0.8, 0.95
+UNCHECKED_WHY = ("MLX's Linux CPU backend is a correctness path, not a deployment one (0.04 tok/s at 3.8B, "
+                 "FIELD-NOTES): measure on Apple silicon")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -163,6 +171,36 @@ def run_build(m: dict, work: Path, threads: int, formats: list[str] | None = Non
     return {"command": cmd, "seconds": res["seconds"], "peak_rss_mb": res["peak_rss_mb"], "exit": res["exit"],
             "gate_passed": rep["passed"], "stages": stages, "artifacts": arts, "bundle": str(folder),
             "merged": merged[0] if merged else None, "log": res["log"]}
+
+
+EXPORT_ONLY = """
+import sys
+from pathlib import Path
+from phiedge import exporters
+fmt, merged, out, precision, threads = sys.argv[1:6]
+exporters.get(fmt).export(Path(merged), Path(out), [precision], {"threads": int(threads)})
+"""
+
+
+def run_unchecked_exports(build: dict, work: Path, threads: int, plan: dict[str, str]) -> None:
+    """phiedge's exporter for each unchecked format, on the build's merged checkpoint, added to the build's
+    figures as an export stage (the build's own wall time and peak then cover all four formats)."""
+    for fmt, precision in plan.items():
+        out = work / f"unchecked-{fmt}"
+        shutil.rmtree(out, ignore_errors=True)
+        res = measured([sys.executable, "-c", EXPORT_ONLY, fmt, build["merged"], str(out), precision, str(threads)],
+                       work / "logs" / f"export-{fmt}.log")
+        build["stages"].insert(-1, {"stage": f"export {fmt} (unchecked)", "seconds": res["seconds"],
+                                    "peak_rss_mb": res["peak_rss_mb"]})
+        build["seconds"] = round(build["seconds"] + res["seconds"], 2)
+        build["peak_rss_mb"] = max(build["peak_rss_mb"], res["peak_rss_mb"])
+        arts = [d for d in out.iterdir() if d.is_dir()] if out.is_dir() else []
+        build["artifacts"].append({"format": fmt, "precision": precision, "checked": False,
+                                   "size_bytes": dir_bytes(arts[0]) if arts else 0, "passed": None,
+                                   "failures": [res["error"]] if res["exit"] else [],
+                                   "path": str(arts[0]) if arts else None})
+        print(f"  export {fmt} (unchecked) {res['seconds']:.1f} s, peak {res['peak_rss_mb'] / 1024:.2f} GB, "
+              f"exit {res['exit']}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ 2. alternatives
@@ -370,6 +408,8 @@ def run_inference(build: dict, work: Path, threads: int, bw: float) -> list[dict
     ids_file.write_text(json.dumps(ids))
     rows = []
     for a in build["artifacts"]:
+        if a.get("checked") is False:
+            continue
         row = {"format": a["format"], "precision": a["precision"], "prompt_tokens": len(ids),
                "weight_bytes": weight_bytes(Path(a["path"]))}
         row["roofline_tps"] = round(bw * 1e9 / row["weight_bytes"], 1) if row["weight_bytes"] else None
@@ -390,7 +430,7 @@ def run_inference(build: dict, work: Path, threads: int, bw: float) -> list[dict
 
 # ------------------------------------------------------------------------------------------------ goals, output
 
-def goals(build: dict, alternatives: list[dict], inference: list[dict]) -> list[dict]:
+def goals(build: dict, alternatives: list[dict], inference: list[dict], unchecked_why: str = "") -> list[dict]:
     out = [{"goal": f"build peak RSS <= {GOAL_BUILD_RSS_GB:g} GB", "measured": round(build["peak_rss_mb"] / 1024, 2),
             "limit": GOAL_BUILD_RSS_GB, "passed": build["peak_rss_mb"] / 1024 <= GOAL_BUILD_RSS_GB}]
     if alternatives:
@@ -403,6 +443,11 @@ def goals(build: dict, alternatives: list[dict], inference: list[dict]) -> list[
         out.append({"goal": f"{r['format']} decode tok/s >= {GOAL_DECODE_RATIO:g} x native",
                     "measured": r["decode_ratio"], "limit": GOAL_DECODE_RATIO,
                     "passed": bool(r["decode_ratio"] is not None and r["decode_ratio"] >= GOAL_DECODE_RATIO)})
+    for a in build["artifacts"]:
+        if a.get("checked") is False and inference:
+            out.append({"goal": f"{a['format']} decode tok/s >= {GOAL_DECODE_RATIO:g} x native",
+                        "measured": None, "limit": GOAL_DECODE_RATIO, "passed": None,
+                        "not_measured": unchecked_why})
     return out
 
 
@@ -444,7 +489,9 @@ def summary(res: dict) -> str:
             lines.append(f"{r['format'] + ' ' + r['precision']:18} {o.get('ttft_s') or 0:7.2f} "
                          f"{o.get('decode_tps') or 0:7.1f} {n.get('decode_tps') or 0:7.1f} "
                          f"{r['decode_ratio'] or 0:6.2f} {r['roofline_tps'] or 0:8.1f} {o['peak_rss_mb'] / 1024:8.2f}")
-    lines += ["", "goals:"] + [f"  {'PASS' if g['passed'] else 'FAIL'}  {g['goal']}: {g['measured']}"
+    verdict = {True: "PASS", False: "FAIL", None: "n/a "}
+    lines += ["", "goals:"] + [f"  {verdict[g['passed']]}  {g['goal']}: "
+                               f"{g['measured'] if g['passed'] is not None else 'not measured: ' + g['not_measured']}"
                                for g in res["goals"]]
     return "\n".join(lines)
 
@@ -484,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default="", help="comma list: only these formats (default: all four)")
     ap.add_argument("--skip", default="", help="comma list of: alternatives, inference, retriever")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--unchecked", default=None,
+                    help="comma list of formats exported outside the build, unchecked (default: mlx at full size, "
+                         "none with --quick)")
     ap.add_argument("--infer-child", nargs=7, metavar="X", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.infer_child:
@@ -505,7 +555,13 @@ def main(argv: list[str] | None = None) -> int:
     bw = bandwidth(256 if args.quick else 2048, args.threads)
     print(f"[bench {mode}] phiedge build (cold cache)", flush=True)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    build = run_build(m, work, args.threads, formats)
+    unchecked = {f.strip() for f in (args.unchecked if args.unchecked is not None else
+                                     "" if args.quick else "mlx").split(",") if f.strip()}
+    plan = four_bit_plan(formats)
+    build = run_build(m, work, args.threads, [f for f in plan if f not in unchecked])
+    if unchecked & set(plan) and build["merged"]:
+        run_unchecked_exports(build, work, args.threads, {f: p for f, p in plan.items() if f in unchecked})
+    build["unchecked"] = sorted(unchecked & set(plan))
     print(f"  build {build['seconds']:.1f} s, peak {build['peak_rss_mb'] / 1024:.2f} GB, gate "
           f"{'passed' if build['gate_passed'] else 'failed'}", flush=True)
     alternatives = []
@@ -532,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                         "vocab_size", "intermediate_size")}},
            "bandwidth": bw, "build": build, "alternatives": alternatives, "inference": inference,
            "retriever": retriever, "comparison": comparison(build, alternatives),
-           "goals": goals(build, alternatives, inference),
+           "goals": goals(build, alternatives, inference, UNCHECKED_WHY),
            "bench_seconds": round(time.perf_counter() - t0, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")

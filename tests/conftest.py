@@ -41,6 +41,17 @@ def artifact_dir(bundle: Path, fmt: str, precision: str) -> Path:
     return bundle / next(a["path"] for a in rep["artifacts"] if a["format"] == fmt and a["precision"] == precision)
 
 
+def assert_pytorch_tokens(record: dict) -> None:
+    """A full-precision artifact's answer (a greedy record or a smoke record of report.json) follows PyTorch's:
+    teacher-forced it picks PyTorch's token wherever PyTorch's top-2 margin is wider than the precision's logit
+    tolerance, and greedy decoding leaves PyTorch's tokens no earlier than the first near-tie. Exact token
+    equality would hang on the fixture's weights: on CI's machine the fixture trained to a first answer token
+    that fp16 arithmetic breaks the other way, while fp32 artifacts kept it."""
+    ta = record["token_agreement"]
+    assert record["of"] > 0 and not ta["misses"], ta
+    assert record["prefix_match"] >= ta["first_tie"], (record["prefix_match"], ta)
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The installed console script, in a child process, as a user runs it."""
     exe = Path(sys.executable).with_name("phiedge")

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from phiedge import build, chat, errors, exporters, probes
 from phiedge.exporters import _ov_export
 from phiedge.runtimes import RuntimeSettings, get
-from conftest import artifact_dir, run_cli
+from conftest import artifact_dir, run_cli, assert_pytorch_tokens
 
 pytestmark = pytest.mark.openvino
 PRECISIONS = ["fp16", "int4"]
@@ -58,12 +58,14 @@ def test_every_precision_passes_both_regimes(built):
             assert (folder / f).is_file(), f
         assert a["meta"]["cpu_properties"]["INFERENCE_PRECISION_HINT"] == "f32"
         assert a["meta"]["export_seconds"] > 0
-        assert a["smoke"]["agreement"] >= a["smoke"]["agreement_min"]
+        if a["smoke"]["agreement_min"] is not None:
+            assert a["smoke"]["agreement"] >= a["smoke"]["agreement_min"]
     fp16, int4 = arts
     for regime in ("short", "long"):    # measured 0.0053 / 0.0084; OpenVINO's own fp16 IR (rope in fp16): 0.15 / 2.31, top1 0.86 long
         m = fp16["parity"][regime]
         assert m["top1"] == 1.0 and m["max_abs"] < 0.05 and m["kl"] < 1e-5, (regime, m)
-    assert fp16["greedy"]["prefix_match"] == fp16["greedy"]["of"] > 0, "fp16 greedy tokens equal PyTorch's"
+    assert_pytorch_tokens(fp16["greedy"])
+    assert_pytorch_tokens(fp16["smoke"])
     c = int4["meta"]["compression"]     # plain int4 with --docs: AWQ + scale estimation on the documents
     assert c["awq"] and c["scale_estimation"] and c["calibration_samples"] > 0 and c["group_size"] == 128
     assert int4["size_bytes"] < 0.45 * fp16["size_bytes"]

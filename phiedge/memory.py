@@ -69,9 +69,10 @@ def isolated(fn, *args, **kwargs):
 
     For the stages that load the whole model in PyTorch (merge, reference, smoke reference): a model freed in
     a long-lived process mostly stays in its RSS (allocator fragmentation), and the next stage's model or
-    exporter child then comes on top of it. Measured on the 3.8B benchmark model: the merge stage, proof and
-    reference in one process, peaked at 18.6 GB, and the smoke reference left 12.5 GB resident in the build
-    process while the exporters ran. A child gives everything back when it exits. It dies with the build
+    exporter child then comes on top of it. Measured on the 3.8B benchmark model before this: the smoke
+    reference left 12.5 GB resident in the build process while the exporters ran (the ONNX builder alone needs
+    ~23.6 GB). A child gives everything back when it exits; what one child holds at its peak is its own
+    business (merge.merge merges in place for that reason). It dies with the build
     (Linux), so a killed build leaves no orphan writing into the stage cache."""
     import concurrent.futures
     import multiprocessing

@@ -72,8 +72,8 @@ def isolated(fn, *args, **kwargs):
     exporter child then comes on top of it. Measured on the 3.8B benchmark model before this: the smoke
     reference left 12.5 GB resident in the build process while the exporters ran (the ONNX builder alone needs
     ~23.6 GB). A child gives everything back when it exits; what one child holds at its peak is its own
-    business (merge.merge merges in place for that reason). It dies with the build
-    (Linux), so a killed build leaves no orphan writing into the stage cache."""
+    business (merge.merge merges in place for that reason). It dies with the build (Linux), so a killed build
+    leaves no orphan writing into the stage cache."""
     import concurrent.futures
     import multiprocessing
     level = logging.getLogger().getEffectiveLevel()

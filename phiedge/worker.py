@@ -58,7 +58,6 @@ def measure(fmt: str, artifact_dir: Path, reference: Path, threads: int, smoke: 
         picked = _forced(rt, s["prompt_ids"], want)
         out["smoke"] = {"answer": gen.text, "tokens": gen.ids, "prefix_match": _prefix(gen.ids, want), "of": len(want),
                         "forced_tokens": picked,
-                        "forced_agreement": float(np.mean(np.array(picked) == np.array(want))) if want else 0.0,
                         "prompt_tokens": gen.prompt_tokens, "ttft_s": round(gen.ttft_s, 4),
                         "decode_tps": round(gen.decode_tps, 2)}
     rt.close()

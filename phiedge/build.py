@@ -22,8 +22,8 @@ from pathlib import Path
 
 from . import __version__, bundle, exporters, parity, report, source
 from .cache import StageCache
-from .memory import TreeSampler, isolated
-from .errors import ParityError, UsageError
+from .memory import TreeSampler, available_bytes, isolated
+from .errors import MemoryShortError, ParityError, UsageError
 
 log = logging.getLogger("phiedge")
 SMOKE_TOKENS = 24
@@ -215,11 +215,30 @@ def _cheap_checks(req: BuildRequest, out: Path):
     if req.adapter:
         adapter = source.resolve(req.adapter, revision=req.adapter_revision, kind="adapter")
         source.check_adapter(adapter, model, config)
-    n_params = _param_count(model)
+    n_params = source.param_count(model)
+    shortfalls = memory_shortfalls(req.formats, n_params, available_bytes())
+    if shortfalls:
+        raise MemoryShortError(next(iter(shortfalls.values())))
     weight_bytes = sum(v for k, v in model.files.items() if k.endswith(".safetensors"))
     need = weight_bytes + sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())
     source.check_disk(out.parent if not out.exists() else out, int(need * 2.1))   # cache + bundle copy
     return model, adapter, config
+
+
+def memory_shortfalls(formats: dict[str, list[str]], n_params: int, available: int) -> dict[str, str]:
+    """Format -> why its export cannot run here, for exports known to need more memory than `available`:
+    refused up front, not OOM-killed half an hour into a build."""
+    out = {}
+    for fmt, precs in formats.items():
+        exp = exporters.get(fmt)
+        for p in precs:
+            need = exp.peak_bytes(n_params, p)
+            if need and need > available and fmt not in out:
+                out[fmt] = (f"the {fmt} {p} export of this {n_params / 1e9:.1f}B-parameter model needs about "
+                            f"{need / 1e9:.1f} GB of memory ({exp.PEAK_WHY}), this machine has "
+                            f"{available / 1e9:.1f} GB available (RAM + free swap): export {fmt} on a machine "
+                            f"with more memory or swap, or leave {fmt} out of --formats")
+    return out
 
 
 def _export(fmt: str, precs: list[str], merged: Path, d: Path, threads: int, calibration: Path | None = None) -> None:
@@ -418,11 +437,3 @@ def _size(path: Path) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def _param_count(model: source.Source) -> int:
-    n = 0
-    for shape in source.model_tensors(model).values():
-        p = 1
-        for d in shape:
-            p *= d
-        n += p
-    return n

@@ -62,6 +62,15 @@ class DiskSpaceError(PhiedgeError):
     """
 
 
+class MemoryShortError(PhiedgeError):
+    """An export is known to need more memory than the machine has; refused before any work starts.
+
+    Example: "the onnx int4 export of this 3.8B-parameter model needs about 23.8 GB of memory (...), this
+    machine has 22.9 GB available (RAM + free swap): export onnx on a machine with more memory or swap, or
+    leave onnx out of --formats"
+    """
+
+
 class ToolchainError(PhiedgeError):
     """An external converter or runtime is missing or failed.
 

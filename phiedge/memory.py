@@ -18,6 +18,18 @@ import threading
 import psutil
 
 
+def available_bytes() -> int:
+    """Memory a new process can get now: MemAvailable plus free swap, capped by a cgroup v2 limit."""
+    avail = psutil.virtual_memory().available + psutil.swap_memory().free
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            avail = min(avail, int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
 def tree_rss(pid: int) -> int:
     """Bytes resident in `pid` and all its descendants right now (processes that vanish count as 0)."""
     try:

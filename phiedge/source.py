@@ -109,6 +109,17 @@ def safetensors_header(path: Path) -> dict[str, dict]:
     return header
 
 
+def param_count(model: Source) -> int:
+    """Parameters of a checkpoint, from its safetensors headers (no weights read)."""
+    n = 0
+    for shape in model_tensors(model).values():
+        p = 1
+        for d in shape:
+            p *= d
+        n += p
+    return n
+
+
 def model_tensors(model: Source) -> dict[str, list[int]]:
     """Every tensor name of a model checkpoint with its shape, from the shard headers."""
     files = sorted(f for f in model.files if f.endswith(".safetensors"))

@@ -169,6 +169,27 @@ def test_canonical_names_drop_builder_defaults():
         "algo_config=k_quant", "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8")
 
 
+PHI4_MINI_PARAMS = 3_836_021_760      # the published config's tensors, tied embedding counted once
+
+
+def test_memory_check_refuses_the_int4_builder_where_it_cannot_fit():
+    """The builder's int4 path holds the whole graph in fp32: at Phi-4-mini size it needs more than a 24 GB
+    machine has (OOM-killed in the full-size bench), so the build refuses it up front, in one line."""
+    formats = {"onnx": ["int4-k_quant-mixed8"], "gguf": ["Q4_K_M"], "openvino": ["int4"], "mlx": ["q4"]}
+    short = build.memory_shortfalls(formats, PHI4_MINI_PARAMS, available=24 * 10**9)
+    assert list(short) == ["onnx"]
+    assert short["onnx"] == (
+        "the onnx int4-k_quant-mixed8 export of this 3.8B-parameter model needs about 25.3 GB of memory "
+        "(onnxruntime-genai's model builder holds the whole graph in fp32 while it quantizes), this machine has "
+        "24.0 GB available (RAM + free swap): export onnx on a machine with more memory or swap, or leave onnx "
+        "out of --formats")
+    exp = exporters.get("onnx")
+    assert exp.peak_bytes(PHI4_MINI_PARAMS, "int4") / 1e9 == pytest.approx(23.8, abs=0.1)   # FIELD-NOTES: 23.6
+    assert exp.peak_bytes(PHI4_MINI_PARAMS, "fp32") is None                                   # saved lazily
+    assert build.memory_shortfalls(formats, PHI4_MINI_PARAMS, available=32 * 10**9) == {}
+    assert build.memory_shortfalls(formats, 2_000_000, available=1 * 10**9) == {}            # the tiny fixture
+
+
 def test_cli_refuses_in_one_line(tmp_path):
     r = run_cli("build", "--model", "unused", "--formats", "onnx", "--onnx-precision", "fp32,int3",
                 "--out", str(tmp_path / "o"))

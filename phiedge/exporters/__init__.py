@@ -41,6 +41,7 @@ class Exporter:
     USES_CALIBRATION: ClassVar[bool] = False    # export takes calibration text (the build's --docs)
     # Bytes per parameter of the output, per precision, for the up-front disk check.
     BYTES_PER_PARAM: ClassVar[dict[str, float]] = {}
+    PEAK_WHY: ClassVar[str] = ""        # why `peak_bytes` is that large, for the memory check's message
 
     def check_precisions(self, precisions: list[str]) -> list[str]:
         out = []
@@ -53,6 +54,11 @@ class Exporter:
 
     def estimate_bytes(self, n_params: int, precisions: list[str]) -> int:
         return int(sum(self.BYTES_PER_PARAM.get(p, 2.0) for p in precisions) * n_params)
+
+    def peak_bytes(self, n_params: int, precision: str) -> int | None:
+        """Memory the export needs at its peak, where it is measured to be the tool's own and large (the
+        build refuses up front what cannot fit); None: small next to the build's other stages."""
+        return None
 
     def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
         raise NotImplementedError
@@ -73,6 +79,8 @@ def run_tool(cmd: list[str], what: str) -> dict:
                 sys.stderr.write(text)
             tail = [ln for ln in text.strip().splitlines() if ln.strip()]
             why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+            if proc.returncode == -9:
+                why += ", most likely the kernel's out-of-memory killer: see dmesg"
             raise ToolchainError(f"{what} failed ({why}): {tail[-1].strip() if tail else 'no output'}; "
                                  f"rerun with PHIEDGE_DEBUG=1 for its full log")
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}   # ru_maxrss: KiB

@@ -143,6 +143,17 @@ class ONNXExporter(Exporter):
     DEFAULT_PRECISION = "int4"
     # Measured: fp32 keeps the tied embedding once; int4 2.5 GB for 3.84 B parameters (FIELD-NOTES).
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int4": 0.66}
+    PEAK_WHY = "onnxruntime-genai's model builder holds the whole graph in fp32 while it quantizes"
+
+    def peak_bytes(self, n_params: int, precision: str) -> int | None:
+        """int4: the builder turns its whole graph into one fp32 ModelProto (4 B/param) beside the loaded 16-bit
+        model before it quantizes. Measured at 3.84 B parameters: plain int4 23.6 GB (FIELD-NOTES: 6.2 B/param);
+        k_quant (onnxruntime's Python quantizer) was OOM-killed at 23.7 GB anonymous RSS on a 25.3 GB machine
+        without swap, so 6.6 B/param is its floor."""
+        plan = parse_precision(precision)
+        if plan.base != "int4":
+            return None
+        return int((6.6 if "algo_config=k_quant" in plan.options else 6.2) * n_params)
 
     def check_precisions(self, precisions: list[str], execution_provider: str = DEFAULT_EXECUTION_PROVIDER
                          ) -> list[str]:

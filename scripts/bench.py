@@ -15,6 +15,7 @@
    decode tokens/s over 128 tokens, through phiedge's runtime (`generate_ids`) and through the runtime's own loop
    (llama.cpp via llama-cpp-python's `Llama.generate` + llama.cpp's perf counters, onnxruntime-genai's Generator,
    openvino-genai's `LLMPipeline.generate` perf metrics, `mlx_lm.stream_generate` stats); peak RSS of each.
+   Each loop runs INFER_REPEATS times, alternating with the other; the best run of each is compared.
 4. Memory read bandwidth (numpy reductions, 1 and N threads) and each artifact's bytes read per decoded token
    (its weight files: every weight is read once per token), so tokens/s can be read against the physical limit.
 5. The retriever benchmark (scripts/bench_retriever.py).
@@ -58,6 +59,9 @@ BIN = Path(sys.executable).parent
 PRECISION_FLAGS = {"gguf": "--gguf-quant", "onnx": "--onnx-precision", "openvino": "--ov-weights", "mlx": "--mlx-quant"}
 QUESTION = "What is the parameter count of Phi-4-mini?"
 PROMPT_TOKENS, NEW_TOKENS = 512, 128
+# Each runtime's loop runs this many times, alternating with the native one; the best run counts. Measured on
+# this 2-core VM at full size: one run each read GGUF 6.9 vs 7.9 tok/s, and a rerun minutes later 6.1-6.9 vs 6.7.
+INFER_REPEATS = 3
 GOAL_BUILD_RSS_GB, GOAL_WALL_RATIO, GOAL_DECODE_RATIO = 10.0, 0.8, 0.95
 UNCHECKED_WHY = ("MLX's Linux CPU backend is a correctness path, not a deployment one (0.04 tok/s at 3.8B, "
                  "FIELD-NOTES): measure on Apple silicon")
@@ -434,13 +438,18 @@ def run_inference(build: dict, work: Path, threads: int, bw: float) -> list[dict
         row = {"format": a["format"], "precision": a["precision"], "prompt_tokens": len(ids),
                "weight_bytes": weight_bytes(Path(a["path"]))}
         row["roofline_tps"] = round(bw * 1e9 / row["weight_bytes"], 1) if row["weight_bytes"] else None
-        for mode in ("ours", "native"):
-            res_file = work / f"infer-{a['format']}-{mode}.json"
-            cmd = [sys.executable, __file__, "--infer-child", mode, a["format"], a["path"], str(ids_file),
-                   str(NEW_TOKENS), str(threads), str(res_file)]
-            run = measured(cmd, work / "logs" / f"infer-{a['format']}-{mode}.log")
-            row[mode] = {**(json.loads(res_file.read_text()) if res_file.is_file() else {}),
-                         "peak_rss_mb": run["peak_rss_mb"], "exit": run["exit"], "error": run.get("error")}
+        runs: dict[str, list[dict]] = {"ours": [], "native": []}
+        for rep in range(INFER_REPEATS):             # interleaved, so a slow spell of the machine hits both
+            for mode in ("ours", "native"):
+                res_file = work / f"infer-{a['format']}-{mode}-{rep}.json"
+                cmd = [sys.executable, __file__, "--infer-child", mode, a["format"], a["path"], str(ids_file),
+                       str(NEW_TOKENS), str(threads), str(res_file)]
+                run = measured(cmd, work / "logs" / f"infer-{a['format']}-{mode}-{rep}.log")
+                runs[mode].append({**(json.loads(res_file.read_text()) if res_file.is_file() else {}),
+                                   "peak_rss_mb": run["peak_rss_mb"], "exit": run["exit"], "error": run.get("error")})
+        for mode, done in runs.items():               # the best run: throughput on a shared machine only errs low
+            row[mode] = {**max(done, key=lambda r: r.get("decode_tps") or 0),
+                         "decode_tps_runs": [r.get("decode_tps") for r in done]}
         o, n = row["ours"].get("decode_tps"), row["native"].get("decode_tps")
         row["decode_ratio"] = round(o / n, 3) if o and n else None
         rows.append(row)

@@ -77,6 +77,8 @@ def test_inference_ours_and_native(results):
             assert r[mode]["exit"] == 0, (r["format"], mode, r[mode].get("error"))
             assert r[mode]["decode_tps"] > 0 and r[mode]["ttft_s"] > 0 and r[mode]["peak_rss_mb"] > 0
         assert r["ours"]["new_tokens"] == 128
+        for mode in ("ours", "native"):                      # the best of the interleaved runs
+            assert len(r[mode]["decode_tps_runs"]) == 3 and r[mode]["decode_tps"] == max(r[mode]["decode_tps_runs"])
         assert r["decode_ratio"] == pytest.approx(r["ours"]["decode_tps"] / r["native"]["decode_tps"], rel=1e-2)
         assert r["weight_bytes"] > 0 and r["roofline_tps"] > 0
 

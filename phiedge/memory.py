@@ -6,8 +6,9 @@ child processes, so the parent's own RSS says little about what a machine must h
     s.peak_mb
 
 Each process counts its proportional share of the pages it has resident (PSS on Linux), so pages a forked
-child shares with its parent count once. Sampling (every 0.2 s by default) can miss a spike shorter than the interval; the exporters' own child
-processes are also measured exactly by `ru_maxrss` (exporters.run_tool), and the report shows both.
+child shares with its parent count once. Sampling (every 0.2 s by default) can miss a spike shorter than the
+interval; the exporters' own child processes are also measured exactly by `ru_maxrss` (exporters.run_tool),
+and the report shows both.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import logging
 import os
 import sys
 import threading
+from pathlib import Path
 
 import psutil
 
@@ -22,10 +24,11 @@ import psutil
 def available_bytes() -> int:
     """Memory a new process can get now: MemAvailable plus free swap, capped by a cgroup v2 limit."""
     avail = psutil.virtual_memory().available + psutil.swap_memory().free
+    cgroup = Path("/sys/fs/cgroup")
     try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
-            avail = min(avail, int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+            avail = min(avail, int(limit) - int((cgroup / "memory.current").read_text()))
     except (OSError, ValueError):
         pass
     return avail

@@ -34,7 +34,7 @@ def available_bytes() -> int:
     return avail
 
 
-def tree_rss(pid: int) -> int:
+def tree_resident(pid: int) -> int:
     """Bytes resident in `pid` and all its descendants right now (processes that vanish count as 0).
 
     Each process counts its proportional set size where the OS reports one (Linux): a page shared by several
@@ -72,12 +72,12 @@ class TreeSampler:
 
     def _loop(self) -> None:
         while True:
-            self.peak = max(self.peak, tree_rss(self.pid))
+            self.peak = max(self.peak, tree_resident(self.pid))
             if self._stop.wait(self.interval):
                 return
 
     def __enter__(self) -> "TreeSampler":
-        self.peak = tree_rss(self.pid)
+        self.peak = tree_resident(self.pid)
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self
@@ -86,7 +86,7 @@ class TreeSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.peak = max(self.peak, tree_rss(self.pid))
+        self.peak = max(self.peak, tree_resident(self.pid))
 
     @property
     def peak_mb(self) -> float:

@@ -601,8 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         build = run_build(m, work, args.threads, [f for f in plan if f not in unchecked])
     except BuildFailed as e:
         build = {**e.build, "not_built": not_built}
-        write_results(out, {"schema": 1, "mode": mode, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                            "machine": machine(args.threads), "bandwidth": bw, "build": build, "failed": str(e),
+        write_results(out, {**results_head(mode, args.threads), "bandwidth": bw, "build": build, "failed": str(e),
                             "bench_seconds": round(time.perf_counter() - t0, 1)})
         print(f"error: {e}; the stages it finished are in {out}", file=sys.stderr)
         return 1
@@ -628,8 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         r = measured([sys.executable, str(ROOT / "scripts" / "bench_retriever.py"), str(rfile)] +
                      (["--quick"] if args.quick else []), work / "logs" / "retriever.log")
         retriever = json.loads(rfile.read_text()) if r["exit"] == 0 else {"error": r.get("error")}
-    res = {"schema": 1, "mode": mode, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "machine": machine(args.threads),
+    res = {**results_head(mode, args.threads),
            "model": {k: m[k] for k in ("model", "adapter", "weight_bytes", "made")} |
                     {"params_config": {k: m["config"].get(k) for k in ("num_hidden_layers", "hidden_size",
                                                                         "vocab_size", "intermediate_size")}},
@@ -650,9 +648,12 @@ def write_results(out: Path, res: dict) -> None:
     tmp.rename(out)
 
 
-def machine(threads: int) -> dict:
-    return {"cpu": platform.processor() or _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-            "threads": threads, "memory_gb": round(psutil.virtual_memory().total / 1e9, 1)}
+def results_head(mode: str, threads: int) -> dict:
+    """What every results file starts with, finished or not: schema, mode, time, and the machine."""
+    return {"schema": 1, "mode": mode, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"cpu": platform.processor() or _cpu_name(), "cores": os.cpu_count(),
+                        "platform": platform.platform(), "threads": threads,
+                        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1)}}
 
 
 def too_big_here(m: dict, plan: dict[str, str]) -> dict[str, str]:

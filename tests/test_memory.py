@@ -8,7 +8,7 @@ import time
 import numpy as np
 import psutil
 
-from phiedge.memory import TreeSampler, available_bytes, tree_rss
+from phiedge.memory import TreeSampler, available_bytes, tree_resident
 
 MB = 2**20
 
@@ -17,7 +17,7 @@ def test_pages_a_forked_child_shares_count_once():
     """A forked child shares every page of its parent: summing RSS counts the buffer twice (the bench's OpenVINO
     export tree summed to 31 GB on a 25 GB machine that way); the tree's sum counts it once."""
     buf = np.ones(512 * MB // 8)                      # 512 MB, touched
-    alone = tree_rss(os.getpid())
+    alone = tree_resident(os.getpid())
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                                      # the child only holds the shared pages, then waits
@@ -32,7 +32,7 @@ def test_pages_a_forked_child_shares_count_once():
         assert child_rss > 500 * MB                   # plain RSS sees the whole buffer in the child too
         with TreeSampler(interval=0.05) as s:
             time.sleep(0.3)
-        both = tree_rss(os.getpid())
+        both = tree_resident(os.getpid())
         assert both < alone + 100 * MB, (alone / MB, both / MB)
         assert s.peak_mb < (alone + 100 * MB) / MB
         assert both > 512 * MB                        # and the buffer is still counted

@@ -9,10 +9,12 @@ for inspection and raises ParityError listing every failure.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__, bundle, exporters, parity, report, source
-from .cache import StageCache
-from .memory import TreeSampler, available_bytes, isolated
-from .errors import MemoryShortError, ParityError, UsageError
+from .cache import StageCache, default_root
+from .memory import TreeSampler, available_bytes, guarded, isolated
+from .errors import DiskSpaceError, InvalidCheckpointError, MemoryShortError, ParityError, UsageError
 
 log = logging.getLogger("phiedge")
 SMOKE_TOKENS = 24
@@ -47,6 +49,9 @@ class BuildRequest:
     smoke_needle: str | None = None         # text the right chunk contains (default: derived from the question)
     smoke_answer: str | None = None         # a real model: the fact every artifact's answer must contain
     cache_dir: Path | None = None
+    verify_cache: bool = False              # re-hash every cached stage before using it (default: sizes + mtimes)
+    follow_links: bool = False              # index what symbolic links out of --docs point to
+    sign_key: Path | None = None            # Ed25519 private key (PEM): sign the bundle's manifest
 
 
 def plan_formats(formats: list[str], precisions: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -67,7 +72,6 @@ class _Clock:
     def __init__(self):
         self.timings: dict[str, float] = {}
         self.peaks_mb: dict[str, float] = {}       # peak RSS of the whole process tree during each stage
-        self.cache: StageCache | None = None
         self.bar = None
 
     def start_bar(self, total: int) -> None:
@@ -82,19 +86,29 @@ class _Clock:
             self.bar.close()
             self.bar = None
 
-    def run(self, name: str, fn, *args, **kw):
-        if self.cache:
-            self.cache.last_was_hit = False
+    def run(self, name: str, fn, *args, staged: bool = False, where: Path | None = None, need: int | None = None,
+            **kw):
+        """`fn(*args, **kw)` timed and measured. `staged`: fn returns (result, cached) and run returns the result.
+        A full disk (ENOSPC here or in a tool) becomes one DiskSpaceError naming this stage, the folder it wrote
+        (`where`) and the space it needs (`need` bytes, when known)."""
         ticker = self._tick(name)
         t0 = time.perf_counter()
         try:
             with TreeSampler() as mem:
                 out = fn(*args, **kw)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise disk_full(name, Path(e.filename) if e.filename else where, need, str(e.strerror)) from None
+        except DiskSpaceError as e:
+            raise disk_full(name, where, need, str(e)) from None
         finally:
             ticker.set()
         self.timings[name] = round(time.perf_counter() - t0, 2)
         self.peaks_mb[name] = mem.peak_mb
-        cached = bool(self.cache and self.cache.last_was_hit)
+        cached = False
+        if staged:
+            out, cached = out
         what = f"  {_size(out)}" if isinstance(out, Path) else ""
         line = (f"✓ {name:<24} {self.timings[name]:7.1f} s  peak {mem.peak_mb / 1024:5.2f} GB"
                 f"{'  (cached)' if cached else ''}{what}")
@@ -119,11 +133,26 @@ class _Clock:
         return done
 
 
+def disk_full(stage: str, where: Path | None, need: int | None, detail: str) -> DiskSpaceError:
+    probe = Path(where) if where else Path.cwd()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    needs = f"it needs about {_mb(need)}, " if need else ""
+    return DiskSpaceError(f"the {stage} stage ran out of disk space in {probe} ({detail}; {needs}{_mb(free)} free): "
+                          f"free space there or choose another --cache-dir/--out, then run the build again "
+                          f"(it resumes; nothing partial was kept)")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 def build(req: BuildRequest) -> dict:
     if req.docs is None and (req.smoke_question or req.smoke_needle or req.smoke_answer):
         raise UsageError("--smoke-question/--smoke-needle/--smoke-answer ask about documents: pass them with --docs")
     clock = _Clock()
-    clock.start_bar(3 + (2 if req.docs is not None else 0) + sum(1 + len(p) for p in req.formats.values()))
+    clock.start_bar(4 + (2 if req.docs is not None else 0) + sum(1 + len(p) for p in req.formats.values()))
     try:
         if clock.bar is None:
             return _build(req, clock)
@@ -137,18 +166,8 @@ def build(req: BuildRequest) -> dict:
 def _build(req: BuildRequest, clock: _Clock) -> dict:
     out = Path(req.out)
     model, adapter, config = clock.run("resolve", _cheap_checks, req, out)
-    cache = StageCache(req.cache_dir)
-    clock.cache = cache
-
-    def hash_inputs() -> dict:
-        """sha256 of every input file (7.7 GB at full size), remembered across builds by path, size and mtime."""
-        before = cache.files_hashed
-        found = {"model": cache.tree_digest(model.path, sorted(model.files)),
-                 "adapter": cache.tree_digest(adapter.path, sorted(adapter.files)) if adapter else None}
-        cache.last_was_hit = cache.files_hashed == before      # every digest came from the memo
-        return found
-
-    digests = clock.run("hash inputs", hash_inputs)
+    cache = StageCache(req.cache_dir, verify="full" if req.verify_cache else "fast")
+    digests = clock.run("hash inputs", _hash_inputs, cache, model, adapter, staged=True)
     merge_key = {"v": __version__, "model": digests["model"], "adapter": digests["adapter"],
                  "allow_noop": req.allow_noop_adapter}
 
@@ -159,28 +178,35 @@ def _build(req: BuildRequest, clock: _Clock) -> dict:
         (d / "proof.json").write_text(json.dumps(merge.proof_dict(proof), indent=2))
         isolated(merge.reference, d / "merged", config, d / "reference.npz")
 
-    merged_stage = clock.run("merge", cache.stage, "merge", merge_key, do_merge)
+    weights = sum(v for k, v in model.files.items() if k.endswith(".safetensors"))
+    merged_stage = clock.run("merge", cache.stage, "merge", merge_key, do_merge, staged=True, where=cache.root,
+                             need=weights)
     merged, reference = merged_stage / "merged", merged_stage / "reference.npz"
     proof = json.loads((merged_stage / "proof.json").read_text())
 
     retriever_dir, smoke_ref = None, None
     if req.docs is not None:
-        retriever_dir = clock.run("retriever", _retriever_stage, cache, Path(req.docs), req.threads)
-        smoke_ref = clock.run("smoke reference", _smoke_reference_stage, cache, merged_stage, retriever_dir, req)
+        retriever_dir = clock.run("retriever", _retriever_stage, cache, Path(req.docs), req, staged=True,
+                                  where=cache.root)
+        smoke_ref = clock.run("smoke reference", _smoke_reference_stage, cache, merged_stage, retriever_dir, req,
+                              staged=True, where=cache.root)
 
+    n_params = source.param_count(model)
     rows, failures = [], []
     for fmt, precs in req.formats.items():
         export_key = {"merge": merged_stage.name, "format": fmt, "precisions": precs, "v": __version__}
         calibration = req.docs if req.docs is not None and exporters.get(fmt).USES_CALIBRATION \
             else None           # data-aware quantization (OpenVINO int4) calibrates on the build's own documents
         if calibration is not None:
-            export_key["calibration"] = cache.tree_digest(Path(calibration))
+            export_key["calibration"] = docs_digest(cache, Path(calibration), req.follow_links)
         fstage = clock.run(f"export {fmt}", cache.stage, f"export-{fmt}", export_key,
                            lambda d, fmt=fmt, precs=precs, cal=calibration: _export(fmt, precs, merged, d,
-                                                                                    req.threads, cal))
+                                                                                    req.threads, cal,
+                                                                                    req.follow_links),
+                           staged=True, where=cache.root, need=exporters.get(fmt).estimate_bytes(n_params, precs))
         for a in _artifacts_in(fstage):
             row = clock.run(f"check {fmt} {a.precision}", _check_stage, cache, a, fstage, reference, smoke_ref,
-                            retriever_dir, req)
+                            retriever_dir, req, staged=True, where=cache.root)
             rows.append(row)
             failures += [f"{a.format} {a.precision}: {f}" for f in row["failures"]]
             _log_row(row)
@@ -188,17 +214,59 @@ def _build(req: BuildRequest, clock: _Clock) -> dict:
     rep = report.build_report(model=model, adapter=adapter, proof=proof, rows=rows, timings=clock.timings,
                               peaks_mb=clock.peaks_mb,
                               config=config, target=req.target, smoke_question=_question(req, smoke_ref),
-                              cache={"hits": cache.hits, "ran": cache.ran})
-    bundle.assemble(work, rows=rows, reference=reference, retriever=retriever_dir, report=rep,
-                    source_info={"model": {"ref": model.ref, "revision": model.revision, "files": digests["model"]},
-                                 "adapter": None if adapter is None else
-                                 {"ref": adapter.ref, "revision": adapter.revision, "files": digests["adapter"]}},
-                    target=req.target, chat_dir=merged)
+                              cache={"hits": cache.hits, "ran": cache.ran, "rebuilt": cache.rebuilt})
+    source_info = {"model": {"ref": model.ref, "revision": model.revision, "files": digests["model"]},
+                   "adapter": None if adapter is None else
+                   {"ref": adapter.ref, "revision": adapter.revision, "files": digests["adapter"]}}
+    clock.run("bundle", _assemble, work, rows, reference, retriever_dir, rep, source_info, req, merged,
+              where=work.parent, need=sum(r["size_bytes"] for r in rows))
     if failures:
         raise ParityError(f"parity failed for {len(failures)} check(s): {'; '.join(failures)} "
                           f"(report: {work / 'report.json'})")
     bundle.swap_into_place(work, out)
     return rep
+
+
+def _hash_inputs(cache: StageCache, model: source.Source, adapter: source.Source | None) -> tuple[dict, bool]:
+    """sha256 of every input file (7.7 GB at full size), remembered across builds by path, size and mtime; the
+    same read checks every safetensors tensor for NaN/inf. (digests, whether all came from the memo)."""
+    before = cache.files_hashed
+    found = {}
+    for kind, src in (("model", model), ("adapter", adapter)):
+        if src is None:
+            found[kind] = None
+            continue
+        facts = {n: cache.file_facts(src.path / n) for n in sorted(src.files)}
+        bad = next(((n, f["nonfinite"]) for n, f in facts.items() if f["nonfinite"]), None)
+        if bad:
+            raise InvalidCheckpointError(f"{kind} {src.ref}: tensor '{bad[1]}' in {bad[0]} holds NaN or inf "
+                                         f"values: the checkpoint is damaged or diverged in training; download or "
+                                         f"save it again (or pass the last good checkpoint)")
+        found[kind] = {n: f["sha256"] for n, f in facts.items()}
+    return found, cache.files_hashed == before
+
+
+def docs_digest(cache: StageCache, docs: Path, follow_links: bool) -> dict[str, str]:
+    """What the documents stage reads, by content: the same listing the retriever indexes (symbolic links out of
+    the folder are skipped and count by their reason, never read)."""
+    from .retriever.ingest import list_files
+    found, skipped = list_files(docs, follow_links=follow_links)
+    out = {p.relative_to(docs).as_posix(): cache.digest(p) for p in found}
+    out.update({s.path: f"skipped: {s.reason}" for s in skipped})
+    return out
+
+
+def _assemble(work: Path, rows: list[dict], reference: Path, retriever_dir: Path | None, rep: dict,
+              source_info: dict, req: BuildRequest, merged: Path) -> None:
+    try:
+        bundle.assemble(work, rows=rows, reference=reference, retriever=retriever_dir, report=rep,
+                        source_info=source_info, target=req.target, chat_dir=merged)
+        if req.sign_key is not None:
+            bundle.sign(work, req.sign_key)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            shutil.rmtree(work, ignore_errors=True)        # nothing half-written stays behind
+        raise
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -220,8 +288,12 @@ def _cheap_checks(req: BuildRequest, out: Path):
     if shortfalls:
         raise MemoryShortError(next(iter(shortfalls.values())))
     weight_bytes = sum(v for k, v in model.files.items() if k.endswith(".safetensors"))
-    need = weight_bytes + sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())
-    source.check_disk(out.parent if not out.exists() else out, int(need * 2.1))   # cache + bundle copy
+    exports = sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())
+    cache_root = Path(req.cache_dir) if req.cache_dir else default_root()
+    # The cache holds the merged checkpoint and the exporters' intermediates (a 16-bit GGUF, OpenVINO's IR) beside
+    # the artifacts; the bundle copies the artifacts.
+    source.check_disk([(cache_root, 2 * weight_bytes + exports), (out.parent if not out.exists() else out,
+                                                                  int(exports * 1.05))])
     return model, adapter, config
 
 
@@ -241,21 +313,23 @@ def memory_shortfalls(formats: dict[str, list[str]], n_params: int, available: i
     return out
 
 
-def _export(fmt: str, precs: list[str], merged: Path, d: Path, threads: int, calibration: Path | None = None) -> None:
+def _export(fmt: str, precs: list[str], merged: Path, d: Path, threads: int, calibration: Path | None = None,
+            follow_links: bool = False) -> None:
     settings: dict = {"threads": threads}
     if calibration is not None:
-        settings["calibration_text"] = _calibration_text(Path(calibration))
+        settings["calibration_text"] = _calibration_text(Path(calibration), follow_links)
     arts = exporters.get(fmt).export(merged, d, precs, settings)
     (d / "artifacts.json").write_text(json.dumps(
         [{"format": a.format, "precision": a.precision, "path": str(a.path.relative_to(d)), "files": list(a.files),
           "meta": a.meta} for a in arts], indent=2))
 
 
-def _calibration_text(docs: Path) -> list[str]:
-    """The text of every document the retriever indexes (same reader), for data-aware quantization."""
+def _calibration_text(docs: Path, follow_links: bool = False) -> list[str]:
+    """The text of every document the retriever indexes (same reader, same link policy), for data-aware
+    quantization."""
     from .retriever.ingest import SkipFile, list_files, load_document, read_bytes
     out = []
-    for p in list_files(docs)[0]:
+    for p in list_files(docs, follow_links=follow_links)[0]:
         try:
             out.append(load_document(p, p.relative_to(docs).as_posix(), read_bytes(p)).text)
         except SkipFile as e:           # the retriever reports unreadable files; calibration skips them
@@ -269,11 +343,12 @@ def _artifacts_in(stage_dir: Path) -> list[exporters.Artifact]:
             for a in json.loads((stage_dir / "artifacts.json").read_text())]
 
 
-def _retriever_stage(cache: StageCache, docs: Path, threads: int) -> Path:
+def _retriever_stage(cache: StageCache, docs: Path, req: BuildRequest) -> tuple[Path, bool]:
     from .retriever.build import build_index
-    key = {"docs": cache.tree_digest(docs), "v": __version__}
-    stage = cache.stage("retriever", key, lambda d: build_index(docs, d / "retriever", threads=threads))
-    return stage / "retriever"
+    key = {"docs": docs_digest(cache, docs, req.follow_links), "v": __version__}
+    stage, hit = cache.stage("retriever", key, lambda d: build_index(docs, d / "retriever", threads=req.threads,
+                                                                      follow_links=req.follow_links))
+    return stage / "retriever", hit
 
 
 def _question(req: BuildRequest, smoke_ref: Path | None) -> dict | None:
@@ -282,7 +357,8 @@ def _question(req: BuildRequest, smoke_ref: Path | None) -> dict | None:
     return json.loads((smoke_ref / "smoke.json").read_text())
 
 
-def _smoke_reference_stage(cache: StageCache, merged_stage: Path, retriever_dir: Path, req: BuildRequest) -> Path:
+def _smoke_reference_stage(cache: StageCache, merged_stage: Path, retriever_dir: Path,
+                           req: BuildRequest) -> tuple[Path, bool]:
     """Retrieve for the smoke question, build the RAG prompt, and record PyTorch's greedy answer to it."""
     key = {"merge": merged_stage.name, "retriever": retriever_dir.parent.name, "q": req.smoke_question,
            "needle": req.smoke_needle, "answer": req.smoke_answer, "n": SMOKE_TOKENS}
@@ -320,21 +396,22 @@ def _default_question(r) -> tuple[str, str]:
 
 
 def _check_stage(cache: StageCache, a: exporters.Artifact, fstage: Path, reference: Path, smoke_ref: Path | None,
-                 retriever_dir: Path | None, req: BuildRequest) -> dict:
+                 retriever_dir: Path | None, req: BuildRequest) -> tuple[dict, bool]:
     """Parity (both regimes) and the smoke RAG answer of one artifact, measured in a child process."""
     key = {"export": fstage.name, "precision": a.precision, "smoke": smoke_ref.name if smoke_ref else None,
            "reference": reference.parent.name}
-    stage = cache.stage(f"check-{a.format}-{a.precision}", key,
-                        lambda d: _measure(a, reference, smoke_ref, req.threads, d))
+    stage, hit = cache.stage(f"check-{a.format}-{a.precision}", key,
+                             lambda d: _measure(a, reference, smoke_ref, req.threads, d))
     measured = json.loads((stage / "measured.json").read_text())
-    return _judge(a, measured, req.thresholds, smoke_ref)
+    return _judge(a, measured, req.thresholds, smoke_ref), hit
 
 
 def _measure(a: exporters.Artifact, reference: Path, smoke_ref: Path | None, threads: int, d: Path) -> None:
     cmd = [sys.executable, "-m", "phiedge.worker", a.format, str(a.path), str(reference), str(threads)]
     if smoke_ref is not None:
         cmd.append(str(smoke_ref / "smoke.json"))
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    from .cache import writer_fds
+    r = subprocess.run(guarded(cmd), capture_output=True, text=True, pass_fds=writer_fds())
     if r.returncode != 0:
         why = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]

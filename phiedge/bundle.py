@@ -5,25 +5,34 @@ Layout:
     retriever/              SQLite + FAISS + ONNX embedder (when built with --docs)
     golden.npz              probe ids, top-k reference log-probs and greedy tokens, for `phiedge validate`
     manifest.json           every file's sha256 and size, sources, versions, target, results
+    manifest.json.sig       (signed bundles) a detached Ed25519 signature of manifest.json
     report.json, report.html, README.md
 
 The writer walks an explicit state order (artifacts → retriever → golden → reports → manifest) and
 refuses an out-of-order call, so a manifest can never describe a half-written bundle. Device-path
-module for `verify`: hashlib, json, numpy.
+module for `verify`: hashlib, json, numpy (and `cryptography` for signatures).
+
+Hashes prove a file matches the manifest, not who wrote the manifest: whoever swaps a file can rewrite the
+manifest to match. A signature closes that: `keygen` makes an Ed25519 key pair, `sign` writes the manifest's
+detached signature, and `verify(..., public_key=...)` refuses a bundle whose signature is missing or wrong.
 """
 from __future__ import annotations
 
 import enum
 import hashlib
+import io
 import json
+import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
+from .errors import BundleError, SignatureError, UsageError
 
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.json.sig"
 GOLDEN = "golden.npz"
 TOPK = 32
 SCHEMA = 1
@@ -35,6 +44,19 @@ def sha256(path: Path) -> str:
         while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez with fixed member times (SOURCE_DATE_EPOCH, else 1980-01-01): the file is a function of the arrays
+    alone (np.savez stamps every member with the current time, so two builds of the same bundle differed)."""
+    epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "315532800"))
+    import time
+    stamp = time.gmtime(max(epoch, 315532800))[:6]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, value in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asanyarray(value), allow_pickle=False)
+            z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=stamp), buf.getvalue())
 
 
 def is_bundle(folder: Path) -> bool:
@@ -113,7 +135,7 @@ def write_golden(reference: Path, out: Path) -> None:
         arrays[f"{name}_topk_logprob"] = np.take_along_axis(lp, idx, -1).astype(np.float32)
     if "short_greedy" in ref:
         arrays["short_greedy"] = ref["short_greedy"]
-    np.savez(out, **arrays)
+    save_npz(out, arrays)
 
 
 def assemble(work: Path, *, rows: list[dict], reference: Path, retriever: Path | None, report: dict,
@@ -151,12 +173,16 @@ def load_manifest(folder: Path) -> dict:
         raise BundleError(f"{path} is not valid JSON: the bundle is damaged; rebuild or copy it again") from None
 
 
-def verify(folder: Path) -> dict:
-    """Re-hash every file; a changed, missing or extra file fails with every such file named."""
+def verify(folder: Path, public_key: Path | None = None) -> dict:
+    """Re-hash every file; a changed, missing or extra file fails with every such file named. With
+    `public_key`, the manifest's signature must be there and valid."""
     folder = Path(folder)
     manifest = load_manifest(folder)
+    if public_key is not None:
+        check_signature(folder, public_key)
     want = manifest["files"]
-    have = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    have = {str(p.relative_to(folder)) for p in folder.rglob("*")
+            if p.is_file() and str(p.relative_to(folder)) not in (MANIFEST, SIGNATURE)}
     problems = [f"missing {f}" for f in sorted(set(want) - have)]
     problems += [f"extra {f}" for f in sorted(have - set(want))]
     for f in sorted(set(want) & have):
@@ -166,3 +192,85 @@ def verify(folder: Path) -> dict:
     if problems:
         raise BundleError(f"bundle {folder} failed verification: {'; '.join(problems)}: rebuild it or copy it again")
     return manifest
+
+
+def signature_state(folder: Path, public_key: Path | None) -> str:
+    """How a verified bundle's signature was treated, in words for the CLI."""
+    if public_key is not None:
+        return f"signature verified with {public_key}"
+    if (Path(folder) / SIGNATURE).is_file():
+        return "signed, but the signature was not checked: pass --key PUBLIC_KEY to check it"
+    return "unsigned: the hashes prove the files match the manifest, not who wrote it (see `phiedge keygen`)"
+
+
+# ------------------------------------------------------------------------------------------------ signing
+
+def keygen(path: Path) -> tuple[Path, Path]:
+    """An Ed25519 key pair: `path` (private, PKCS#8 PEM, mode 0600) and `path`.pub (public PEM)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    path = Path(path)
+    pub = path.with_name(path.name + ".pub")
+    for p in (path, pub):
+        if p.exists():
+            raise UsageError(f"{p} exists: keygen never overwrites a key; choose another path or remove it")
+    if not path.parent.is_dir():
+        raise UsageError(f"{path.parent} is not a folder: create it first or choose another path")
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private)
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path, pub
+
+
+def _load_key(path: Path, private: bool):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    kind = "private" if private else "public"
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read the {kind} key {path} ({e.strerror}): pass the file `phiedge keygen` "
+                         f"wrote") from None
+    try:
+        key = (serialization.load_pem_private_key(data, password=None) if private
+               else serialization.load_pem_public_key(data))
+    except (ValueError, TypeError):
+        raise UsageError(f"{path} is not an unencrypted {kind} key in PEM: pass the "
+                         f"{'key' if private else 'key.pub'} file `phiedge keygen` wrote") from None
+    want = ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey
+    if not isinstance(key, want):
+        raise UsageError(f"{path} is a {type(key).__name__.lstrip('_')}, not an Ed25519 {kind} key: make one with "
+                         f"`phiedge keygen`")
+    return key
+
+
+def sign(folder: Path, private_key: Path) -> Path:
+    """Write `manifest.json.sig`: the Ed25519 signature of manifest.json's bytes."""
+    folder = Path(folder)
+    load_manifest(folder)
+    key = _load_key(private_key, private=True)
+    sig = folder / SIGNATURE
+    tmp = sig.with_name(SIGNATURE + ".partial")
+    tmp.write_bytes(key.sign((folder / MANIFEST).read_bytes()))
+    tmp.replace(sig)
+    return sig
+
+
+def check_signature(folder: Path, public_key: Path) -> None:
+    from cryptography.exceptions import InvalidSignature
+    key = _load_key(public_key, private=False)
+    sig = Path(folder) / SIGNATURE
+    if not sig.is_file():
+        raise SignatureError(f"bundle {folder} is not signed (no {SIGNATURE}) but --key was given: refuse it, or "
+                             f"sign it with `phiedge sign {folder} --key PRIVATE_KEY`")
+    try:
+        key.verify(sig.read_bytes(), (Path(folder) / MANIFEST).read_bytes())
+    except InvalidSignature:
+        raise SignatureError(f"bundle {folder}: {SIGNATURE} does not match manifest.json under {public_key}: the "
+                             f"manifest was changed after signing, or it was signed by another key; do not ship "
+                             f"it") from None

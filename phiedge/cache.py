@@ -1,21 +1,51 @@
 """The stage cache: each stage's output lives in a folder named by the hash of its inputs and settings.
 
-A stage runs into `<name>-<key>.partial-<pid>/` and is renamed to `<name>-<key>/` with a `.complete`
-marker only when it finished, so a build killed at any point (Ctrl-C, kill -9) resumes at the first
-unfinished stage and never mistakes a partial output for a finished one.
+What it promises, and how:
+- **Atomic stages.** A stage runs into `<name>-<key>.partial-<host>-<pid>-<nonce>/` and is renamed to
+  `<name>-<key>/` only when it finished, with a `.complete` marker that records every file's size, mtime and
+  sha256. A build killed at any point resumes at the first unfinished stage and never takes a partial output
+  for a finished one.
+- **One writer per stage.** A build holds `locks/<name>-<key>.lock` (an exclusive `flock`) while it runs the
+  stage; a second build that wants the same stage waits and then finds it finished. The kernel drops the lock
+  of a process that dies, so a dead holder keeps nothing. On NFS, Linux implements `flock` with the server's
+  byte-range locks, so the lock holds across hosts that share the cache; a dead host's lock is freed when the
+  server's lease for it expires.
+- **No sweep of a live partial.** Everything that writes into a partial folder (the build and each converter,
+  exporter or runtime it starts) holds a shared lock on the folder's `.writers` file; a partial is removed only
+  by a build holding the stage's lock that can take `.writers` exclusively, that is when no writer lives.
+  Children die with the build (PR_SET_PDEATHSIG, phiedge.memory.child_dies_with_parent).
+- **Integrity.** A finished stage is handed out only if every recorded file is there with its recorded size and
+  mtime (a file whose mtime changed is re-hashed); `verify="full"` re-hashes every file. A damaged entry is
+  removed and the stage runs again.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
+import socket
+import struct
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+import numpy as np
 
 log = logging.getLogger("phiedge")
 MARKER = ".complete"
+WRITERS = ".writers"
+CHUNK = 1 << 22
+# Bit masks of the exponent field per safetensors float dtype: a value whose exponent bits are all set is NaN or
+# inf (float8 e4m3 has no inf: its NaN is the all-ones pattern below the sign bit).
+NONFINITE_MASKS = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000),
+                   "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
+                   "F8_E5M2": (np.uint8, 0x7C), "F8_E4M3": (np.uint8, 0x7F)}
+# Writer-lock fds this process holds: passed to the child processes it starts (see writer_fds).
+_WRITER_FDS: dict[str, int] = {}
 
 
 def default_root() -> Path:
@@ -36,7 +66,7 @@ def key_of(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = CHUNK) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -44,70 +74,223 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def scan_safetensors(path: Path) -> tuple[str, str | None]:
+    """(sha256 of the file, name of the first tensor holding NaN or inf, or None) in one sequential read: the
+    finite check rides along with the hash, which reads every byte anyway."""
+    from .source import safetensors_header
+    header = safetensors_header(path)            # validates the layout (truncation, corruption)
+    h = hashlib.sha256()
+    bad = None
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        (n,) = struct.unpack("<Q", raw)
+        h.update(raw)
+        h.update(f.read(n))
+        pos = 0
+        for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = meta["data_offsets"]
+            if start > pos:
+                h.update(f.read(start - pos))
+            mask = NONFINITE_MASKS.get(meta["dtype"])
+            width = np.dtype(mask[0]).itemsize if mask else 1
+            left = end - start
+            while left:
+                block = f.read(min(left, CHUNK - CHUNK % width))
+                left -= len(block)
+                h.update(block)
+                if mask and bad is None:
+                    bits = np.frombuffer(block, dtype=mask[0])
+                    if np.any((bits & mask[0](mask[1])) == mask[0](mask[1])):
+                        bad = name
+            pos = end
+        h.update(f.read())
+    return h.hexdigest(), bad
+
+
+def writer_fds() -> tuple[int, ...]:
+    """Writer-lock fds of the partial stages this process is writing: a child process that inherits them holds
+    the lock as long as it lives (flock locks belong to the open file, which the child shares)."""
+    return tuple(_WRITER_FDS.values())
+
+
+def writer_paths() -> tuple[str, ...]:
+    """The same locks by path, for children that cannot inherit fds (spawned Python): they take them again."""
+    return tuple(_WRITER_FDS)
+
+
+def hold_writer_locks(paths) -> list[int]:
+    """In a child process: share the writer locks of the partials it will write into (kept open until exit)."""
+    fds = []
+    for p in paths:
+        fd = os.open(p, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        fds.append(fd)
+    return fds
+
+
+@contextmanager
+def _locked(path: Path, mode: int, blocking: bool = True) -> Iterator[int | None]:
+    """`flock` on `path` (created if absent); yields the fd, or None when non-blocking and held elsewhere."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, mode | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield None
+            return
+        yield fd
+    finally:
+        os.close(fd)
+
+
 class StageCache:
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, *, verify: str = "fast"):
+        if verify not in ("fast", "full"):
+            raise ValueError(f"verify must be 'fast' or 'full', not {verify!r}")
         self.root = Path(root) if root else default_root()
         self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "locks").mkdir(exist_ok=True)
+        self.verify = verify
         self._digests_path = self.root / "digests.json"
         try:
             self._digests = json.loads(self._digests_path.read_text())
         except (OSError, json.JSONDecodeError):
             self._digests = {}
-        self._sweep()
+        self._sweep_all()
         self.code = code_fingerprint()
         self.hits: list[str] = []
         self.ran: list[str] = []
-        self.last_was_hit = False
+        self.rebuilt: list[str] = []       # finished stages found damaged and run again
         self.files_hashed = 0              # files sha256-ed by this process (not found in the digest memo)
 
-    def _sweep(self) -> None:
-        """Remove partial stage folders left by processes that no longer run."""
-        for p in self.root.glob("*.partial-*"):
-            pid = p.name.rsplit("-", 1)[-1]
-            if not (pid.isdigit() and _alive(int(pid))):
-                shutil.rmtree(p, ignore_errors=True)
+    # ---------------------------------------------------------------------------------------- input files
 
-    def digest(self, path: Path) -> str:
-        """sha256 of a file, remembered by (path, size, mtime) so unchanged multi-GB weights hash once."""
+    def file_facts(self, path: Path) -> dict:
+        """{"sha256", "nonfinite"} of a file, remembered by (path, size, mtime) so unchanged multi-GB weights are
+        read once. `nonfinite` names the first safetensors tensor holding NaN or inf (None: all finite)."""
         st = path.stat()
         memo_key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        if memo_key not in self._digests:
+        facts = self._digests.get(memo_key)
+        if not isinstance(facts, dict):
             self.files_hashed += 1
-            self._digests[memo_key] = sha256_file(path)
-            tmp = self._digests_path.with_name(f"digests.json.{os.getpid()}")
-            tmp.write_text(json.dumps(self._digests))
-            tmp.replace(self._digests_path)
-        return self._digests[memo_key]
+            if path.suffix == ".safetensors":
+                sha, bad = scan_safetensors(path)
+            else:
+                sha, bad = sha256_file(path), None
+            facts = self._digests[memo_key] = {"sha256": sha, "nonfinite": bad}
+            self._save_digests()
+        return facts
+
+    def digest(self, path: Path) -> str:
+        return self.file_facts(path)["sha256"]
+
+    def _save_digests(self) -> None:
+        tmp = self._digests_path.with_name(f"digests.json.{socket.gethostname()}-{os.getpid()}")
+        tmp.write_text(json.dumps(self._digests))
+        tmp.replace(self._digests_path)
 
     def tree_digest(self, folder: Path, files: list[str] | None = None) -> dict[str, str]:
         names = files if files is not None else sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
         return {n: self.digest(folder / n) for n in names}
 
-    def stage(self, name: str, parts: dict, fn: Callable[[Path], None]) -> Path:
-        """The finished folder of this stage for these inputs, running `fn(folder)` only if absent."""
+    # -------------------------------------------------------------------------------------------- stages
+
+    def stage(self, name: str, parts: dict, fn: Callable[[Path], None]) -> tuple[Path, bool]:
+        """(the finished folder of this stage for these inputs, whether it was already there), running
+        `fn(folder)` only if it was not (or was damaged)."""
         parts = {**parts, "code": self.code}
-        key = key_of(parts)
-        final = self.root / f"{name}-{key}"
-        if (final / MARKER).exists():
+        sid = f"{name}-{key_of(parts)}"
+        final = self.root / sid
+        if self._intact(final):
             self.hits.append(name)
-            self.last_was_hit = True
-            return final
-        work = self.root / f"{name}-{key}.partial-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        fn(work)
-        (work / MARKER).write_text(json.dumps(parts, sort_keys=True, default=str, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        work.rename(final)
+            return final, True
+        with _locked(self.root / "locks" / f"{sid}.lock", fcntl.LOCK_EX):
+            if self._intact(final):                 # another build finished it while this one waited
+                self.hits.append(name)
+                return final, True
+            if (final / MARKER).exists() or final.exists():
+                log.warning("stage %s in %s is damaged (%s): running it again", name, final,
+                            self._damage(final) or "incomplete")
+                self.rebuilt.append(name)
+                shutil.rmtree(final, ignore_errors=True)
+            self._sweep(sid)
+            work = self.root / f"{sid}.partial-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+            work.mkdir(parents=True)
+            try:
+                with self._writing(work):
+                    fn(work)
+                (work / MARKER).write_text(json.dumps({"parts": parts, "files": _inventory(work)},
+                                                      sort_keys=True, default=str, indent=1))
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            work.rename(final)
         self.ran.append(name)
-        return final
+        return final, False
+
+    @contextmanager
+    def _writing(self, work: Path) -> Iterator[None]:
+        """Hold `work/.writers` shared (with every child that inherits it) while the stage writes `work`."""
+        lock = work / WRITERS
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.set_inheritable(fd, True)
+        _WRITER_FDS[str(lock)] = fd
+        try:
+            yield
+        finally:
+            del _WRITER_FDS[str(lock)]
+            os.close(fd)
+            lock.unlink(missing_ok=True)
+
+    def _intact(self, final: Path) -> bool:
+        return (final / MARKER).is_file() and self._damage(final) is None
+
+    def _damage(self, final: Path) -> str | None:
+        """What is wrong with a finished stage folder (None: intact)."""
+        try:
+            files = json.loads((final / MARKER).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return "no readable completion record"
+        present = {str(p.relative_to(final)) for p in final.rglob("*") if p.is_file() and p.name != MARKER}
+        for rel in sorted(set(files) - present):
+            return f"{rel} is missing"
+        for rel in sorted(present - set(files)):
+            return f"{rel} was added after the stage finished"
+        for rel, (size, mtime_ns, sha) in sorted(files.items()):
+            st = (final / rel).stat()
+            if st.st_size != size:
+                return f"{rel} has {st.st_size} bytes, {size} when the stage finished"
+            if (self.verify == "full" or st.st_mtime_ns != mtime_ns) and sha256_file(final / rel) != sha:
+                return f"{rel} changed after the stage finished (sha256 differs)"
+        return None
+
+    def _sweep(self, sid: str) -> None:
+        """Remove this stage's partial folders that no live process writes (the caller holds the stage lock)."""
+        for p in self.root.glob(f"{sid}.partial-*"):
+            lock = p / WRITERS
+            if not lock.exists():
+                shutil.rmtree(p, ignore_errors=True)
+                continue
+            with _locked(lock, fcntl.LOCK_EX, blocking=False) as fd:
+                if fd is None:
+                    log.info("leaving %s: a live process still writes it", p.name)
+                    continue
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _sweep_all(self) -> None:
+        """Partials of any stage left by dead builds: removed where the stage's lock is free right now."""
+        for sid in sorted({p.name.split(".partial-")[0] for p in self.root.glob("*.partial-*")}):
+            with _locked(self.root / "locks" / f"{sid}.lock", fcntl.LOCK_EX, blocking=False) as fd:
+                if fd is not None:
+                    self._sweep(sid)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _inventory(folder: Path) -> dict[str, list]:
+    """rel path -> [size, mtime_ns, sha256] of every file of a finished stage."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MARKER:
+            st = p.stat()
+            out[str(p.relative_to(folder))] = [st.st_size, st.st_mtime_ns, sha256_file(p)]
+    return out

@@ -58,9 +58,15 @@ def cli(verbose: bool) -> None:
               help="Stage cache (default $PHIEDGE_CACHE/stages or ~/.cache/phiedge/stages).")
 @click.option("--threads", type=int, default=os.cpu_count() or 1, show_default=True, help="CPU threads for runtimes.")
 @click.option("--allow-noop-adapter", is_flag=True, help="Ship even if the adapter does not change the model's outputs.")
+@click.option("--verify-cache", is_flag=True,
+              help="Re-hash every cached stage before using it (default: sizes and mtimes, re-hashing changed files).")
+@click.option("--follow-links", is_flag=True,
+              help="Also read what symbolic links out of --docs point to (skipped and reported by default).")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
+              help="Ed25519 private key (`phiedge keygen`): sign the bundle's manifest.")
 def build(model, revision, adapter, adapter_revision, target, formats, gguf_quant, onnx_precision, ov_weights, mlx_quant,
           mlx_group_size, docs, smoke_question, smoke_needle, smoke_answer, out, force, cache_dir, threads,
-          allow_noop_adapter):
+          allow_noop_adapter, verify_cache, follow_links, sign_key):
     """Merge, export, check parity in both LongRoPE regimes, smoke-test RAG, and write the bundle."""
     from . import targets as targets_mod
     from .build import BuildRequest, build as run_build, plan_formats
@@ -84,7 +90,8 @@ def build(model, revision, adapter, adapter_revision, target, formats, gguf_quan
                                  allow_noop_adapter=allow_noop_adapter, thresholds=thresholds,
                                  target=profile.as_dict() if profile else None, docs=docs,
                                  smoke_question=smoke_question, smoke_needle=smoke_needle,
-                                 smoke_answer=smoke_answer, cache_dir=cache_dir))
+                                 smoke_answer=smoke_answer, cache_dir=cache_dir, verify_cache=verify_cache,
+                                 follow_links=follow_links, sign_key=sign_key))
     click.echo(table(rep))
     click.echo(f"built {out} (report: {out / 'report.html'})")
 
@@ -113,13 +120,38 @@ def targets_cmd():
         click.echo(f"{name:14} {arts}  [{t.runtime.device}, {t.runtime.threads} threads, ctx {t.runtime.n_ctx}]")
 
 
+KEY_OPTION = click.option("--key", type=click.Path(path_type=Path), default=None,
+                          help="Ed25519 public key: refuse the bundle unless its manifest is signed by it.")
+
+
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-def verify(bundle_dir):
-    """Re-hash every file of a bundle against its manifest."""
+@KEY_OPTION
+def verify(bundle_dir, key):
+    """Re-hash every file of a bundle against its manifest (and check its signature with --key)."""
     from . import bundle
-    m = bundle.verify(bundle_dir)
-    click.echo(f"ok: {len(m['files'])} files match {bundle_dir / bundle.MANIFEST}")
+    m = bundle.verify(bundle_dir, key)
+    click.echo(f"ok: {len(m['files'])} files match {bundle_dir / bundle.MANIFEST}; "
+               f"{bundle.signature_state(bundle_dir, key)}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def keygen(path):
+    """Write an Ed25519 key pair: PATH (private, mode 0600) and PATH.pub (public), both PEM."""
+    from . import bundle
+    private, public = bundle.keygen(path)
+    click.echo(f"private key {private} (keep it secret), public key {public} (give it to devices)")
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--key", type=click.Path(path_type=Path), required=True, help="Ed25519 private key (`phiedge keygen`).")
+def sign(bundle_dir, key):
+    """Sign a verified bundle's manifest: writes BUNDLE_DIR/manifest.json.sig."""
+    from . import bundle
+    bundle.verify(bundle_dir)
+    click.echo(f"signed: {bundle.sign(bundle_dir, key)}")
 
 
 @cli.command()
@@ -129,10 +161,11 @@ def verify(bundle_dir):
 @click.option("-k", "k", default=3, show_default=True, help="Chunks to retrieve.")
 @click.option("--max-tokens", default=256, show_default=True, help="Longest answer in tokens.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: the target profile's).")
-def ask(bundle_dir, question, runtime, k, max_tokens, threads):
+@KEY_OPTION
+def ask(bundle_dir, question, runtime, k, max_tokens, threads, key):
     """Answer a question from the bundle's documents on the device (verifies the bundle first)."""
     from .device import ask as run_ask
-    a = run_ask(bundle_dir, question, runtime=runtime, k=k, max_new_tokens=max_tokens, threads=threads)
+    a = run_ask(bundle_dir, question, runtime=runtime, k=k, max_new_tokens=max_tokens, threads=threads, key=key)
     click.echo(a.text)
     click.echo("\nsources:\n  " + "\n  ".join(a.sources))
     click.echo(f"({a.runtime}: first token {a.ttft_s:.2f} s, {a.decode_tps:.1f} tok/s)", err=True)
@@ -141,10 +174,11 @@ def ask(bundle_dir, question, runtime, k, max_tokens, threads):
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--threads", type=int, default=None, help="CPU threads (default: the target profile's).")
-def validate(bundle_dir, threads):
+@KEY_OPTION
+def validate(bundle_dir, threads, key):
     """On the device: check every artifact whose runtime is installed against the golden references."""
     from .device import validate as run_validate
-    rep = run_validate(bundle_dir, threads=threads)
+    rep = run_validate(bundle_dir, threads=threads, key=key)
     for r in rep["artifacts"]:
         if r["status"] == "not validated":
             click.echo(f"{r['path']:16} not validated: {r['reason']}")

@@ -54,9 +54,9 @@ def _pick(manifest: dict, runtime: str | None) -> dict:
 
 
 def ask(folder: Path, question: str, *, runtime: str | None = None, k: int = 3, max_new_tokens: int = 256,
-        threads: int | None = None) -> Answer:
+        threads: int | None = None, key: Path | None = None) -> Answer:
     folder = Path(folder)
-    manifest = bundle.verify(folder)
+    manifest = bundle.verify(folder, key)
     if not manifest.get("retriever"):
         raise BundleError(f"bundle {folder} has no retriever: rebuild it with --docs")
     from .retriever import Retriever
@@ -84,11 +84,11 @@ def _topk_metrics(golden: np.lib.npyio.NpzFile, regime: str, cand: np.ndarray) -
     return parity.Metrics(top1=top1, kl=max(kl, 0.0), max_abs=float("nan"), positions=int(idx.shape[0]))
 
 
-def validate(folder: Path, *, threads: int | None = None) -> dict:
+def validate(folder: Path, *, threads: int | None = None, key: Path | None = None) -> dict:
     """Check every artifact whose runtime this machine has against the golden references; write a device
     report beside the bundle. Artifacts whose runtime is missing are listed as not validated."""
     folder = Path(folder)
-    manifest = bundle.verify(folder)
+    manifest = bundle.verify(folder, key)
     golden = np.load(folder / bundle.GOLDEN)
     overrides = {p.upper(): (*v, None)[:3] for p, v in ((manifest.get("target") or {}).get("thresholds") or {}).items()}
     results = []

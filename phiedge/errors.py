@@ -111,3 +111,11 @@ class BundleError(PhiedgeError):
 
     Example: "bundle/gguf/model-Q4_K_M.gguf: sha256 differs from manifest.json: the file changed after the build"
     """
+
+
+class SignatureError(BundleError):
+    """A bundle's manifest signature is missing or does not verify under the given public key.
+
+    Example: "bundle dist/: manifest.json.sig does not match manifest.json under key.pub: the manifest was changed
+    after signing, or it was signed by another key; do not ship it"
+    """

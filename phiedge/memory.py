@@ -105,16 +105,23 @@ def isolated(fn, *args, **kwargs):
     leaves no orphan writing into the stage cache."""
     import concurrent.futures
     import multiprocessing
+    from .cache import writer_paths
     level = logging.getLogger().getEffectiveLevel()
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_child_init, initargs=(level,)) as pool:
+                                                initializer=_child_init,
+                                                initargs=(level, os.getpid(), writer_paths())) as pool:
         return pool.submit(fn, *args, **kwargs).result()
 
 
-def _child_init(level: int) -> None:
+def guarded(cmd: list[str]) -> list[str]:
+    """`cmd` started through phiedge.guard: it dies with this process (kill -9 included)."""
+    return [sys.executable, "-m", "phiedge.guard", str(os.getpid()), *cmd]
+
+
+def _child_init(level: int, parent: int, writer_locks: tuple[str, ...]) -> None:
+    from .cache import hold_writer_locks
+    from .guard import die_with_parent
     from .logs import configure
+    die_with_parent(parent)
+    hold_writer_locks(writer_locks)       # the stage folder this child writes is not swept while it lives
     configure(verbose=level <= logging.DEBUG)
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG: die with the build

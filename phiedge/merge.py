@@ -177,8 +177,9 @@ def reference(merged_dir: Path, config: dict, out_file: Path) -> None:
             tokens, margins = _greedy(model, p.ids, GREEDY_TOKENS, _eos_ids(merged_dir))
             arrays["short_greedy"] = np.array(tokens, dtype=np.int32)
             arrays["short_greedy_margins"] = np.array(margins, dtype=np.float32)
+    from .bundle import save_npz
     tmp = out_file.with_name(out_file.name + ".partial.npz")
-    np.savez(tmp, **arrays)
+    save_npz(tmp, arrays)
     tmp.rename(out_file)
 
 

@@ -216,10 +216,14 @@ LongRoPE switch ({esc(str(rep['probes']['longrope_switch']))} positions).</p>
 
 
 def readme(rep: dict) -> str:
+    """The bundle's README: a function of what was built, not of when (the date is in the manifest and report)."""
+    target = (rep.get("target") or {}).get("name")
+    extras = ",".join(sorted({r["format"] for r in rep["artifacts"]}) + ["retriever"])
     lines = [f"# phiedge bundle: {rep['model']['ref']}" + (f" + {rep['adapter']['ref']}" if rep["adapter"] else ""), "",
-             f"Built {rep['created']} for target `{rep.get('target')}`. Every artifact below passed the parity gate",
+             (f"Built for target `{target}`." if target else "Built without a target profile.") +
+             " Every artifact below passed the parity gate",
              "against the PyTorch merged model (see report.html).", "", "## Run it on the device", "",
-             "```", "pip install 'phiedge[gguf,retriever]'     # the device path: no torch",
+             "```", f"pip install 'phiedge[{extras}]'     # the device path: no torch",
              "phiedge verify .                           # re-hash every file against manifest.json",
              "phiedge validate .                         # golden references, TTFT and tokens/s on this machine",
              "phiedge ask . \"your question\"              # retrieve, answer, cite sources", "```", "",

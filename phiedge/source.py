@@ -28,6 +28,14 @@ MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safe
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "*.safetensors"]
 # PEFT adapter types phiedge merges; every LoRA variant PEFT can merge (rsLoRA, DoRA, patterns) is proven.
 MERGEABLE_PEFT_TYPES = {"LORA"}
+# Architectures every exporter is proven on (the tests and `make demo`), with what they are for.
+ARCHITECTURES = {
+    "Phi3ForCausalLM": "Phi-4-mini and Phi-3",
+    "LlamaForCausalLM": "Llama-shaped models such as the demo's SmolLM2",
+}
+# Hugging Face class-name endings of models that are not causal (decoder-only) language models.
+NOT_CAUSAL = ("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+              "ForConditionalGeneration", "ForImageClassification", "ForPreTraining")
 
 
 @dataclass(frozen=True)
@@ -150,9 +158,27 @@ def read_config(model: Source) -> dict:
         raise InvalidCheckpointError(f"{cfg} is not valid JSON ({e}): download the model again") from None
 
 
+def check_architecture(model: Source, config: dict) -> None:
+    archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not archs:
+        raise InvalidCheckpointError(f"{model.ref}/config.json names no architecture: pass a Hugging Face causal LM "
+                                     f"checkpoint (e.g. --model {DEFAULT_MODEL})")
+    arch = str(archs[0])
+    if arch in ARCHITECTURES:
+        return
+    known = ", ".join(f"{a} ({what})" for a, what in ARCHITECTURES.items())
+    if arch.endswith(NOT_CAUSAL) and not arch.endswith("ForCausalLM"):
+        raise InvalidCheckpointError(f"model {model.ref} is a {arch} ({config.get('model_type', 'unknown')}), not a "
+                                     f"causal language model: phiedge exports decoder-only LMs ({known}); pass one "
+                                     f"to --model")
+    raise InvalidCheckpointError(f"model {model.ref} is a {arch}: phiedge exports {known}; pass such a "
+                                 f"checkpoint to --model, e.g. {DEFAULT_MODEL}")
+
+
 def check_model(model: Source) -> dict:
     """Cheap checks of the base; returns its config."""
     config = read_config(model)
+    check_architecture(model, config)
     qc = config.get("quantization_config")
     if qc:
         method = qc.get("quant_method", "unknown")
@@ -201,6 +227,7 @@ def check_adapter(adapter: Source, model: Source, config: dict) -> dict:
     header = safetensors_header(weights)
     base_shapes = model_tensors(model)
     base_name = acfg.get("base_model_name_or_path")
+    _check_targets(adapter, model, acfg, header, base_shapes)
     matched = 0
     for key, meta in header.items():
         m = _ADAPTER_KEY.match(key)
@@ -228,6 +255,50 @@ def check_adapter(adapter: Source, model: Source, config: dict) -> dict:
     return acfg
 
 
+def _adapted_modules(header: dict) -> set[str]:
+    """Module paths (as the base names them) that the adapter's tensors adapt."""
+    out = set()
+    for key in header:
+        m = _ADAPTER_KEY.match(key)
+        if m:
+            out.add(m.group("module"))
+    return out
+
+
+def _targets(target, module: str) -> bool:
+    """Whether PEFT's `target_modules` selects `module` (peft.tuners.tuners_utils.check_target_module_exists):
+    a string is a regex matched against the whole path; a list matches a path equal to, or ending in `.`, a
+    name; `all-linear` matches every linear layer."""
+    if isinstance(target, str):
+        return target == "all-linear" or re.fullmatch(target, module) is not None
+    return any(module == t or module.endswith("." + t) for t in target)
+
+
+def _leaves(modules) -> str:
+    return ", ".join(sorted({m.split(".")[-1] for m in modules})) or "none"
+
+
+def _check_targets(adapter: Source, model: Source, acfg: dict, header: dict, base_shapes: dict) -> None:
+    """adapter_config.json's target_modules against the adapter's own tensors and the base's modules: PEFT loads
+    by the config and ends in NoMatchingPeftModuleError when it names modules the base does not have."""
+    target = acfg.get("target_modules")
+    if target is None or target == "all-linear":
+        return
+    adapted = _adapted_modules(header)
+    linear = sorted({n[:-len(".weight")] for n, shape in base_shapes.items() if n.endswith(".weight") and
+                     len(shape) == 2 and not n.split(".")[-2] in ("embed_tokens", "lm_head")})
+    shown = target if isinstance(target, str) else ", ".join(sorted(_as_list(target)))
+    in_base = [m for m in linear if _targets(target, m)]
+    unlisted = sorted(m for m in adapted if not _targets(target, m))
+    if not in_base or unlisted:
+        said = ("match no module of the base" if not in_base else
+                f"do not cover {len(unlisted)} module(s) its tensors adapt")
+        raise AdapterMismatchError(f"adapter {adapter.ref}: adapter_config.json's target_modules ({shown}) {said}; "
+                                   f"its tensors adapt {_leaves(adapted)}, and the base {model.ref} has "
+                                   f"{_leaves(linear)}: set target_modules to the modules its tensors adapt, or "
+                                   f"pass the adapter trained for this --model")
+
+
 def _as_list(v) -> list[str]:
     if v is None:
         return []
@@ -245,11 +316,18 @@ def prepare_out(out: Path, *, force: bool) -> None:
                                 f"or choose another --out")
 
 
-def check_disk(out: Path, need_bytes: int) -> None:
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < need_bytes:
-        raise DiskSpaceError(f"need about {need_bytes / 1e9:.1f} GB free in {probe}, have {free / 1e9:.1f} GB: "
-                             f"free space or choose another --out")
+def check_disk(needs: list[tuple[Path, int]]) -> None:
+    """Free space for every (folder, bytes) a build writes; folders on one filesystem add up."""
+    by_fs: dict[int, tuple[Path, int]] = {}
+    for folder, need in needs:
+        probe = Path(folder)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        dev = probe.stat().st_dev
+        seen = by_fs.get(dev)
+        by_fs[dev] = (seen[0] if seen else probe, (seen[1] if seen else 0) + need)
+    for probe, need in by_fs.values():
+        free = shutil.disk_usage(probe).free
+        if free < need:
+            raise DiskSpaceError(f"need about {need / 1e9:.1f} GB free in {probe}, have {free / 1e9:.1f} GB: "
+                                 f"free space or choose another --out / --cache-dir")

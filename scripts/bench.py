@@ -51,13 +51,13 @@ import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-SEEDS = ROOT.parent / "shared" / "seeds"
+DOCS = ROOT / "demo" / "docs"
 FIXTURES = Path(os.environ.get("PHIEDGE_FIXTURES", ROOT / ".fixtures"))
 BENCH_HOME = Path(os.environ.get("PHIEDGE_BENCH_DIR", Path.home() / ".cache" / "phiedge" / "bench"))
 BIN = Path(sys.executable).parent
 
 PRECISION_FLAGS = {"gguf": "--gguf-quant", "onnx": "--onnx-precision", "openvino": "--ov-weights", "mlx": "--mlx-quant"}
-QUESTION = "What is the parameter count of Phi-4-mini?"
+QUESTION = json.loads((ROOT / "demo" / "smoke.json").read_text())["question"]
 PROMPT_TOKENS, NEW_TOKENS = 512, 128
 # Each runtime's loop runs this many times, alternating with the native one; the best run counts. Measured on
 # this 2-core VM at full size: one run each read GGUF 6.9 vs 7.9 tok/s, and a rerun minutes later 6.1-6.9 vs 6.7.
@@ -173,7 +173,7 @@ def run_build(m: dict, work: Path, threads: int, formats: list[str] | None = Non
     shutil.rmtree(cache, ignore_errors=True)
     cmd = [str(BIN / "phiedge"), "build", "--model", m["model"], "--adapter", m["adapter"],
            "--formats", ",".join(plan), *[a for f, flag in PRECISION_FLAGS.items() if f in plan
-                                            for a in (flag, plan[f])], "--docs", str(SEEDS),
+                                            for a in (flag, plan[f])], "--docs", str(DOCS),
            "--out", str(out), "--cache-dir", str(cache), "--threads", str(threads)]
     res = measured(cmd, work / "logs" / "build.log")
     folder = out if out.is_dir() else out.with_name("bundle.partial")
@@ -306,6 +306,7 @@ def _alt_gguf(merged: str, alt: Path, logs: Path, threads: int, record) -> None:
         # A synthetic tokenizer's hash is in no converter table (the real Phi-4-mini's is: gpt-4o).
         note = "stock converter refused the synthetic tokenizer's pre-tokenizer hash; rerun with phiedge's fallback"
         steps = [measured([py, "-m", "phiedge.exporters._llama_convert", str(conv),
+                           gguf_exp.decide_vocab(Path(merged)) or "",
                            gguf_exp.decide_pre_tokenizer(Path(merged)) or "", merged, "--outfile",
                            str(out / "f16.gguf"), "--outtype", "f16"], logs / "alt-gguf-convert.log")]
     steps.append(measured([py, "-c", LLAMA_QUANTIZE, str(out / "f16.gguf"), str(out / "q4_k_m.gguf"), str(threads)],

@@ -6,8 +6,8 @@ dequantizes it into an ordinary Llama checkpoint; its tokenizer comes back with 
 (a BOS post-processor, a SentencePiece-style decoder, eos = <|im_start|>), which are put back to
 SmolLM2's published settings here so every runtime sees the tokenizer the model was trained with.
 
-Adapter: a rank-8 LoRA on every linear module, trained for a few dozen steps on the seed documents
-(questions and answers about Phi-4-mini), so the demo ships a real fine-tune, however small.
+Adapter: a rank-8 LoRA on every linear module, trained for a few dozen steps on the demo documents
+(demo/docs: facts about Phi-4-mini and phiedge), so the demo ships a real fine-tune, however small.
 
 Usage: python scripts/make_demo_model.py OUT_DIR [--steps N]  -> OUT_DIR/model, OUT_DIR/adapter, OUT_DIR/.complete
 """
@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+DOCS = Path(__file__).resolve().parents[1] / "demo" / "docs"
+VERSION = "2"          # bump when the base or the adapter changes: make demo / the tests rebuild older ones
 
 
 def make_base(out: Path) -> None:
@@ -77,7 +78,7 @@ def make_adapter(base: Path, out: Path, steps: int) -> None:
     cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(model, cfg)
-    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(SEEDS.glob("*.txt")))
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(DOCS.glob("*.md")))
     ids = tok(text, return_tensors="pt").input_ids[0]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     model.train()
@@ -102,14 +103,15 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
-    if (args.out / ".complete").exists():
+    marker = args.out / ".complete"
+    if marker.exists() and marker.read_text().strip() == VERSION:
         print(f"{args.out} is complete; nothing to do")
         return 0
     tmp = args.out.with_name(args.out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     make_base(tmp / "model")
     make_adapter(tmp / "model", tmp / "adapter", args.steps)
-    (tmp / ".complete").write_text("ok\n")
+    (tmp / ".complete").write_text(VERSION + "\n")
     shutil.rmtree(args.out, ignore_errors=True)
     tmp.rename(args.out)
     return 0

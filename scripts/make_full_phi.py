@@ -3,7 +3,7 @@
 
 The cost of merging, exporting and running does not depend on the weights' values, so this stands in for
 microsoft/Phi-4-mini-instruct where the Hub cannot be reached: 3.8 B parameters in bf16 (config from
-../shared/phi4-mini-instruct.config.json), two safetensors shards with the published tensor names and no
+scripts/phi4-mini-instruct.config.json), two safetensors shards with the published tensor names and no
 `lm_head.weight` (tied), a byte-level BPE tokenizer with o200k's split regex whose vocabulary has the real
 size, the Phi-4 chat template, and a rank-16 LoRA adapter on every linear module.
 
@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from make_tiny_phi import CHAT_TEMPLATE, O200K_SPLIT, SPECIALS  # noqa: E402
 
-DEFAULT_CONFIG = HERE.parents[1] / "shared" / "phi4-mini-instruct.config.json"
+DEFAULT_CONFIG = HERE / "phi4-mini-instruct.config.json"
 SHARD_BYTES = 5 * 2**30
 LORA_RANK = 16
 LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")

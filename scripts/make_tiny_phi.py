@@ -8,6 +8,14 @@ o200k's split regex (llama.cpp's `gpt-4o` pre-tokenizer) trained on Python's own
 Phi-4 chat template. It is trained for a few minutes so its next-token distributions are peaked and top-1
 agreement between runtimes means something.
 
+Two folders hold the same weights, saved the two ways users' checkpoints come:
+  model/            as transformers 5 saves it: config.json with nested `rope_parameters` and `dtype`, the
+                    tokenizer through `PreTrainedTokenizerFast.save_pretrained` ("tokenizer_class":
+                    "TokenizersBackend", the template in chat_template.jinja)
+  model-published/  in the layout of Phi-4-mini-instruct's published files (transformers 4.45): top-level
+                    rope settings, `rope_scaling` with `type`, `torch_dtype`, "tokenizer_class":
+                    "GPT2Tokenizer" with the template inside tokenizer_config.json
+
 Adapters (all with non-zero B, on qkv_proj, o_proj, gate_up_proj, down_proj):
   lora/      plain LoRA r=8
   rslora/    rsLoRA with rank_pattern / alpha_pattern
@@ -15,8 +23,9 @@ Adapters (all with non-zero B, on qkv_proj, o_proj, gate_up_proj, down_proj):
   noop/      LoRA with B = 0 (changes nothing: the merge proof must refuse it)
 
 Usage: python scripts/make_tiny_phi.py OUT_DIR [--steps N]
-Writes OUT_DIR/model, OUT_DIR/adapters/<kind>, then OUT_DIR/.complete (the directory is built under a
-temporary name and renamed, so an interrupted run never looks complete).
+Writes OUT_DIR/model, OUT_DIR/model-published, OUT_DIR/adapters/<kind>, then OUT_DIR/.complete holding
+FIXTURE_VERSION (the directory is built under a temporary name and renamed, so an interrupted run never looks
+complete; tests rebuild a fixture of another version).
 """
 from __future__ import annotations
 
@@ -47,6 +56,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
+FIXTURE_VERSION = "2"                   # bump when the fixture changes: tests rebuild older ones
 BPE_VOCAB = 2000 - len(SPECIALS)          # padded to 2048 in the config, as 200,064 is
 HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE = 768, 12, 4, 2, 1024   # widths are multiples of 256 (K-quants)
 ROTARY_HALF = int(HIDDEN // HEADS * 0.75) // 2                          # 24 factors per list
@@ -87,8 +97,30 @@ def train_tokenizer(texts: list[str], out: Path) -> None:
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens(SPECIALS)
     tok.save(str(out / "tokenizer.json"))
+
+
+def save_tokenizer(model_dir: Path) -> None:
+    """The tokenizer as a user of transformers 5 saves one: `PreTrainedTokenizerFast(...).save_pretrained`
+    writes "tokenizer_class": "TokenizersBackend" and the chat template as chat_template.jinja."""
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"), bos_token="<|endoftext|>",
+                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                  model_max_length=131072, clean_up_tokenization_spaces=False)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(model_dir)
+
+
+def write_published(model_dir: Path, out: Path) -> None:
+    """The same checkpoint in Phi-4-mini-instruct's published layout: weights hard-linked, config rewritten to
+    transformers 4.45's layout, the tokenizer config as Microsoft ships it (GPT2Tokenizer, template inside)."""
+    out.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.suffix == ".safetensors":
+            os.link(f, out / f.name)
+        elif f.name in ("config.json", "generation_config.json", "tokenizer.json"):
+            shutil.copy2(f, out / f.name)
+    write_published_config(out / "config.json")
     (out / "tokenizer_config.json").write_text(json.dumps({
-        # GPT2Tokenizer, as Phi-4-mini's: llama.cpp's Phi3 converter takes the BPE path on this name.
         "tokenizer_class": "GPT2Tokenizer",
         "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False,
@@ -206,8 +238,9 @@ def build(out: Path, steps: int) -> None:
     print(f"tokenizer: {n_tok} tokens (config vocab {vocab}); model: {sum(p.numel() for p in model.parameters())/1e6:.1f} M params")
     loss = train(model, training_text(texts, tok), steps)
     model.save_pretrained(model_dir, safe_serialization=True)
-    write_published_config(model_dir / "config.json")
     GenerationConfig(bos_token_id=bos, eos_token_id=[eos, bos], pad_token_id=bos).save_pretrained(model_dir)
+    save_tokenizer(model_dir)
+    write_published(model_dir, out / "model-published")
     for kind in ("lora", "rslora", "dora", "noop"):
         make_adapter(model_dir, out / "adapters" / kind, kind)
     (out / "fixture.json").write_text(json.dumps({"final_loss": loss, "steps": steps,
@@ -215,18 +248,23 @@ def build(out: Path, steps: int) -> None:
     print(f"built in {time.time() - t0:.0f} s, final loss {loss:.3f}")
 
 
+def is_current(out: Path) -> bool:
+    marker = out / ".complete"
+    return marker.exists() and marker.read_text().strip() == FIXTURE_VERSION
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--steps", type=int, default=int(os.environ.get("PHIEDGE_TINY_STEPS", "150")))
     args = ap.parse_args()
-    if (args.out / ".complete").exists():
+    if is_current(args.out):
         print(f"{args.out} is complete; nothing to do")
         return 0
     tmp = args.out.with_name(args.out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     build(tmp, args.steps)
-    (tmp / ".complete").write_text("ok\n")
+    (tmp / ".complete").write_text(FIXTURE_VERSION + "\n")
     if args.out.exists():
         shutil.rmtree(args.out)
     tmp.rename(args.out)

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny real models built once per machine (cached under .fixtures/), real runtimes."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("PHIEDGE_FIXTURES", ROOT / ".fixtures"))
+DEMO_DOCS = ROOT / "demo" / "docs"                       # the project's own documents (make demo's too)
+DEMO = json.loads((ROOT / "demo" / "smoke.json").read_text())   # its question, needle and fact
 
 # No test may reach the Hub: everything runs on models that exist offline.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -17,8 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _script(name: str, out: Path, *args: str) -> Path:
-    if not (out / ".complete").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / name), str(out), *args], check=True)
+    """Run a fixture builder; it returns at once when `out` is complete and of its current version."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / name), str(out), *args], check=True)
     return out
 
 

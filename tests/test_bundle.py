@@ -18,7 +18,7 @@ from phiedge.errors import BundleError
 from conftest import ROOT, run_cli, assert_pytorch_tokens
 
 pytestmark = pytest.mark.gguf
-SEEDS = ROOT.parent / "shared" / "seeds"
+SEEDS = None
 QUESTION = "What is the parameter count of Phi-4-mini?"
 NEEDLE = "3.8B-parameter"
 # The `all` profile, restricted to the formats this phiedge has: grows as targets land.

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from phiedge import build, chat, errors, parity, probes
 from phiedge.runtimes import get
-from conftest import artifact_dir, run_cli, assert_pytorch_tokens
+from conftest import artifact_dir, run_cli, assert_pytorch_tokens, ROOT
 
 pytestmark = pytest.mark.mlx
 PRECISIONS = ["fp16", "4bit"]
@@ -157,7 +157,7 @@ def test_transformers5_config_layout_reaches_mlx_lm():
     from transformers import Phi3Config
     from phiedge.exporters.mlx import published_layout
     from phiedge.runtimes.mlx import longrope_params
-    published = json.loads((Path(__file__).resolve().parents[2] / "shared/phi4-mini-instruct.config.json").read_text())
+    published = json.loads((ROOT / "scripts" / "phi4-mini-instruct.config.json").read_text())
     published["rope_theta"] = 250000.0                   # a non-default theta, so a fallback to 10000 shows
     nested = Phi3Config(**published).to_dict()
     assert "rope_theta" not in nested and "rope_scaling" not in nested      # what a transformers 5 save writes

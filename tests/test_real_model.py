@@ -1,5 +1,5 @@
 """A real instruct model through the whole backbone: SmolLM2-135M-Instruct (Llama architecture, no LongRoPE)
-+ a LoRA trained on the seed documents, exported to GGUF, gated, and asked a question from the documents."""
++ a LoRA trained on the demo documents, exported to GGUF, gated, and asked a question from the documents."""
 from __future__ import annotations
 
 import json
@@ -14,41 +14,40 @@ from phiedge.retriever import Retriever, build_index
 from phiedge.runtimes import get
 
 pytestmark = [pytest.mark.gguf]
-SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+from conftest import DEMO, DEMO_DOCS
 
-
-QUESTION = "What is the parameter count of Phi-4-mini?"
+QUESTION, NEEDLE, FACT = DEMO["question"], DEMO["needle"], DEMO["answer"]
 
 
 @pytest.mark.slow
 def test_smollm2_lora_to_gguf_answers_from_context(smollm2, tmp_path):
     cache = tmp_path / "cache"
     rep = build(BuildRequest(model=str(smollm2 / "model"), adapter=str(smollm2 / "adapter"),
-                             formats={"gguf": ["Q8_0"]}, out=tmp_path / "dist", docs=SEEDS, cache_dir=cache,
-                             smoke_question=QUESTION, smoke_needle="3.8B-parameter", smoke_answer="3.8"))
+                             formats={"gguf": ["Q8_0"]}, out=tmp_path / "dist", docs=DEMO_DOCS, cache_dir=cache,
+                             smoke_question=QUESTION, smoke_needle=NEEDLE, smoke_answer=FACT))
     assert rep["passed"]
     row = rep["artifacts"][0]
     assert row["parity"]["long"] is None, "no LongRoPE: only the short regime applies"
     assert row["parity"]["short"]["kl"] < 0.02 and row["meta"]["pre_tokenizer"]
     assert rep["merge"]["max_abs_vs_base"] > rep["merge"]["tolerance"]
     # A real model is held to the fact: PyTorch's answer and the artifact's both contain it.
-    assert rep["smoke"]["fact"] == "3.8" and "3.8" in rep["smoke"]["reference_answer"]
-    assert row["smoke"]["has_fact"] and "3.8" in row["smoke"]["answer"] and row["smoke"]["agreement_min"] is None
+    assert rep["smoke"]["fact"] == FACT and FACT in rep["smoke"]["reference_answer"]
+    assert row["smoke"]["has_fact"] and FACT in row["smoke"]["answer"] and row["smoke"]["agreement_min"] is None
     assert rep["smoke"]["retrieved_has_needle"]
     # The device path, outside the build: retrieve, template, generate.
-    build_index(SEEDS, tmp_path / "retriever")
+    build_index(DEMO_DOCS, tmp_path / "retriever")
     with Retriever.open(tmp_path / "retriever") as r:
         hits = r.search(QUESTION, k=2)
-    assert any("3.8B-parameter" in h.text for h in hits)
+    assert any(NEEDLE in h.text for h in hits)
     rt = get("gguf").load(tmp_path / "dist" / row["path"])
     gen = rt.generate(rag.messages(QUESTION, hits), max_new_tokens=40)
     rt.close()
-    assert "3.8" in gen.text, gen.text
+    assert FACT in gen.text, gen.text
     assert json.loads((tmp_path / "dist" / "report.json").read_text())["model"]["architecture"] == "LlamaForCausalLM"
     # A fact the fine-tuned model itself does not give is bad input, refused before any export is checked.
     with pytest.raises(UsageError, match="does not contain '7 trillion'"):
         build(BuildRequest(model=str(smollm2 / "model"), adapter=str(smollm2 / "adapter"),
-                           formats={"gguf": ["Q8_0"]}, out=tmp_path / "dist2", docs=SEEDS, cache_dir=cache,
+                           formats={"gguf": ["Q8_0"]}, out=tmp_path / "dist2", docs=DEMO_DOCS, cache_dir=cache,
                            smoke_question=QUESTION, smoke_answer="7 trillion"))
     assert not (tmp_path / "dist2").exists()
 

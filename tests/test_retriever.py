@@ -1,6 +1,6 @@
 """Retriever (issue 6): real MiniLM, real ONNX Runtime, real FAISS and SQLite. No mocks.
 
-One session-scoped retriever is built over a small corpus: the Phi-4-mini seed texts plus a few Python
+One session-scoped retriever is built over a small corpus: the project's demo documents about Phi-4-mini plus a few Python
 reference topics (pydoc_data) written as .txt, .md and .html, and a hand-written PDF with a text layer.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from phiedge.retriever.commands import eval_retrieval, index, search  # noqa: E4
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-SEEDS = [REPO.parent / "shared" / "seeds", Path("/work/shared/seeds")]
+DEMO_DOCS = REPO / "demo" / "docs"
 
 TXT_TOPICS = ["pass", "lambda", "shifting", "truth", "del"]
 MD_TOPICS = ["nonlocal", "global", "for", "with"]
@@ -45,14 +45,13 @@ PDF_LINES = [
 
 # Questions phrased as a user would ask them; needle = a string only the right chunk contains.
 QUESTIONS = [
-    {"question": "how long is the context window?", "needle": "128K context length"},
-    {"question": "How many transformer layers does Phi-4-Mini have?", "needle": "32 Transformer layers"},
-    {"question": "What is the vocabulary size of Phi-4-mini?", "needle": "200,064 tokens"},
-    {"question": "Which image encoder is used for the vision modality?", "needle": "SigLIP-400M"},
+    {"question": "how long is the context window?", "needle": "131,072 tokens (128K)"},
+    {"question": "How many transformer layers does Phi-4-Mini have?", "needle": "32 transformer layers"},
+    {"question": "What is the vocabulary size of Phi-4-mini?", "needle": "200,064 entries"},
+    {"question": "Which token ends every turn of the chat format?", "needle": "closing it with `<|end|>`"},
     {"question": "How many query heads and key/value heads does grouped query attention use?",
      "needle": "24 query heads"},
-    {"question": "Which speech recognition leaderboard does Phi-4-Multimodal rank first on?",
-     "needle": "OpenASR leaderboard"},
+    {"question": "Which command re-hashes every file of a bundle on the device?", "needle": "re-hashes every file"},
     {"question": "What does the pass statement do when executed?", "needle": "null operation"},
     {"question": "How do I rebind a variable from an enclosing function scope that is not global?",
      "needle": "nearest enclosing scope excluding"},
@@ -67,13 +66,6 @@ QUESTIONS = [
 
 
 # ---------------------------------------------------------------------------------------------- corpus
-def _seed_dir() -> Path:
-    for d in SEEDS:
-        if d.is_dir() and any(d.glob("*.txt")):
-            return d
-    pytest.skip("seed documents not found (shared/seeds)")
-
-
 def _rst_to_md(text: str) -> str:
     """pydoc topics underline titles with *** (h1) and === / --- (h2): turn them into # headings."""
     lines = text.splitlines()
@@ -149,8 +141,8 @@ def write_corpus(root: Path) -> Path:
     from pydoc_data.topics import topics
 
     root.mkdir(parents=True, exist_ok=True)
-    for p in sorted(_seed_dir().glob("*.txt")):
-        shutil.copyfile(p, root / f"seed_{p.name}")
+    for p in sorted(DEMO_DOCS.glob("*.md")):
+        shutil.copyfile(p, root / f"demo_{p.name}")
     (root / "python" / "statements").mkdir(parents=True, exist_ok=True)
     (root / "python" / "web").mkdir(parents=True, exist_ok=True)
     for t in TXT_TOPICS:

@@ -23,7 +23,7 @@ def _copy_dir(src: Path, dst: Path) -> Path:
 
 def _adapter_variant(tiny: Path, tmp: Path, *, config=None, tensors=None, raw: bytes | None = None) -> Path:
     dst = tmp / "adapter"
-    dst.mkdir()
+    dst.mkdir(parents=True)
     cfg = json.loads((tiny / "adapters/lora/adapter_config.json").read_text())
     if config:
         cfg.update(config)
@@ -65,6 +65,17 @@ ADAPTER_CASES = [
      ["corrupt", "copy it again"]),
     # fewer bytes than the 8-byte header length
     ("empty", dict(raw=b"abc"), errors.InvalidCheckpointError, ["not a safetensors file"]),
+    # the config names Llama's unfused modules, its tensors target Phi's fused qkv_proj: PEFT would end in
+    # NoMatchingPeftModuleError after loading the base; one line names what each says and what the base has
+    ("config-names-unfused", dict(config={"target_modules": ["q_proj", "v_proj"]}), errors.AdapterMismatchError,
+     ["(q_proj, v_proj) match no module of the base", "tensors adapt down_proj, gate_up_proj, o_proj, qkv_proj",
+      "has down_proj, gate_up_proj, o_proj, qkv_proj", "target_modules"]),
+    # the config lists fewer modules than its tensors adapt: PEFT would silently drop the others
+    ("config-misses-tensors", dict(config={"target_modules": ["qkv_proj"]}), errors.AdapterMismatchError,
+     ["(qkv_proj) do not cover", "tensors adapt down_proj, gate_up_proj, o_proj, qkv_proj"]),
+    # a regex target_modules (PEFT matches it against the whole module path) that selects nothing here
+    ("regex-matches-nothing", dict(config={"target_modules": r".*\.(q_proj|v_proj)"}), errors.AdapterMismatchError,
+     ["match no module of the base"]),
 ]
 
 
@@ -89,12 +100,73 @@ def test_truncated_adapter_is_refused(tiny, tmp_path):
         source.check_adapter(adapter, model, source.check_model(model))
 
 
-def test_good_adapters_pass(tiny):
+def test_good_adapters_pass(tiny, tmp_path):
     model = source.resolve(str(tiny / "model"))
     config = source.check_model(model)
     for kind in ("lora", "rslora", "dora"):
         cfg = source.check_adapter(source.resolve(str(tiny / "adapters" / kind), kind="adapter"), model, config)
         assert cfg["peft_type"] == "LORA"
+    # target_modules as PEFT also accepts them: a regex over the module path, and "all-linear"
+    for i, target in enumerate([r".*\.(qkv_proj|o_proj|gate_up_proj|down_proj)", "all-linear"]):
+        d = _adapter_variant(tiny, tmp_path / str(i), config={"target_modules": target})
+        assert source.check_adapter(source.resolve(str(d), kind="adapter"), model, config)["target_modules"] == target
+
+
+def _model_variant(tiny: Path, dst: Path, **config) -> Path:
+    d = _copy_dir(tiny / "model", dst)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(config)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+# (case, config.json changes, words the one-line refusal contains) -- why each is here:
+ARCHITECTURE_CASES = [
+    # a decoder-only LM of an architecture no exporter is proven on
+    ("other-causal-lm", {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"},
+     ["GPT2LMHeadModel", "Phi3ForCausalLM", "--model"]),
+    # an encoder (BERT): not a causal LM at all
+    ("encoder", {"architectures": ["BertForMaskedLM"], "model_type": "bert"},
+     ["BertForMaskedLM", "not a causal language model"]),
+    # a config.json that names no architecture
+    ("no-architecture", {"architectures": []}, ["names no architecture"]),
+]
+
+
+@pytest.mark.parametrize("case,config,words", ARCHITECTURE_CASES, ids=[c[0] for c in ARCHITECTURE_CASES])
+def test_unsupported_architectures_are_refused(tiny, tmp_path, case, config, words):
+    with pytest.raises(errors.InvalidCheckpointError) as e:
+        source.check_model(source.resolve(str(_model_variant(tiny, tmp_path / "m", **config))))
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_non_finite_weights_are_refused_by_name(tiny, tmp_path):
+    """NaN/inf in a base tensor: found by the input hashing's one read of every byte, named, remembered with
+    the digest (the second build reads nothing and still refuses), never reaching the merge."""
+    import numpy as np
+    d = tmp_path / "nan-model"
+    d.mkdir()
+    for f in (tiny / "model").iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, d / f.name)
+    t = load_file(tiny / "model" / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    t[name] = t[name].copy()
+    t[name][3, 5] = np.nan
+    save_file(t, d / "model.safetensors")
+    args = ["build", "--model", str(d), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    for attempt in range(2):
+        r = run_cli(*args)
+        assert r.returncode == 1, r.stderr
+        line = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+        assert len(line) == 1 and f"tensor '{name}' in model.safetensors holds NaN or inf" in line[0], r.stderr
+        assert "✓ merge" not in r.stderr and "loading" not in r.stderr       # no weight was loaded
+    assert not (tmp_path / "out").exists()
+    digests = json.loads((tmp_path / "cache" / "digests.json").read_text())
+    assert any(v["nonfinite"] == name for v in digests.values())
+    from phiedge.cache import scan_safetensors, sha256_file
+    sha, bad = scan_safetensors(tiny / "model" / "model.safetensors")
+    assert bad is None and sha == sha256_file(tiny / "model" / "model.safetensors")    # same digest as a plain hash
 
 
 def test_quantized_base_is_refused(tiny, tmp_path):
@@ -160,7 +232,11 @@ def test_non_empty_out_refused_unless_force(tmp_path):
 
 def test_disk_space_checked(tmp_path):
     with pytest.raises(errors.DiskSpaceError, match="GB free"):
-        source.check_disk(tmp_path / "a" / "b", 10**18)
+        source.check_disk([(tmp_path / "a" / "b", 10**18)])
+    half = shutil.disk_usage(tmp_path).free * 0.6
+    source.check_disk([(tmp_path / "a", int(half))])                      # fits alone
+    with pytest.raises(errors.DiskSpaceError):                             # two folders on one disk add up
+        source.check_disk([(tmp_path / "a", int(half)), (tmp_path / "b", int(half))])
 
 
 # CLI: one line on stderr, exit 1, nothing written.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from ..errors import ToolchainError, UsageError
+from ..errors import DiskSpaceError, ToolchainError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,19 @@ class Exporter:
         raise NotImplementedError
 
 
+# What a tool prints when its disk filled up (errno 28 in C, Python, and the converters' own wording).
+DISK_FULL = ("No space left on device", "ENOSPC", "[Errno 28]")
+
+
 def run_tool(cmd: list[str], what: str) -> dict:
-    """Run a tool to completion; its wall time and peak memory, or a ToolchainError with its last line."""
+    """Run a tool to completion; its wall time and peak memory, or a ToolchainError with its last line (a
+    DiskSpaceError when the tool ran out of disk). The tool dies with the build and shares the writer locks of
+    the stage it writes into (phiedge.cache), so no sweep removes its output while it lives."""
+    from ..cache import writer_fds
+    from ..memory import guarded
     with tempfile.TemporaryFile("w+") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(guarded(cmd), stdout=out, stderr=subprocess.STDOUT, text=True, pass_fds=writer_fds())
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - t0
@@ -81,6 +89,9 @@ def run_tool(cmd: list[str], what: str) -> dict:
             why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
             if proc.returncode == -9:
                 why += ", most likely the kernel's out-of-memory killer: see dmesg"
+            full = next((ln.strip() for ln in reversed(tail) if any(m in ln for m in DISK_FULL)), None)
+            if full:
+                raise DiskSpaceError(f"{what} ran out of disk space ({full})")
             raise ToolchainError(f"{what} failed ({why}): {tail[-1].strip() if tail else 'no output'}; "
                                  f"rerun with PHIEDGE_DEBUG=1 for its full log")
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}   # ru_maxrss: KiB

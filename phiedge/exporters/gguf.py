@@ -50,11 +50,16 @@ PRECISION_PLAN = {
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 
 
-def decide_pre_tokenizer(model_dir: Path) -> str | None:
-    """llama.cpp pre-tokenizer name from tokenizer.json's split regex, or None if not a known regex."""
+def _tokenizer(model_dir: Path) -> tuple[dict, list[dict]]:
+    """tokenizer.json and its pre-tokenizers as a flat list."""
     tj = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     pre = tj.get("pre_tokenizer") or {}
-    stack = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return tj, pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+
+
+def decide_pre_tokenizer(model_dir: Path) -> str | None:
+    """llama.cpp pre-tokenizer name from tokenizer.json's split regex, or None if not a known regex."""
+    _, stack = _tokenizer(model_dir)
     for p in stack:
         if p.get("type") == "Split":
             regex = p.get("pattern", {}).get("Regex")
@@ -63,6 +68,19 @@ def decide_pre_tokenizer(model_dir: Path) -> str | None:
         if p.get("type") == "ByteLevel" and p.get("use_regex", True) and len(stack) == 1:
             return "gpt2"
     return None
+
+
+def decide_vocab(model_dir: Path) -> str | None:
+    """`gpt2` when tokenizer.json is a byte-level BPE (Phi-4-mini's o200k, GPT-2, Llama 3, SmolLM2), the
+    converter's GPT-2/BPE path; None leaves the choice to the converter (SentencePiece models). Read from the
+    tokenizer itself: the class name in tokenizer_config.json says "TokenizersBackend" for every tokenizer that
+    transformers >= 5 saves."""
+    tj, stack = _tokenizer(model_dir)
+    if (tj.get("model") or {}).get("type") != "BPE":
+        return None
+    byte_level = any(p.get("type") == "ByteLevel" for p in stack) or \
+        (tj.get("decoder") or {}).get("type") == "ByteLevel"
+    return "gpt2" if byte_level else None
 
 
 def llama_cpp_version() -> str:
@@ -117,8 +135,9 @@ class GGUFExporter(Exporter):
     def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
         precisions = self.check_precisions(precisions)
         conv = converter_dir()
-        pre = decide_pre_tokenizer(merged_dir)
-        log.info("gguf: pre-tokenizer decided from tokenizer.json split regex: %s", pre or "left to the converter")
+        pre, vocab = decide_pre_tokenizer(merged_dir), decide_vocab(merged_dir)
+        log.info("gguf: from tokenizer.json: vocabulary %s, pre-tokenizer %s", vocab or "left to the converter",
+                 pre or "left to the converter")
         work = out_dir / ".work"
         work.mkdir(parents=True, exist_ok=True)
         # The quantizer's source: full precision, in the checkpoint's own float width.
@@ -131,7 +150,8 @@ class GGUFExporter(Exporter):
             if outtype is None:
                 outtype = base_type
             if outtype not in converted:
-                converted[outtype] = self._convert(conv, merged_dir, work / f"model-{outtype}.gguf", outtype, pre)
+                converted[outtype] = self._convert(conv, merged_dir, work / f"model-{outtype}.gguf", outtype,
+                                                   vocab, pre)
             dest = out_dir / prec / "model.gguf"
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name("model.gguf.partial")
@@ -141,14 +161,15 @@ class GGUFExporter(Exporter):
                 self._quantize(converted[outtype], tmp, ftype, int(settings.get("threads", os.cpu_count() or 1)))
             tmp.rename(dest)
             artifacts.append(Artifact(format=self.name, precision=prec, path=dest.parent, files=("model.gguf",),
-                                      meta={"pre_tokenizer": pre, "llama_cpp_python": llama_cpp_version()}))
+                                      meta={"vocab": vocab, "pre_tokenizer": pre,
+                                            "llama_cpp_python": llama_cpp_version()}))
         shutil.rmtree(work, ignore_errors=True)
         return artifacts
 
     @staticmethod
-    def _convert(conv: Path, merged_dir: Path, out: Path, outtype: str, pre: str | None) -> Path:
+    def _convert(conv: Path, merged_dir: Path, out: Path, outtype: str, vocab: str | None, pre: str | None) -> Path:
         tmp = out.with_name(out.name + ".partial")
-        run_tool([sys.executable, "-m", "phiedge.exporters._llama_convert", str(conv), pre or "",
+        run_tool([sys.executable, "-m", "phiedge.exporters._llama_convert", str(conv), vocab or "", pre or "",
               str(merged_dir), "--outfile", str(tmp), "--outtype", outtype],
              f"llama.cpp converter ({outtype})")
         tmp.rename(out)

@@ -180,9 +180,9 @@ class OpenVINOExporter(Exporter):
             raise ToolchainError(f"OpenVINO export ({plan.name}) wrote no {', '.join(missing)} in {tmp}: "
                                  f"rerun with PHIEDGE_DEBUG=1")
         meta = {"toolchain": versions, "weights": plan.base, "compression": compression,
-                "cpu_properties": CPU_PROPERTIES[plan.base], "calibration_documents": had_text,
-                "export_seconds": cost["seconds"], "export_peak_rss_mb": cost["peak_rss_mb"]}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+                "cpu_properties": CPU_PROPERTIES[plan.base], "calibration_documents": had_text}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))      # a function of the inputs: no times inside
+        meta = {**meta, "export_seconds": cost["seconds"], "export_peak_rss_mb": cost["peak_rss_mb"]}
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
         files = tuple(sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()))

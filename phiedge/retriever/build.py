@@ -43,12 +43,15 @@ class _Previous:
 def build_index(docs_dir: str | os.PathLike, out_dir: str | os.PathLike, *, embedder: str | os.PathLike | None = None,
                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS, overlap: int = DEFAULT_OVERLAP, batch_size: int = 32,
                 hnsw_threshold: int = HNSW_THRESHOLD, verify_sample: int = VERIFY_SAMPLE,
-                threads: int | None = None) -> IndexResult:
+                threads: int | None = None, follow_links: bool = False) -> IndexResult:
     """Index every .md/.txt/.html/.pdf file under `docs_dir` into the retriever folder `out_dir`.
 
     If `out_dir` already holds a retriever built with the same embedder and chunk settings, only files whose
     content hash changed are chunked and embedded again; deleted files leave the index.
     `embedder`: None (the packaged all-MiniLM-L6-v2), a sentence-transformers folder, or a Hub id.
+    Symbolic links out of `docs_dir` are skipped (and listed in `skipped`) unless `follow_links`.
+    Every file of the folder is a function of the documents and settings only (no build time inside), so two
+    builds of the same documents are byte-identical.
     Raises RetrieverError (bad docs folder, zero chunks, failed ONNX proof), UsageError (bad settings),
     OutputExistsError (`out_dir` is a non-empty folder that is not a retriever).
     """
@@ -72,7 +75,7 @@ def build_index(docs_dir: str | os.PathLike, out_dir: str | os.PathLike, *, embe
                 "format_version": FORMAT_VERSION}
     prev = _load_previous(out, settings)
 
-    files, skipped = list_files(docs)
+    files, skipped = list_files(docs, follow_links=follow_links)
     out_in_docs = out.resolve() if _inside(out, docs) else None  # never index our own output
     result = IndexResult(out_dir=str(out), n_files=0, n_chunks=0, skipped=list(skipped),
                          rebuilt_reason=prev.reason if prev else None)
@@ -218,7 +221,6 @@ def build_index(docs_dir: str | os.PathLike, out_dir: str | os.PathLike, *, embe
             "onnx_verified_on": verified_on,
             "n_files": len(records),
             "skipped": [{"path": s.path, "reason": s.reason} for s in result.skipped],
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "last_update": result.counts(),
         }
         spec = write_store(tmp, all_chunks, vectors, records, meta, hnsw_threshold=hnsw_threshold)

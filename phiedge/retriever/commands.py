@@ -33,12 +33,16 @@ def _one_line(text: str, width: int | None = None) -> str:
               help="Chunk size in embedder tokens.")
 @click.option("--overlap", type=int, default=DEFAULT_OVERLAP, show_default=True,
               help="Tokens shared by consecutive chunks.")
+@click.option("--follow-links", is_flag=True,
+              help="Also index what symbolic links out of DOCS point to (skipped and listed by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def index(docs: Path, out: Path, embedder: str | None, chunk_tokens: int, overlap: int, as_json: bool) -> None:
+def index(docs: Path, out: Path, embedder: str | None, chunk_tokens: int, overlap: int, follow_links: bool,
+          as_json: bool) -> None:
     """Index DOCS (.md, .txt, .html, .pdf, recursively) into a retriever folder."""
     from .build import build_index
 
-    result = build_index(docs, out, embedder=embedder, chunk_tokens=chunk_tokens, overlap=overlap)
+    result = build_index(docs, out, embedder=embedder, chunk_tokens=chunk_tokens, overlap=overlap,
+                         follow_links=follow_links)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return

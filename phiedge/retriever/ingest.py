@@ -32,26 +32,62 @@ class SkipFile(Exception):
     """Raised by a reader: the file is not indexed, the message says why."""
 
 
-def list_files(docs_dir: Path) -> tuple[list[Path], list[SkippedFile]]:
-    """All candidate files under docs_dir (sorted), and files skipped for their extension.
+def list_files(docs_dir: Path, follow_links: bool = False) -> tuple[list[Path], list[SkippedFile]]:
+    """All candidate files under docs_dir (sorted), and files skipped for their extension or because they are
+    symbolic links out of the folder.
 
-    Hidden files and folders (name starting with ".") are ignored silently.
+    Hidden files and folders (name starting with ".") are ignored silently. A link (to a file or a folder) whose
+    target lies outside `docs_dir` is never read unless `follow_links`: its text would ship in the bundle to every
+    device (a link to /etc/passwd, say). Links that stay inside the folder are read; a folder link that stays
+    inside is skipped (its files are indexed under their own path).
     """
+    root_real = Path(os.path.realpath(docs_dir))
     found: list[Path] = []
     skipped: list[SkippedFile] = []
-    for root, dirs, files in os.walk(docs_dir, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    seen_dirs = {str(root_real)}
+    for root, dirs, files in os.walk(docs_dir, followlinks=follow_links):
+        kept = []
+        for d in sorted(dirs):
+            p = Path(root) / d
+            if d.startswith("."):
+                continue
+            if p.is_symlink():
+                real = os.path.realpath(p)
+                if not follow_links or real in seen_dirs:
+                    why = _link_reason(p, root_real, folder=True)
+                    if why:
+                        skipped.append(SkippedFile(p.relative_to(docs_dir).as_posix(), why))
+                    continue
+                seen_dirs.add(real)        # a link cycle is walked once
+            kept.append(d)
+        dirs[:] = kept
         for name in sorted(files):
             if name.startswith("."):
                 continue
             p = Path(root) / name
             rel = p.relative_to(docs_dir).as_posix()
+            if p.is_symlink() and not follow_links:
+                why = _link_reason(p, root_real, folder=False)
+                if why:
+                    skipped.append(SkippedFile(rel, why))
+                    continue
             if p.suffix.lower() not in SUPPORTED:
                 skipped.append(SkippedFile(rel, f"unsupported extension '{p.suffix or '(none)'}': "
                                                 f"indexed types are {', '.join(sorted(set(SUPPORTED)))}"))
                 continue
             found.append(p)
     return found, skipped
+
+
+def _link_reason(link: Path, root_real: Path, *, folder: bool) -> str | None:
+    """Why a symbolic link is not read (None: it is). Outside links need --follow-links."""
+    target = Path(os.path.realpath(link))
+    if root_real not in target.parents and target != root_real:
+        return (f"symbolic link to {'a folder' if folder else 'a file'} outside the documents folder ({target}): "
+                f"not read; pass --follow-links to index what it points to")
+    if folder:
+        return "symbolic link to a folder inside the documents folder: its files are indexed under their own path"
+    return None
 
 
 def read_bytes(path: Path) -> bytes:

@@ -25,7 +25,8 @@ from pathlib import Path
 from . import __version__, bundle, exporters, parity, report, source
 from .cache import StageCache, default_root
 from .memory import TreeSampler, available_bytes, guarded, isolated
-from .errors import DiskSpaceError, InvalidCheckpointError, MemoryShortError, ParityError, UsageError
+from .errors import (DiskSpaceError, InvalidCheckpointError, MemoryShortError, ParityError, RetrieverError,
+                     UsageError)
 
 log = logging.getLogger("phiedge")
 SMOKE_TOKENS = 24
@@ -275,8 +276,10 @@ def _cheap_checks(req: BuildRequest, out: Path):
     """Nothing heavy runs before all of these pass."""
     if not bundle.is_bundle(out):          # rebuilding our own bundle in place is allowed
         source.prepare_out(out, force=req.force)
-    if req.docs is not None and not Path(req.docs).is_dir():
-        raise UsageError(f"--docs {req.docs} is not a folder: pass the folder of documents for the retriever")
+    if req.docs is not None:
+        _check_docs(Path(req.docs), req.follow_links)
+    if req.sign_key is not None:
+        bundle.load_key(req.sign_key, private=True)
     model = source.resolve(req.model, revision=req.revision, kind="model")
     config = source.check_model(model)
     adapter = None
@@ -295,6 +298,17 @@ def _cheap_checks(req: BuildRequest, out: Path):
     source.check_disk([(cache_root, 2 * weight_bytes + exports), (out.parent if not out.exists() else out,
                                                                   int(exports * 1.05))])
     return model, adapter, config
+
+
+def _check_docs(docs: Path, follow_links: bool) -> None:
+    """A documents folder that gives the retriever nothing is refused before the merge, not after it."""
+    if not docs.is_dir():
+        raise UsageError(f"--docs {docs} is not a folder: pass the folder of documents for the retriever")
+    from .retriever.ingest import list_files
+    found, skipped = list_files(docs, follow_links=follow_links)
+    if not found:
+        from .retriever.build import _no_chunks_message
+        raise RetrieverError(_no_chunks_message(docs, skipped))
 
 
 def memory_shortfalls(formats: dict[str, list[str]], n_params: int, available: int) -> dict[str, str]:

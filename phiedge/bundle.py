@@ -177,9 +177,10 @@ def verify(folder: Path, public_key: Path | None = None) -> dict:
     """Re-hash every file; a changed, missing or extra file fails with every such file named. With
     `public_key`, the manifest's signature must be there and valid."""
     folder = Path(folder)
+    key = load_key(public_key, private=False) if public_key is not None else None     # a bad key file first
     manifest = load_manifest(folder)
-    if public_key is not None:
-        check_signature(folder, public_key)
+    if key is not None:
+        check_signature(folder, key, public_key)
     want = manifest["files"]
     have = {str(p.relative_to(folder)) for p in folder.rglob("*")
             if p.is_file() and str(p.relative_to(folder)) not in (MANIFEST, SIGNATURE)}
@@ -227,7 +228,7 @@ def keygen(path: Path) -> tuple[Path, Path]:
     return path, pub
 
 
-def _load_key(path: Path, private: bool):
+def load_key(path: Path, private: bool):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
     kind = "private" if private else "public"
@@ -253,7 +254,7 @@ def sign(folder: Path, private_key: Path) -> Path:
     """Write `manifest.json.sig`: the Ed25519 signature of manifest.json's bytes."""
     folder = Path(folder)
     load_manifest(folder)
-    key = _load_key(private_key, private=True)
+    key = load_key(private_key, private=True)
     sig = folder / SIGNATURE
     tmp = sig.with_name(SIGNATURE + ".partial")
     tmp.write_bytes(key.sign((folder / MANIFEST).read_bytes()))
@@ -261,9 +262,9 @@ def sign(folder: Path, private_key: Path) -> Path:
     return sig
 
 
-def check_signature(folder: Path, public_key: Path) -> None:
+def check_signature(folder: Path, key, public_key: Path) -> None:
+    """`key` (loaded from `public_key`) signed this bundle's manifest.json, or SignatureError."""
     from cryptography.exceptions import InvalidSignature
-    key = _load_key(public_key, private=False)
     sig = Path(folder) / SIGNATURE
     if not sig.is_file():
         raise SignatureError(f"bundle {folder} is not signed (no {SIGNATURE}) but --key was given: refuse it, or "

@@ -56,7 +56,8 @@ def cli(verbose: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace a non-empty --out that is not a phiedge bundle.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Stage cache (default $PHIEDGE_CACHE/stages or ~/.cache/phiedge/stages).")
-@click.option("--threads", type=int, default=os.cpu_count() or 1, show_default=True, help="CPU threads for runtimes.")
+@click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
+              help="CPU threads for runtimes.")
 @click.option("--allow-noop-adapter", is_flag=True, help="Ship even if the adapter does not change the model's outputs.")
 @click.option("--verify-cache", is_flag=True,
               help="Re-hash every cached stage before using it (default: sizes and mtimes, re-hashing changed files).")
@@ -158,9 +159,10 @@ def sign(bundle_dir, key):
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.argument("question")
 @click.option("--runtime", default=None, help="Which artifact answers: gguf, onnx, openvino, mlx (default: first installed).")
-@click.option("-k", "k", default=3, show_default=True, help="Chunks to retrieve.")
-@click.option("--max-tokens", default=256, show_default=True, help="Longest answer in tokens.")
-@click.option("--threads", type=int, default=None, help="CPU threads (default: the target profile's).")
+@click.option("-k", "k", type=click.IntRange(min=1), default=3, show_default=True, help="Chunks to retrieve.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Longest answer in tokens.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: the target profile's).")
 @KEY_OPTION
 def ask(bundle_dir, question, runtime, k, max_tokens, threads, key):
     """Answer a question from the bundle's documents on the device (verifies the bundle first)."""
@@ -173,7 +175,7 @@ def ask(bundle_dir, question, runtime, k, max_tokens, threads, key):
 
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--threads", type=int, default=None, help="CPU threads (default: the target profile's).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: the target profile's).")
 @KEY_OPTION
 def validate(bundle_dir, threads, key):
     """On the device: check every artifact whose runtime is installed against the golden references."""

@@ -217,7 +217,7 @@ LongRoPE switch ({esc(str(rep['probes']['longrope_switch']))} positions).</p>
 
 def readme(rep: dict) -> str:
     """The bundle's README: a function of what was built, not of when (the date is in the manifest and report)."""
-    target = (rep.get("target") or {}).get("name")
+    target = rep.get("target")           # the profile's name (build_report)
     extras = ",".join(sorted({r["format"] for r in rep["artifacts"]}) + ["retriever"])
     lines = [f"# phiedge bundle: {rep['model']['ref']}" + (f" + {rep['adapter']['ref']}" if rep["adapter"] else ""), "",
              (f"Built for target `{target}`." if target else "Built without a target profile.") +

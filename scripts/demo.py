@@ -30,7 +30,8 @@ def main() -> int:
     for noisy in ("httpx", "transformers", "peft", "huggingface_hub", "sentence_transformers", "nncf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     demo = FIXTURES / "smollm2"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_model.py"), str(demo)], check=True)
+    steps = ["--steps", os.environ["PHIEDGE_DEMO_STEPS"]] if os.environ.get("PHIEDGE_DEMO_STEPS") else []
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_model.py"), str(demo), *steps], check=True)
     if "--model-only" in sys.argv:          # the first stage alone (tests/test_fresh_clone.py)
         return 0
 

@@ -1,11 +1,12 @@
-"""`phiedge build`: resolve → merge (+ proof) → reference → export → parity → retriever → smoke → bundle.
+"""`phiedge build`: resolve → hash inputs → merge (+ proof, reference) → retriever → smoke reference →
+export and check, per format and precision → bundle.
 
-Every stage's output lives in the stage cache (phiedge.cache), keyed by the hashes of its inputs and
-settings: the same build again does no work, new documents rebuild only the retriever and the smoke
-checks, a new adapter rebuilds the merge and everything downstream of it but not the retriever. The
-bundle is assembled in `<out>.partial/` and renamed to `<out>` only when every check passed, so an
-interrupted or failed build never looks complete. A failed gate leaves `<out>.partial/report.json`
-for inspection and raises ParityError listing every failure.
+The build is a list of stages (phiedge.stages) handed to an executor. Every cached stage's output lives in
+the stage cache (phiedge.cache), keyed by the hashes of its inputs and settings and by the code it runs: the
+same build again does no work, new documents rebuild only the retriever and the checks, a new adapter rebuilds
+the merge and everything downstream of it but not the retriever. The bundle is assembled in `<out>.partial/`
+and renamed to `<out>` only when every check passed, so an interrupted or failed build never looks complete.
+A failed gate leaves `<out>.partial/report.json` for inspection and raises ParityError listing every failure.
 """
 from __future__ import annotations
 
@@ -13,23 +14,24 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
-import subprocess
-import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, bundle, exporters, parity, report, source
+from . import __version__, bundle, exporters, report, source
 from .cache import StageCache, default_root
-from .memory import TreeSampler, available_bytes, guarded, isolated
-from .errors import (DiskSpaceError, InvalidCheckpointError, MemoryShortError, ParityError, RetrieverError,
-                     UsageError)
+from .checks import ArtifactResult, Limits, Measurement
+from .errors import InvalidCheckpointError, MemoryShortError, ParityError, RetrieverError, UsageError
+from .memory import available_bytes, isolated
+from .stages import Clock, Context, Hit, SequentialExecutor, Stage
 
 log = logging.getLogger("phiedge")
 SMOKE_TOKENS = 24
+# The code each kind of stage runs (roots of its fingerprint; phiedge.cache.code_fingerprint follows imports).
+MERGE_CODE = ("phiedge.merge", "phiedge.checks.reference")
+RETRIEVER_CODE = ("phiedge.retriever.build",)
+SMOKE_CODE = ("phiedge.checks.smoke",)
+CHECK_CODE = ("phiedge.worker", "phiedge.checks.measure", "phiedge.runtimes.base")
 
 
 @dataclass
@@ -56,7 +58,7 @@ class BuildRequest:
 
 
 def plan_formats(formats: list[str], precisions: dict[str, list[str]]) -> dict[str, list[str]]:
-    """--formats plus per-format precision flags -> {format: [precision, ...]}, validated."""
+    """--formats plus per-format precision flags -> {format: [canonical precision, ...]}, validated."""
     plan = {}
     for f in formats:
         exp = exporters.get(f)
@@ -66,174 +68,88 @@ def plan_formats(formats: list[str], precisions: dict[str, list[str]]) -> dict[s
     return plan
 
 
-class _Clock:
-    """Times each stage and prints the checklist line: what it produced, how long it took, or that it was
-    cached. On a terminal, a progress bar over the build's stages shows the running stage and its clock."""
-
-    def __init__(self):
-        self.timings: dict[str, float] = {}
-        self.peaks_mb: dict[str, float] = {}       # peak RSS of the whole process tree during each stage
-        self.bar = None
-
-    def start_bar(self, total: int) -> None:
-        if not sys.stderr.isatty():
-            return
-        from tqdm import tqdm
-        self.bar = tqdm(total=total, unit="stage", leave=False, dynamic_ncols=True,
-                        bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} stages [{elapsed}]")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def run(self, name: str, fn, *args, staged: bool = False, where: Path | None = None, need: int | None = None,
-            **kw):
-        """`fn(*args, **kw)` timed and measured. `staged`: fn returns (result, cached) and run returns the result.
-        A full disk (ENOSPC here or in a tool) becomes one DiskSpaceError naming this stage, the folder it wrote
-        (`where`) and the space it needs (`need` bytes, when known)."""
-        ticker = self._tick(name)
-        t0 = time.perf_counter()
-        try:
-            with TreeSampler() as mem:
-                out = fn(*args, **kw)
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            raise disk_full(name, Path(e.filename) if e.filename else where, need, str(e.strerror)) from None
-        except DiskSpaceError as e:
-            raise disk_full(name, where, need, str(e)) from None
-        finally:
-            ticker.set()
-        self.timings[name] = round(time.perf_counter() - t0, 2)
-        self.peaks_mb[name] = mem.peak_mb
-        cached = False
-        if staged:
-            out, cached = out
-        what = f"  {_size(out)}" if isinstance(out, Path) else ""
-        line = (f"✓ {name:<24} {self.timings[name]:7.1f} s  peak {mem.peak_mb / 1024:5.2f} GB"
-                f"{'  (cached)' if cached else ''}{what}")
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
-            self.bar.update(1)
-        else:
-            log.info(line)
-        return out
-
-    def _tick(self, name: str) -> threading.Event:
-        """Refresh the bar every half second while a stage runs, so a long export visibly advances."""
-        done = threading.Event()
-        if self.bar is None:
-            return done
-        self.bar.set_description_str(name)
-
-        def loop():
-            while not done.wait(0.5):
-                self.bar.refresh()
-        threading.Thread(target=loop, daemon=True).start()
-        return done
-
-
-def disk_full(stage: str, where: Path | None, need: int | None, detail: str) -> DiskSpaceError:
-    probe = Path(where) if where else Path.cwd()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    needs = f"it needs about {_mb(need)}, " if need else ""
-    return DiskSpaceError(f"the {stage} stage ran out of disk space in {probe} ({detail}; {needs}{_mb(free)} free): "
-                          f"free space there or choose another --cache-dir/--out, then run the build again "
-                          f"(it resumes; nothing partial was kept)")
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
 def build(req: BuildRequest) -> dict:
     if req.docs is None and (req.smoke_question or req.smoke_needle or req.smoke_answer):
         raise UsageError("--smoke-question/--smoke-needle/--smoke-answer ask about documents: pass them with --docs")
-    clock = _Clock()
-    clock.start_bar(4 + (2 if req.docs is not None else 0) + sum(1 + len(p) for p in req.formats.values()))
+    out = Path(req.out)
+    clock = Clock()
     try:
         if clock.bar is None:
-            return _build(req, clock)
-        from tqdm.contrib.logging import logging_redirect_tqdm
-        with logging_redirect_tqdm():           # log lines print above the bar, not through it
-            return _build(req, clock)
+            ctx, stages = _plan(req, out, clock)
+            SequentialExecutor().run(stages, ctx, clock)
+        else:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            with logging_redirect_tqdm():           # log lines print above the bar, not through it
+                ctx, stages = _plan(req, out, clock)
+                SequentialExecutor().run(stages, ctx, clock)
     finally:
         clock.close()
-
-
-def _build(req: BuildRequest, clock: _Clock) -> dict:
-    out = Path(req.out)
-    model, adapter, config = clock.run("resolve", _cheap_checks, req, out)
-    cache = StageCache(req.cache_dir, verify="full" if req.verify_cache else "fast")
-    digests = clock.run("hash inputs", _hash_inputs, cache, model, adapter, staged=True)
-    merge_key = {"v": __version__, "model": digests["model"], "adapter": digests["adapter"],
-                 "allow_noop": req.allow_noop_adapter}
-
-    def do_merge(d: Path) -> None:
-        from . import merge
-        # Each in its own process: the merge's model copy is gone before the reference loads the merged one.
-        proof = isolated(merge.merge, model, adapter, config, d / "merged", allow_noop=req.allow_noop_adapter)
-        (d / "proof.json").write_text(json.dumps(merge.proof_dict(proof), indent=2))
-        isolated(merge.reference, d / "merged", config, d / "reference.npz")
-
-    weights = sum(v for k, v in model.files.items() if k.endswith(".safetensors"))
-    merged_stage = clock.run("merge", cache.stage, "merge", merge_key, do_merge, staged=True, where=cache.root,
-                             need=weights)
-    merged, reference = merged_stage / "merged", merged_stage / "reference.npz"
-    proof = json.loads((merged_stage / "proof.json").read_text())
-
-    retriever_dir, smoke_ref = None, None
-    if req.docs is not None:
-        retriever_dir = clock.run("retriever", _retriever_stage, cache, Path(req.docs), req, staged=True,
-                                  where=cache.root)
-        smoke_ref = clock.run("smoke reference", _smoke_reference_stage, cache, merged_stage, retriever_dir, req,
-                              staged=True, where=cache.root)
-
-    n_params = source.param_count(model)
-    rows, failures = [], []
-    for fmt, precs in req.formats.items():
-        export_key = {"merge": merged_stage.name, "format": fmt, "precisions": precs, "v": __version__}
-        calibration = req.docs if req.docs is not None and exporters.get(fmt).USES_CALIBRATION \
-            else None           # data-aware quantization (OpenVINO int4) calibrates on the build's own documents
-        if calibration is not None:
-            export_key["calibration"] = docs_digest(cache, Path(calibration), req.follow_links)
-        fstage = clock.run(f"export {fmt}", cache.stage, f"export-{fmt}", export_key,
-                           lambda d, fmt=fmt, precs=precs, cal=calibration: _export(fmt, precs, merged, d,
-                                                                                    req.threads, cal,
-                                                                                    req.follow_links),
-                           staged=True, where=cache.root, need=exporters.get(fmt).estimate_bytes(n_params, precs))
-        for a in _artifacts_in(fstage):
-            row = clock.run(f"check {fmt} {a.precision}", _check_stage, cache, a, fstage, reference, smoke_ref,
-                            retriever_dir, req, staged=True, where=cache.root)
-            rows.append(row)
-            failures += [f"{a.format} {a.precision}: {f}" for f in row["failures"]]
-            _log_row(row)
     work = out.with_name(out.name + ".partial")
-    rep = report.build_report(model=model, adapter=adapter, proof=proof, rows=rows, timings=clock.timings,
-                              peaks_mb=clock.peaks_mb,
-                              config=config, target=req.target, smoke_question=_question(req, smoke_ref),
-                              cache={"hits": cache.hits, "ran": cache.ran, "rebuilt": cache.rebuilt})
-    source_info = {"model": {"ref": model.ref, "revision": model.revision, "files": digests["model"]},
-                   "adapter": None if adapter is None else
-                   {"ref": adapter.ref, "revision": adapter.revision, "files": digests["adapter"]}}
-    clock.run("bundle", _assemble, work, rows, reference, retriever_dir, rep, source_info, req, merged,
-              where=work.parent, need=sum(r["size_bytes"] for r in rows))
+    failures = [f"{r.artifact.format} {r.artifact.precision}: {f}" for r in _results(ctx) for f in r.verdict.failures]
     if failures:
         raise ParityError(f"parity failed for {len(failures)} check(s): {'; '.join(failures)} "
                           f"(report: {work / 'report.json'})")
     bundle.swap_into_place(work, out)
-    return rep
+    return ctx["bundle"]
 
 
-def _hash_inputs(cache: StageCache, model: source.Source, adapter: source.Source | None) -> tuple[dict, bool]:
+def _plan(req: BuildRequest, out: Path, clock: Clock) -> tuple[Context, list[Stage]]:
+    """Resolve and check the inputs (the checklist's first line), then lay out the stage graph."""
+    model, adapter, config = clock.run(Stage("resolve"), lambda: (_cheap_checks(req, out), False), None)
+    ctx = Context(req=req, cache=StageCache(req.cache_dir, verify="full" if req.verify_cache else "fast"),
+                  inputs={"model": model, "adapter": adapter, "config": config, "out": out, "clock": clock,
+                          "n_params": source.param_count(model)})
+    stages = graph(ctx)
+    clock.expect(1 + len(stages))
+    return ctx, stages
+
+
+def _results(ctx: Context) -> list[ArtifactResult]:
+    return [v for k, v in ctx.outputs.items() if k.startswith("check ")]
+
+
+# ------------------------------------------------------------------------------------------------ the graph
+
+def graph(ctx: Context) -> list[Stage]:
+    """Every stage of this build, as data."""
+    req, n_params = ctx.req, ctx.inputs["n_params"]
+    weights = sum(v for k, v in ctx.inputs["model"].files.items() if k.endswith(".safetensors"))
+    stages = [Stage("hash inputs", run=_hash_inputs),
+              Stage("merge", needs=("hash inputs",), cache_name="merge", key=_merge_key, make=_merge,
+                    modules=MERGE_CODE, disk_bytes=weights)]
+    if req.docs is not None:
+        stages += [Stage("retriever", cache_name="retriever", key=_retriever_key, make=_retriever,
+                         result=lambda c, d: d / "retriever", modules=RETRIEVER_CODE),
+                   Stage("smoke reference", needs=("merge", "retriever"), cache_name="smoke-ref", key=_smoke_key,
+                         make=_smoke_reference, result=lambda c, d: d / "smoke.json", modules=SMOKE_CODE)]
+    for fmt, precs in req.formats.items():
+        exp = exporters.get(fmt)
+        stages.append(Stage(f"export {fmt}", needs=("merge",), cache_name=f"export-{fmt}",
+                            key=lambda c, fmt=fmt, precs=precs: _export_key(c, fmt, precs),
+                            make=lambda c, d, fmt=fmt, precs=precs: _export(c, d, fmt, precs),
+                            modules=(type(exp).__module__, *exp.TOOL_MODULES),
+                            peak_bytes=max((exp.peak_bytes(n_params, p) or 0 for p in precs), default=0) or None,
+                            disk_bytes=exp.estimate_bytes(n_params, precs)))
+        for p in precs:
+            needs = ("merge", f"export {fmt}") + (("smoke reference",) if req.docs is not None else ())
+            stages.append(Stage(f"check {fmt} {p}", needs=needs, cache_name=f"check-{fmt}-{p}",
+                                key=lambda c, fmt=fmt, p=p: _check_key(c, fmt, p),
+                                make=lambda c, d, fmt=fmt, p=p: _measure(c, d, fmt, p),
+                                result=lambda c, d, fmt=fmt, p=p: _result(c, d, fmt, p),
+                                modules=(*CHECK_CODE, f"phiedge.runtimes.{fmt}")))
+    stages.append(Stage("bundle", run=_bundle, needs=tuple(s.name for s in stages),
+                        where=ctx.inputs["out"].parent,
+                        disk_bytes=sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())))
+    return stages
+
+
+def _hash_inputs(ctx: Context) -> Hit:
     """sha256 of every input file (7.7 GB at full size), remembered across builds by path, size and mtime; the
-    same read checks every safetensors tensor for NaN/inf. (digests, whether all came from the memo)."""
+    same read checks every safetensors tensor for NaN/inf. Cached when every digest came from that memo."""
+    cache, found = ctx.cache, {}
     before = cache.files_hashed
-    found = {}
-    for kind, src in (("model", model), ("adapter", adapter)):
+    for kind in ("model", "adapter"):
+        src = ctx.inputs[kind]
         if src is None:
             found[kind] = None
             continue
@@ -244,7 +160,22 @@ def _hash_inputs(cache: StageCache, model: source.Source, adapter: source.Source
                                          f"values: the checkpoint is damaged or diverged in training; download or "
                                          f"save it again (or pass the last good checkpoint)")
         found[kind] = {n: f["sha256"] for n, f in facts.items()}
-    return found, cache.files_hashed == before
+    return Hit(found, cache.files_hashed == before)
+
+
+def _merge_key(ctx: Context) -> dict:
+    d = ctx["hash inputs"]
+    return {"v": __version__, "model": d["model"], "adapter": d["adapter"], "allow_noop": ctx.req.allow_noop_adapter}
+
+
+def _merge(ctx: Context, d: Path) -> None:
+    from . import merge
+    from .checks import reference
+    model, adapter, config = ctx.inputs["model"], ctx.inputs["adapter"], ctx.inputs["config"]
+    # Each in its own process: the merge's model copy is gone before the reference loads the merged one.
+    proof = isolated(merge.merge, model, adapter, config, d / "merged", allow_noop=ctx.req.allow_noop_adapter)
+    (d / "proof.json").write_text(json.dumps(merge.proof_dict(proof), indent=2))
+    isolated(reference.reference, d / "merged", config, d / "reference.npz")
 
 
 def docs_digest(cache: StageCache, docs: Path, follow_links: bool) -> dict[str, str]:
@@ -257,23 +188,121 @@ def docs_digest(cache: StageCache, docs: Path, follow_links: bool) -> dict[str, 
     return out
 
 
-def _assemble(work: Path, rows: list[dict], reference: Path, retriever_dir: Path | None, rep: dict,
-              source_info: dict, req: BuildRequest, merged: Path) -> None:
+def _retriever_key(ctx: Context) -> dict:
+    return {"docs": docs_digest(ctx.cache, Path(ctx.req.docs), ctx.req.follow_links), "v": __version__}
+
+
+def _retriever(ctx: Context, d: Path) -> None:
+    from .retriever.build import build_index
+    build_index(Path(ctx.req.docs), d / "retriever", threads=ctx.req.threads, follow_links=ctx.req.follow_links)
+
+
+def _smoke_key(ctx: Context) -> dict:
+    r = ctx.req
+    return {"merge": ctx["merge"].name, "retriever": ctx["retriever"].parent.name, "q": r.smoke_question,
+            "needle": r.smoke_needle, "answer": r.smoke_answer, "n": SMOKE_TOKENS}
+
+
+def _smoke_reference(ctx: Context, d: Path) -> None:
+    from .checks.smoke import smoke_reference
+    r = ctx.req
+    smoke_reference(ctx["merge"] / "merged", ctx["retriever"], d / "smoke.json", question=r.smoke_question,
+                    needle=r.smoke_needle, fact=r.smoke_answer, n_tokens=SMOKE_TOKENS)
+
+
+def _export_key(ctx: Context, fmt: str, precs: list[str]) -> dict:
+    key = {"merge": ctx["merge"].name, "format": fmt, "precisions": precs, "v": __version__}
+    if _calibration(ctx, fmt) is not None:
+        key["calibration"] = docs_digest(ctx.cache, Path(ctx.req.docs), ctx.req.follow_links)
+    return key
+
+
+def _calibration(ctx: Context, fmt: str) -> Path | None:
+    """Data-aware quantization (OpenVINO int4) calibrates on the build's own documents."""
+    return ctx.req.docs if ctx.req.docs is not None and exporters.get(fmt).USES_CALIBRATION else None
+
+
+def _export(ctx: Context, d: Path, fmt: str, precs: list[str]) -> None:
+    settings: dict = {"threads": ctx.req.threads}
+    if _calibration(ctx, fmt) is not None:
+        settings["calibration_text"] = calibration_text(Path(ctx.req.docs), ctx.req.follow_links)
+    arts = exporters.get(fmt).export(ctx["merge"] / "merged", d, precs, settings)
+    (d / "artifacts.json").write_text(json.dumps(
+        [{"format": a.format, "precision": a.precision, "path": str(a.path.relative_to(d)), "files": list(a.files),
+          "meta": a.meta} for a in arts], indent=2))
+
+
+def calibration_text(docs: Path, follow_links: bool = False) -> list[str]:
+    """The text of every document the retriever indexes (same reader, same link policy), for data-aware
+    quantization."""
+    from .retriever.ingest import SkipFile, list_files, load_document, read_bytes
+    out = []
+    for p in list_files(docs, follow_links=follow_links)[0]:
+        try:
+            out.append(load_document(p, p.relative_to(docs).as_posix(), read_bytes(p)).text)
+        except SkipFile as e:           # the retriever reports unreadable files; calibration skips them
+            log.debug("calibration: skipped %s (%s)", p, e)
+    return out
+
+
+def artifact(ctx: Context, fmt: str, precision: str) -> exporters.Artifact:
+    folder = ctx[f"export {fmt}"]
+    for a in json.loads((folder / "artifacts.json").read_text()):
+        if a["precision"] == precision:
+            return exporters.Artifact(format=a["format"], precision=a["precision"], path=folder / a["path"],
+                                      files=tuple(a["files"]), meta=a["meta"])
+    raise RuntimeError(f"export {fmt} wrote no {precision} artifact")
+
+
+def _check_key(ctx: Context, fmt: str, precision: str) -> dict:
+    smoke = ctx.outputs.get("smoke reference")
+    return {"export": ctx[f"export {fmt}"].name, "precision": precision,
+            "smoke": smoke.parent.name if smoke else None, "reference": ctx["merge"].name}
+
+
+def _measure(ctx: Context, d: Path, fmt: str, precision: str) -> None:
+    from .worker import measure_in_child
+    measure_in_child(artifact(ctx, fmt, precision), ctx["merge"] / "reference.npz",
+                     ctx.outputs.get("smoke reference"), ctx.req.threads, d / "measurement.json")
+
+
+def _result(ctx: Context, d: Path, fmt: str, precision: str) -> ArtifactResult:
+    r = ArtifactResult.of(artifact(ctx, fmt, precision), Limits.for_precision(precision, ctx.req.thresholds),
+                          Measurement.from_json(json.loads((d / "measurement.json").read_text())))
+    _log_result(r)
+    return r
+
+
+def _bundle(ctx: Context) -> dict:
+    """Assemble `<out>.partial/`: artifacts, retriever, golden references, reports, manifest (signed when the
+    gate passed and a key was given). Returns the report."""
+    req, model, adapter = ctx.req, ctx.inputs["model"], ctx.inputs["adapter"]
+    out, clock = ctx.inputs["out"], ctx.inputs["clock"]
+    work = out.with_name(out.name + ".partial")
+    results, digests, smoke = _results(ctx), ctx["hash inputs"], ctx.outputs.get("smoke reference")
+    rep = report.build_report(model=model, adapter=adapter, proof=json.loads((ctx["merge"] / "proof.json").read_text()),
+                              results=results, timings=clock.timings, peaks_mb=clock.peaks_mb,
+                              config=ctx.inputs["config"], target=req.target,
+                              smoke_question=json.loads(smoke.read_text()) if smoke else None,
+                              cache={"hits": ctx.cache.hits, "ran": ctx.cache.ran, "rebuilt": ctx.cache.rebuilt})
+    sources = {"model": {"ref": model.ref, "revision": model.revision, "files": digests["model"]},
+               "adapter": None if adapter is None else
+               {"ref": adapter.ref, "revision": adapter.revision, "files": digests["adapter"]}}
     try:
-        bundle.assemble(work, rows=rows, reference=reference, retriever=retriever_dir, report=rep,
-                        source_info=source_info, target=req.target, chat_dir=merged)
-        if req.sign_key is not None:
-            bundle.sign(work, req.sign_key)
+        bundle.assemble(work, results=results, reference=ctx["merge"] / "reference.npz",
+                        retriever=ctx.outputs.get("retriever"), report=rep, source_info=sources, target=req.target,
+                        sign_key=req.sign_key if rep["passed"] else None)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             shutil.rmtree(work, ignore_errors=True)        # nothing half-written stays behind
         raise
+    return rep
 
 
-# ----------------------------------------------------------------------------------------------- stages
+# ------------------------------------------------------------------------------------------ cheap checks
 
 def _cheap_checks(req: BuildRequest, out: Path):
-    """Nothing heavy runs before all of these pass."""
+    """Nothing heavy runs before all of these pass; every shortfall of the exports is listed at once."""
     if not bundle.is_bundle(out):          # rebuilding our own bundle in place is allowed
         source.prepare_out(out, force=req.force)
     if req.docs is not None:
@@ -287,9 +316,7 @@ def _cheap_checks(req: BuildRequest, out: Path):
         adapter = source.resolve(req.adapter, revision=req.adapter_revision, kind="adapter")
         source.check_adapter(adapter, model, config)
     n_params = source.param_count(model)
-    shortfalls = memory_shortfalls(req.formats, n_params, available_bytes())
-    if shortfalls:
-        raise MemoryShortError(next(iter(shortfalls.values())))
+    preflight(req.formats, n_params, available_bytes(), calibration=req.docs is not None)
     weight_bytes = sum(v for k, v in model.files.items() if k.endswith(".safetensors"))
     exports = sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())
     cache_root = Path(req.cache_dir) if req.cache_dir else default_root()
@@ -300,231 +327,51 @@ def _cheap_checks(req: BuildRequest, out: Path):
     return model, adapter, config
 
 
+def memory_shortfalls(formats: dict[str, list[str]], n_params: int, available: int) -> dict[str, str]:
+    """Format -> why its export cannot run here, for exports known to need more memory than `available`."""
+    found = {f: exporters.get(f).memory_shortfall(p, n_params, available) for f, p in formats.items()}
+    return {f: why for f, why in found.items() if why}
+
+
+def preflight(formats: dict[str, list[str]], n_params: int, available: int, *, calibration: bool) -> None:
+    """Every reason an export cannot run here (a missing toolchain, an option that needs --docs, more memory
+    than the machine has), all named in one line; memory alone is a MemoryShortError."""
+    problems = {fmt: exporters.get(fmt).preflight(precs, n_params=n_params, available=available,
+                                                  calibration=calibration) for fmt, precs in formats.items()}
+    lines = [p for ps in problems.values() for p in ps]
+    if not lines:
+        return
+    only_memory = all("of memory" in p for p in lines)
+    msg = lines[0] if len(lines) == 1 else f"{len(lines)} problems: " + "; ".join(
+        f"({i}) {p}" for i, p in enumerate(lines, 1))
+    raise (MemoryShortError if only_memory else UsageError)(msg)
+
+
 def _check_docs(docs: Path, follow_links: bool) -> None:
     """A documents folder that gives the retriever nothing is refused before the merge, not after it."""
     if not docs.is_dir():
         raise UsageError(f"--docs {docs} is not a folder: pass the folder of documents for the retriever")
-    from .retriever.ingest import list_files
+    from .retriever.ingest import list_files, no_documents_message
     found, skipped = list_files(docs, follow_links=follow_links)
     if not found:
-        from .retriever.build import _no_chunks_message
-        raise RetrieverError(_no_chunks_message(docs, skipped))
-
-
-def memory_shortfalls(formats: dict[str, list[str]], n_params: int, available: int) -> dict[str, str]:
-    """Format -> why its export cannot run here, for exports known to need more memory than `available`:
-    refused up front, not OOM-killed half an hour into a build."""
-    out = {}
-    for fmt, precs in formats.items():
-        exp = exporters.get(fmt)
-        for p in precs:
-            need = exp.peak_bytes(n_params, p)
-            if need and need > available and fmt not in out:
-                out[fmt] = (f"the {fmt} {p} export of this {n_params / 1e9:.1f}B-parameter model needs about "
-                            f"{need / 1e9:.1f} GB of memory ({exp.PEAK_WHY}), this machine has "
-                            f"{available / 1e9:.1f} GB available (RAM + free swap): export {fmt} on a machine "
-                            f"with more memory or swap, or leave {fmt} out of --formats")
-    return out
-
-
-def _export(fmt: str, precs: list[str], merged: Path, d: Path, threads: int, calibration: Path | None = None,
-            follow_links: bool = False) -> None:
-    settings: dict = {"threads": threads}
-    if calibration is not None:
-        settings["calibration_text"] = _calibration_text(Path(calibration), follow_links)
-    arts = exporters.get(fmt).export(merged, d, precs, settings)
-    (d / "artifacts.json").write_text(json.dumps(
-        [{"format": a.format, "precision": a.precision, "path": str(a.path.relative_to(d)), "files": list(a.files),
-          "meta": a.meta} for a in arts], indent=2))
-
-
-def _calibration_text(docs: Path, follow_links: bool = False) -> list[str]:
-    """The text of every document the retriever indexes (same reader, same link policy), for data-aware
-    quantization."""
-    from .retriever.ingest import SkipFile, list_files, load_document, read_bytes
-    out = []
-    for p in list_files(docs, follow_links=follow_links)[0]:
-        try:
-            out.append(load_document(p, p.relative_to(docs).as_posix(), read_bytes(p)).text)
-        except SkipFile as e:           # the retriever reports unreadable files; calibration skips them
-            log.debug("calibration: skipped %s (%s)", p, e)
-    return out
-
-
-def _artifacts_in(stage_dir: Path) -> list[exporters.Artifact]:
-    return [exporters.Artifact(format=a["format"], precision=a["precision"], path=stage_dir / a["path"],
-                               files=tuple(a["files"]), meta=a["meta"])
-            for a in json.loads((stage_dir / "artifacts.json").read_text())]
-
-
-def _retriever_stage(cache: StageCache, docs: Path, req: BuildRequest) -> tuple[Path, bool]:
-    from .retriever.build import build_index
-    key = {"docs": docs_digest(cache, docs, req.follow_links), "v": __version__}
-    stage, hit = cache.stage("retriever", key, lambda d: build_index(docs, d / "retriever", threads=req.threads,
-                                                                      follow_links=req.follow_links))
-    return stage / "retriever", hit
-
-
-def _question(req: BuildRequest, smoke_ref: Path | None) -> dict | None:
-    if smoke_ref is None:
-        return None
-    return json.loads((smoke_ref / "smoke.json").read_text())
-
-
-def _smoke_reference_stage(cache: StageCache, merged_stage: Path, retriever_dir: Path,
-                           req: BuildRequest) -> tuple[Path, bool]:
-    """Retrieve for the smoke question, build the RAG prompt, and record PyTorch's greedy answer to it."""
-    key = {"merge": merged_stage.name, "retriever": retriever_dir.parent.name, "q": req.smoke_question,
-           "needle": req.smoke_needle, "answer": req.smoke_answer, "n": SMOKE_TOKENS}
-
-    def run(d: Path) -> None:
-        from . import merge, rag
-        from .retriever import Retriever
-        with Retriever.open(retriever_dir) as r:
-            question, needle = req.smoke_question, req.smoke_needle
-            if not question:
-                question, needle = _default_question(r)
-            hits = r.search(question, k=3)
-        ids = rag.prompt_ids(merged_stage / "merged", rag.messages(question, hits))
-        greedy, margins = isolated(merge.greedy, merged_stage / "merged", ids, SMOKE_TOKENS)
-        needle = needle or question
-        fact, answer = req.smoke_answer, rag.detokenize(merged_stage / "merged", greedy)
-        if fact and not states(answer, fact):
-            raise UsageError(f"the fine-tuned model's own answer to the smoke question does not contain "
-                             f"{fact!r}: pass a --smoke-answer it gives, or a --smoke-question it answers")
-        (d / "smoke.json").write_text(json.dumps({
-            "question": question, "needle": needle, "fact": fact, "prompt_ids": ids, "reference_tokens": greedy,
-            "reference_margins": [round(m, 5) for m in margins], "reference_answer": answer,
-            "retrieved": [{"source": h.source, "chunk_id": h.chunk_id} for h in hits],
-            "retrieved_has_needle": any(needle.lower() in h.text.lower() for h in hits)}, indent=1))
-
-    return cache.stage("smoke-ref", key, run)
-
-
-def _default_question(r) -> tuple[str, str]:
-    """No --smoke-question: ask for the opening sentence of the corpus's first chunk; that chunk must come back."""
-    first = r.fetch([0]).get(0)                    # (source, heading, text)
-    text = first[2] if first else ""
-    sentence = text.strip().split("\n")[0].split(". ")[0][:160]
-    return f"What does the documentation say about: {sentence}?", sentence
-
-
-def _check_stage(cache: StageCache, a: exporters.Artifact, fstage: Path, reference: Path, smoke_ref: Path | None,
-                 retriever_dir: Path | None, req: BuildRequest) -> tuple[dict, bool]:
-    """Parity (both regimes) and the smoke RAG answer of one artifact, measured in a child process."""
-    key = {"export": fstage.name, "precision": a.precision, "smoke": smoke_ref.name if smoke_ref else None,
-           "reference": reference.parent.name}
-    stage, hit = cache.stage(f"check-{a.format}-{a.precision}", key,
-                             lambda d: _measure(a, reference, smoke_ref, req.threads, d))
-    measured = json.loads((stage / "measured.json").read_text())
-    return _judge(a, measured, req.thresholds, smoke_ref), hit
-
-
-def _measure(a: exporters.Artifact, reference: Path, smoke_ref: Path | None, threads: int, d: Path) -> None:
-    cmd = [sys.executable, "-m", "phiedge.worker", a.format, str(a.path), str(reference), str(threads)]
-    if smoke_ref is not None:
-        cmd.append(str(smoke_ref / "smoke.json"))
-    from .cache import writer_fds
-    r = subprocess.run(guarded(cmd), capture_output=True, text=True, pass_fds=writer_fds())
-    if r.returncode != 0:
-        why = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
-        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        measured = {"error": f"runtime failed ({why}): {last}"}
-    else:
-        measured = json.loads(r.stdout.strip().splitlines()[-1])
-    (d / "measured.json").write_text(json.dumps(measured, indent=1))
-
-
-def _judge(a: exporters.Artifact, measured: dict, overrides: dict | None, smoke_ref: Path | None) -> dict:
-    limits = parity.thresholds_for(a.precision, overrides)
-    row = {"format": a.format, "precision": a.precision, "stage_path": str(a.path),
-           "files": list(a.files), "size_bytes": a.size_bytes, "meta": a.meta,
-           "thresholds": {"top1_min": limits[0], "kl_max": limits[1], "max_abs_max": limits[2]}}
-    if "error" in measured:
-        row.update(parity={"short": None, "long": None}, failures=[measured["error"]], passed=False, smoke=None)
-        return row
-    row["parity"] = {"short": measured["parity"].get("short"), "long": measured["parity"].get("long")}
-    row["greedy"] = measured.get("greedy")
-    if row["greedy"]:                     # the probe's greedy tokens: reported, not held
-        g = row["greedy"]
-        g["token_agreement"] = parity.token_agreement(g["reference"], g["reference_margins"], g["forced_tokens"],
-                                                      limits).as_dict()
-    fails = []
-    for regime, m in row["parity"].items():
-        if m is not None:
-            fails += parity.failures(regime, parity.Metrics(**m), limits)
-    smoke = measured.get("smoke")
-    if smoke is not None:
-        ref = json.loads((smoke_ref / "smoke.json").read_text())
-        smoke["retrieved_has_needle"] = ref["retrieved_has_needle"]
-        fails += _smoke_failures(a.precision, smoke, ref, limits)
-    row["smoke"] = smoke
-    row["failures"] = fails
-    row["passed"] = not fails
-    return row
-
-
-def states(answer: str, fact: str) -> bool:
-    """Whether `answer` states `fact` as a whole number or word, case-insensitively: "3.8" is in "3.8B-parameter"
-    and "3.8 billion", "32" is not in "232 layers" nor "320" (a 4-bit SmolLM2 answered "232 Transformer layers")."""
-    before = r"(?<![0-9.])" if fact[:1].isdigit() else r"(?<![0-9A-Za-z])"
-    after = r"(?![0-9])" if fact[-1:].isdigit() else r"(?![0-9A-Za-z])"
-    return re.search(before + re.escape(fact) + after, answer, re.IGNORECASE) is not None
-
-
-def _smoke_failures(precision: str, smoke: dict, ref: dict, limits: tuple) -> list[str]:
-    """The smoke rule. With a fact (a real model): every artifact's answer contains it; token agreement with
-    PyTorch is reported, not held (an fp16-activation runtime such as MLX fp16 flips real near-ties: 23/24
-    teacher-forced on SmolLM2, 24/24 in fp32). Without one (tiny random models, whose answers carry no facts),
-    PyTorch's answer is replayed token by token (teacher-forced): a full-precision artifact picks PyTorch's token
-    at every position that is not a near-tie for its precision (parity.token_agreement), and its greedy answer
-    equals PyTorch's at least up to the first near-tie (after a tie broken the other way, greedy decoding follows
-    another path, which says nothing about the artifact). A quantized artifact agrees teacher-forced at its
-    precision's top-1 threshold."""
-    tokens = parity.token_agreement(ref["reference_tokens"], ref["reference_margins"], smoke["forced_tokens"], limits)
-    smoke["token_agreement"] = tokens.as_dict()
-    smoke["agreement"] = tokens.rate
-    fails = [] if ref["retrieved_has_needle"] else ["smoke: the retrieved chunks do not contain the answer's source"]
-    fact = ref.get("fact")
-    if fact:
-        smoke["agreement_min"] = None
-        smoke["has_fact"] = states(smoke["answer"], fact)
-        if not smoke["has_fact"]:
-            fails.append(f"smoke: the answer does not contain {fact!r}")
-        return fails
-    if parity.is_full_precision(precision):
-        smoke["agreement_min"] = None
-        if tokens.misses:
-            fails.append(f"smoke: the answer takes another token than PyTorch at position(s) "
-                         f"{', '.join(map(str, tokens.misses))} of {tokens.of}, none of them a near-tie")
-        if smoke["prefix_match"] < tokens.first_tie:
-            fails.append(f"smoke: the greedy answer leaves PyTorch's at token {smoke['prefix_match']} of {tokens.of}, "
-                         f"before any near-tie")
-        return fails
-    smoke["agreement_min"] = limits[0]
-    if tokens.rate < limits[0]:
-        fails.append(f"smoke: teacher-forced answer tokens agree with PyTorch at {tokens.rate:.2f} (< {limits[0]:.2f})")
-    return fails
+        raise RetrieverError(no_documents_message(docs, skipped))
 
 
 def check_artifact(a: exporters.Artifact, reference: Path, threads: int, overrides: dict | None,
-                   workdir: Path) -> dict:
+                   workdir: Path) -> ArtifactResult:
     """Parity of one artifact outside a build (no cache): measure in a child process, judge."""
-    d = workdir / f"check-{a.format}-{a.precision}"
-    d.mkdir(parents=True, exist_ok=True)
-    _measure(a, reference, None, threads, d)
-    return _judge(a, json.loads((d / "measured.json").read_text()), overrides, None)
+    from .worker import measure_in_child
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / f"measurement-{a.format}-{a.precision}.json"
+    m = measure_in_child(a, reference, None, threads, out)
+    return ArtifactResult.of(a, Limits.for_precision(a.precision, overrides), m)
 
 
-def _log_row(row: dict) -> None:
+def _log_result(r: ArtifactResult) -> None:
     def fmt(m):
-        return "n/a" if m is None else f"top1 {m['top1']:.3f} kl {m['kl']:.2g} max|Δ| {m['max_abs']:.3g}"
-    log.info("  %s %-7s short: %s | long: %s  %s", row["format"], row["precision"], fmt(row["parity"]["short"]),
-             fmt(row["parity"]["long"]), "PASS" if row["passed"] else "FAIL: " + "; ".join(row["failures"]))
-
-
-def _size(path: Path) -> str:
-    n = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
-    return f"{n / 1e6:.1f} MB"
-
+        return "n/a" if m is None else f"top1 {m.top1:.3f} kl {m.kl:.2g} max|Δ| " + \
+            ("-" if m.max_abs is None else f"{m.max_abs:.3g}")
+    m = r.measurement
+    log.info("  %s %-7s short: %s | long: %s  %s", r.artifact.format, r.artifact.precision, fmt(m.regime("short")),
+             fmt(m.regime("long")), "PASS" if r.passed else "FAIL: " + "; ".join(r.verdict.failures))
 

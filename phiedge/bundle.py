@@ -3,14 +3,14 @@
 Layout:
     <format>-<precision>/   the artifact's files, as its runtime loads them
     retriever/              SQLite + FAISS + ONNX embedder (when built with --docs)
-    golden.npz              probe ids, top-k reference log-probs and greedy tokens, for `phiedge validate`
+    golden.npz              probe ids, top-k reference log-probs, greedy tokens and margins (phiedge.checks.golden)
     manifest.json           every file's sha256 and size, sources, versions, target, results
     manifest.json.sig       (signed bundles) a detached Ed25519 signature of manifest.json
     report.json, report.html, README.md
 
 The writer walks an explicit state order (artifacts → retriever → golden → reports → manifest) and
 refuses an out-of-order call, so a manifest can never describe a half-written bundle. Device-path
-module for `verify`: hashlib, json, numpy (and `cryptography` for signatures).
+module for `verify`: hashlib and json (and `cryptography` for signatures).
 
 Hashes prove a file matches the manifest, not who wrote the manifest: whoever swaps a file can rewrite the
 manifest to match. A signature closes that: `keygen` makes an Ed25519 key pair, `sign` writes the manifest's
@@ -20,21 +20,16 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import io
 import json
 import os
 import shutil
-import zipfile
 from pathlib import Path
-
-import numpy as np
 
 from .errors import BundleError, SignatureError, UsageError
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.json.sig"
 GOLDEN = "golden.npz"
-TOPK = 32
 SCHEMA = 1
 
 
@@ -44,19 +39,6 @@ def sha256(path: Path) -> str:
         while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
-
-
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez with fixed member times (SOURCE_DATE_EPOCH, else 1980-01-01): the file is a function of the arrays
-    alone (np.savez stamps every member with the current time, so two builds of the same bundle differed)."""
-    epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "315532800"))
-    import time
-    stamp = time.gmtime(max(epoch, 315532800))[:6]
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
-        for name, value in arrays.items():
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.asanyarray(value), allow_pickle=False)
-            z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=stamp), buf.getvalue())
 
 
 def is_bundle(folder: Path) -> bool:
@@ -84,15 +66,13 @@ class BundleWriter:
             raise RuntimeError(f"bundle writer: cannot write {to.name.lower()} after {self.state.name.lower()}")
         self.state = to
 
-    def add_artifacts(self, rows: list[dict]) -> None:
+    def add_artifacts(self, results) -> None:
+        """Each checked artifact's files into its folder (ArtifactResult.name), read, never changed."""
         self._advance(_State.ARTIFACTS)
-        for row in rows:
-            name = f"{row['format']}-{row['precision']}"
-            src = Path(row.pop("stage_path"))
-            for f in row.pop("files"):
-                (self.folder / name / f).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src / f, self.folder / name / f)
-            row["path"] = name
+        for r in results:
+            for f in r.artifact.files:
+                (self.folder / r.name / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(r.artifact.path / f, self.folder / r.name / f)
 
     def add_retriever(self, retriever: Path | None) -> None:
         self._advance(_State.RETRIEVER)
@@ -100,6 +80,7 @@ class BundleWriter:
             shutil.copytree(retriever, self.folder / "retriever")
 
     def add_golden(self, reference: Path) -> None:
+        from .checks.golden import write_golden
         self._advance(_State.GOLDEN)
         write_golden(reference, self.folder / GOLDEN)
 
@@ -119,39 +100,22 @@ class BundleWriter:
         (self.folder / MANIFEST).write_text(json.dumps({"schema": SCHEMA, **info, "files": files}, indent=2) + "\n")
 
 
-def write_golden(reference: Path, out: Path) -> None:
-    """Top-k log-probs (not full-vocabulary logits: 200k x 64 floats per regime would dwarf a small bundle)."""
-    ref = np.load(reference)
-    arrays = {}
-    for name in ("short", "long"):
-        if f"{name}_ids" not in ref:
-            continue
-        logits = ref[f"{name}_logits"].astype(np.float64)
-        lp = logits - logits.max(-1, keepdims=True)
-        lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
-        idx = np.argsort(-lp, axis=-1)[:, :TOPK]
-        arrays[f"{name}_ids"] = ref[f"{name}_ids"]
-        arrays[f"{name}_topk_idx"] = idx.astype(np.int32)
-        arrays[f"{name}_topk_logprob"] = np.take_along_axis(lp, idx, -1).astype(np.float32)
-    if "short_greedy" in ref:
-        arrays["short_greedy"] = ref["short_greedy"]
-    save_npz(out, arrays)
-
-
-def assemble(work: Path, *, rows: list[dict], reference: Path, retriever: Path | None, report: dict,
-             source_info: dict, target: dict | None, chat_dir: Path) -> None:
+def assemble(work: Path, *, results: list, reference: Path, retriever: Path | None, report: dict,
+             source_info: dict, target: dict | None, sign_key: Path | None = None) -> None:
+    """The whole bundle in `work`, in the writer's order; `report` already holds every result's row."""
     from . import report as report_mod
     w = BundleWriter(work)
-    w.add_artifacts(rows)                 # rows get their bundle-relative "path"
-    report["artifacts"] = rows
+    w.add_artifacts(results)
     w.add_retriever(retriever)
     w.add_golden(reference)
     w.add_reports(report, report_mod.readme(report))
     w.add_manifest({"created": report["created"], "source": source_info, "target": target,
                     "versions": report["versions"], "passed": report["passed"],
                     "artifacts": [{k: r.get(k) for k in ("format", "precision", "path", "size_bytes", "passed",
-                                                         "parity", "smoke", "failures")} for r in rows],
+                                                         "parity", "smoke", "failures")} for r in report["artifacts"]],
                     "retriever": "retriever" if retriever is not None else None})
+    if sign_key is not None:
+        sign(work, sign_key)
 
 
 def swap_into_place(work: Path, out: Path) -> None:

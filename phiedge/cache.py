@@ -52,12 +52,63 @@ def default_root() -> Path:
     return Path(os.environ.get("PHIEDGE_CACHE", Path.home() / ".cache" / "phiedge")) / "stages"
 
 
-def code_fingerprint() -> str:
-    """Hash of phiedge's own source: a stage made by other code is never reused."""
+PACKAGE = Path(__file__).resolve().parent
+# Packages whose __init__ is a registry (it imports every format): following it would make each exporter's and
+# runtime's stages depend on every other format's code.
+REGISTRIES = {"phiedge.exporters", "phiedge.runtimes"}
+
+
+def _module_file(name: str) -> Path | None:
+    rel = name.split(".")[1:]
+    if not rel:
+        return PACKAGE / "__init__.py"
+    return next((p for p in (PACKAGE.joinpath(*rel).with_suffix(".py"), PACKAGE.joinpath(*rel, "__init__.py"))
+                 if p.is_file()), None)
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """phiedge modules `path` imports, anywhere in it (lazy imports inside functions included)."""
+    import ast
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("phiedge")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                mod = f"{base}.{node.module}" if node.module else base
+            else:
+                mod = node.module or ""
+            if not mod.startswith("phiedge"):
+                continue
+            for a in node.names:                 # `from . import probes` names a module, `from .x import f` not
+                out.add(f"{mod}.{a.name}" if _module_file(f"{mod}.{a.name}") else mod)
+    return out
+
+
+def module_closure(roots) -> list[Path]:
+    """The source files of `roots` (module names) and of every phiedge module they import, transitively."""
+    seen: dict[str, Path] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if path is None or name in seen or name in REGISTRIES or name == "phiedge":
+            continue
+        seen[name] = path
+        todo += sorted(_imports(name, path))
+    return sorted(set(seen.values()))
+
+
+def code_fingerprint(roots=None) -> str:
+    """Hash of the code a stage runs: its root modules and what they import (all of phiedge without roots). A
+    stage made by other code is never reused, and editing code a stage does not run (the report, say) does not
+    re-run it."""
+    files = module_closure(roots) if roots else sorted(PACKAGE.rglob("*.py"))
     h = hashlib.sha256()
-    pkg = Path(__file__).resolve().parent
-    for f in sorted(pkg.rglob("*.py")):
-        h.update(str(f.relative_to(pkg)).encode())
+    for f in files:
+        h.update(str(f.relative_to(PACKAGE)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -157,7 +208,7 @@ class StageCache:
         except (OSError, json.JSONDecodeError):
             self._digests = {}
         self._sweep_all()
-        self.code = code_fingerprint()
+        self._codes: dict[tuple, str] = {}
         self.hits: list[str] = []
         self.ran: list[str] = []
         self.rebuilt: list[str] = []       # finished stages found damaged and run again
@@ -195,10 +246,14 @@ class StageCache:
 
     # -------------------------------------------------------------------------------------------- stages
 
-    def stage(self, name: str, parts: dict, fn: Callable[[Path], None]) -> tuple[Path, bool]:
+    def stage(self, name: str, parts: dict, fn: Callable[[Path], None], modules=()) -> tuple[Path, bool]:
         """(the finished folder of this stage for these inputs, whether it was already there), running
-        `fn(folder)` only if it was not (or was damaged)."""
-        parts = {**parts, "code": self.code}
+        `fn(folder)` only if it was not (or was damaged). `modules`: the code the stage runs (its key covers
+        them and what they import; without them, all of phiedge)."""
+        roots = tuple(modules)
+        if roots not in self._codes:
+            self._codes[roots] = code_fingerprint(roots)
+        parts = {**parts, "code": self._codes[roots]}
         sid = f"{name}-{key_of(parts)}"
         final = self.root / sid
         if self._intact(final):

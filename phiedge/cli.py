@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import logs
-from .errors import ParityError, PhiedgeError, UsageError
+from .errors import ParityError, PhiedgeError
 
 log = logging.getLogger("phiedge")
 
@@ -25,26 +25,31 @@ def cli(verbose: bool) -> None:
     logs.configure(verbose)
 
 
+def precision_options(f):
+    """One precision flag per registered exporter (and its modifiers), from the exporter's own declaration:
+    adding a format adds no lines here."""
+    from . import exporters
+    for name, cls in sorted(exporters.REGISTRY.items(), reverse=True):
+        for flag, mod in cls.CLI_MODIFIERS.items():
+            f = click.option(flag, f"{name}__{mod.group}", type=click.Choice(list(mod.choices)), default=None,
+                             help=mod.help)(f)
+        f = click.option(cls.CLI_FLAG, f"{name}__precisions", multiple=True,
+                         help=f"{cls.CLI_HELP} (default {cls.DEFAULT_PRECISION}); comma-separated or repeated.")(f)
+    return f
+
+
 @cli.command()
 @click.option("--model", default="microsoft/Phi-4-mini-instruct", show_default=True,
               help="Base model: a local Hugging Face directory or a Hub repo id.")
 @click.option("--revision", default=None, help="Hub commit, branch or tag of --model.")
 @click.option("--adapter", default=None, help="PEFT LoRA adapter: a local directory or a Hub repo id (none: export the base).")
 @click.option("--adapter-revision", default=None, help="Hub commit, branch or tag of --adapter.")
-@click.option("--target", default=None, help="Device profile from targets/ (`phiedge targets`); chooses formats and precisions.")
+@click.option("--target", default=None,
+              help="Device profile from targets/ (`phiedge targets`) or a .toml file; chooses formats and precisions "
+                   "(a precision flag replaces the profile's precisions of that format).")
 @click.option("--formats", "formats", multiple=True,
               help="Artifacts to build, comma-separated or repeated (default gguf); with --target, keep only these.")
-@click.option("--gguf-quant", multiple=True, help="GGUF levels, e.g. F16,Q8_0,Q4_K_M (default Q4_K_M).")
-@click.option("--onnx-precision", multiple=True,
-              help="ONNX precisions: fp32, fp16, int4 or int4-<options> such as int4-b64-rtn-acc4 (default int4).")
-@click.option("--ov-weights", multiple=True,
-              help="OpenVINO weights: fp32, fp16, int8, int4 or int4-<options> such as int4-g64-sym-r80-awq-se "
-                   "(default int4; data-aware on the --docs documents when given).")
-@click.option("--mlx-quant", multiple=True,
-              help="MLX precisions: fp32, fp16, bf16, 8bit, 4bit, mixed_4_6, quantized ones with options such as "
-                   "4bit-g32 or 4bit-emb4 (default 4bit: 4-bit layers, 8-bit tied embedding).")
-@click.option("--mlx-group-size", type=click.Choice(["32", "64", "128"]), default=None,
-              help="Group size for every quantized MLX precision that names none (default 64).")
+@precision_options
 @click.option("--docs", type=click.Path(path_type=Path), default=None,
               help="Documents for the embedded retriever; enables the smoke RAG query on every runtime.")
 @click.option("--smoke-question", default=None, help="Question whose answer is in --docs (default: derived from them).")
@@ -65,30 +70,18 @@ def cli(verbose: bool) -> None:
               help="Also read what symbolic links out of --docs point to (skipped and reported by default).")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
               help="Ed25519 private key (`phiedge keygen`): sign the bundle's manifest.")
-def build(model, revision, adapter, adapter_revision, target, formats, gguf_quant, onnx_precision, ov_weights, mlx_quant,
-          mlx_group_size, docs, smoke_question, smoke_needle, smoke_answer, out, force, cache_dir, threads,
-          allow_noop_adapter, verify_cache, follow_links, sign_key):
+def build(model, revision, adapter, adapter_revision, target, formats, docs, smoke_question, smoke_needle,
+          smoke_answer, out, force, cache_dir, threads, allow_noop_adapter, verify_cache, follow_links, sign_key,
+          **precision_flags):
     """Merge, export, check parity in both LongRoPE regimes, smoke-test RAG, and write the bundle."""
-    from . import targets as targets_mod
-    from .build import BuildRequest, build as run_build, plan_formats
+    from .build import BuildRequest, build as run_build
     from .report import table
-    profile, thresholds = None, None
-    if target:
-        profile = targets_mod.load(target)
-        wanted = set(_split(formats))
-        plan = {f: p for f, p in profile.plan().items() if not wanted or f in wanted}
-        if not plan:
-            raise UsageError(f"target '{profile.name}' has no {', '.join(sorted(wanted))} artifact: "
-                             f"it has {', '.join(profile.plan())}")
-        plan = plan_formats(list(plan), plan)
-        thresholds = profile.threshold_overrides()
-    else:
-        plan = plan_formats(_split(formats) or ["gguf"], {"gguf": _split(gguf_quant), "onnx": _split(onnx_precision),
-                                                              "openvino": _split(ov_weights),
-                                                              "mlx": _mlx_precisions(mlx_quant, mlx_group_size)})
+    from .targets import resolve_plan
+    plan, profile = resolve_plan(target, _split(formats), _precision_flags(precision_flags))
     rep = run_build(BuildRequest(model=model, adapter=adapter, formats=plan, out=out, revision=revision,
                                  adapter_revision=adapter_revision, force=force, threads=threads,
-                                 allow_noop_adapter=allow_noop_adapter, thresholds=thresholds,
+                                 allow_noop_adapter=allow_noop_adapter,
+                                 thresholds=profile.threshold_overrides() if profile else None,
                                  target=profile.as_dict() if profile else None, docs=docs,
                                  smoke_question=smoke_question, smoke_needle=smoke_needle,
                                  smoke_answer=smoke_answer, cache_dir=cache_dir, verify_cache=verify_cache,
@@ -97,9 +90,18 @@ def build(model, revision, adapter, adapter_revision, target, formats, gguf_quan
     click.echo(f"built {out} (report: {out / 'report.html'})")
 
 
-def _mlx_precisions(mlx_quant: tuple[str, ...], group_size: str | None) -> list[str]:
-    from .exporters.mlx import with_group_size
-    return with_group_size(_split(mlx_quant) or ["4bit"], int(group_size) if group_size else None)
+def _precision_flags(flags: dict) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """{format: (precisions given, {option group: token to add where none is named})} from the generated
+    options, for the formats whose flags were given."""
+    from . import exporters
+    out = {}
+    for name, cls in exporters.REGISTRY.items():
+        precs = _split(flags.get(f"{name}__precisions") or ())
+        mods = {m.group: m.token.format(flags[f"{name}__{m.group}"]) for m in cls.CLI_MODIFIERS.values()
+                if flags.get(f"{name}__{m.group}")}
+        if precs or mods:
+            out[name] = (precs, mods)
+    return out
 
 
 @cli.command()
@@ -107,7 +109,8 @@ def formats():
     """List the export formats and their precisions."""
     from . import exporters
     for name, cls in sorted(exporters.REGISTRY.items()):
-        click.echo(f"{name:10} {', '.join(cls.PRECISIONS)} (default {cls.DEFAULT_PRECISION})")
+        exp = cls()
+        click.echo(f"{name:10} {', '.join(exp.PRECISIONS)} (default {exp.DEFAULT_PRECISION}; {exp.CLI_FLAG})")
 
 
 @cli.command("targets")
@@ -176,17 +179,19 @@ def ask(bundle_dir, question, runtime, k, max_tokens, threads, key):
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: the target profile's).")
+@click.option("--artifact", "artifacts", multiple=True,
+              help="Validate only this artifact folder (e.g. gguf-Q4_K_M; repeat for several; default: all).")
 @KEY_OPTION
-def validate(bundle_dir, threads, key):
+def validate(bundle_dir, threads, artifacts, key):
     """On the device: check every artifact whose runtime is installed against the golden references."""
     from .device import validate as run_validate
-    rep = run_validate(bundle_dir, threads=threads, key=key)
+    rep = run_validate(bundle_dir, threads=threads, key=key, only=list(artifacts) or None)
     for r in rep["artifacts"]:
         if r["status"] == "not validated":
             click.echo(f"{r['path']:16} not validated: {r['reason']}")
         else:
             click.echo(f"{r['path']:16} {r['status']}: short top1 {r['parity']['short']['top1']:.3f}"
-                       + (f", long top1 {r['parity']['long']['top1']:.3f}" if "long" in r["parity"] else "")
+                       + (f", long top1 {r['parity']['long']['top1']:.3f}" if r["parity"].get("long") else "")
                        + f"; {r['decode_tps']:.1f} tok/s, first token {r['ttft_s']:.2f} s"
                        + ("" if not r["failures"] else "; " + "; ".join(r["failures"])))
     click.echo(f"device report: {rep['path']}")

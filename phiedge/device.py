@@ -12,9 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from . import bundle, parity, rag
+from . import bundle, rag
+from .checks import ArtifactResult, Limits, ProbeSet, measure
 from .errors import BundleError, UsageError
 from .runtimes import RuntimeSettings, get
 
@@ -72,54 +71,23 @@ def ask(folder: Path, question: str, *, runtime: str | None = None, k: int = 3, 
                   ttft_s=gen.ttft_s, decode_tps=gen.decode_tps)
 
 
-def _topk_metrics(golden: np.lib.npyio.NpzFile, regime: str, cand: np.ndarray) -> parity.Metrics:
-    """Top-1 agreement and KL restricted to the reference's top-k tokens (the bundle keeps no full logits)."""
-    idx, lp_ref = golden[f"{regime}_topk_idx"], golden[f"{regime}_topk_logprob"].astype(np.float64)
-    lq = cand.astype(np.float64)
-    lq = lq - lq.max(-1, keepdims=True)
-    lq = lq - np.log(np.exp(lq).sum(-1, keepdims=True))
-    lq_k = np.take_along_axis(lq, idx.astype(np.int64), -1)
-    kl = float((np.exp(lp_ref) * (lp_ref - lq_k)).sum(-1).mean())
-    top1 = float((cand.argmax(-1) == idx[:, 0]).mean())
-    return parity.Metrics(top1=top1, kl=max(kl, 0.0), max_abs=float("nan"), positions=int(idx.shape[0]))
-
-
-def validate(folder: Path, *, threads: int | None = None, key: Path | None = None) -> dict:
-    """Check every artifact whose runtime this machine has against the golden references; write a device
-    report beside the bundle. Artifacts whose runtime is missing are listed as not validated."""
+def validate(folder: Path, *, threads: int | None = None, key: Path | None = None,
+             only: list[str] | None = None) -> dict:
+    """Check every artifact whose runtime this machine has against the golden references (the same measure and
+    judge as the build, on top-k references); write a device report beside the bundle. Artifacts whose runtime
+    is missing are listed as not validated."""
     folder = Path(folder)
     manifest = bundle.verify(folder, key)
-    golden = np.load(folder / bundle.GOLDEN)
+    probes = ProbeSet.from_golden(folder / bundle.GOLDEN)
     overrides = {p.upper(): (*v, None)[:3] for p, v in ((manifest.get("target") or {}).get("thresholds") or {}).items()}
-    results = []
-    for art in manifest["artifacts"]:
-        cls = get(art["format"])
-        row = {"format": art["format"], "precision": art["precision"], "path": art["path"]}
-        if importlib.util.find_spec(cls.package) is None:
-            row.update(status="not validated", reason=f"runtime package '{cls.package}' is not installed here")
-            results.append(row)
-            continue
-        limits = parity.thresholds_for(art["precision"], overrides)
-        rt = cls.load(folder / art["path"], _settings(manifest, threads, cap_context=False))
-        fails, metrics = [], {}
-        for regime in ("short", "long"):
-            if f"{regime}_ids" not in golden:
-                continue
-            m = _topk_metrics(golden, regime, rt.logits(golden[f"{regime}_ids"].tolist(), golden[f"{regime}_topk_idx"].shape[0]))
-            metrics[regime] = m.as_dict()
-            fails += parity.failures(regime, m, (limits[0], limits[1], None))
-        t0 = time.perf_counter()
-        gen = rt.generate_ids(golden["short_ids"].tolist(), 32, stop_ids=set())
-        rt.close()
-        want = golden["short_greedy"].tolist() if "short_greedy" in golden else []
-        match = next((i for i, (a, b) in enumerate(zip(gen.ids, want)) if a != b), min(len(gen.ids), len(want)))
-        row.update(status="passed" if not fails else "failed", parity=metrics, failures=fails,
-                   greedy={"prefix_match": match, "of": len(want)},
-                   ttft_s=round(gen.ttft_s, 4), decode_tps=round(gen.decode_tps, 2),
-                   seconds=round(time.perf_counter() - t0, 2))
-        if getattr(rt, "fallback_from", None):   # the profile's device is absent here: recorded, not hidden
-            row["device"] = {"used": rt.device, "requested": rt.fallback_from}
-        results.append(row)
+    names = [a["path"] for a in manifest["artifacts"]]
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise UsageError(f"bundle {folder} has no artifact '{unknown[0]}': it has {', '.join(names)}")
+    results = [_validate_one(folder, manifest, art, probes, overrides, threads) if not only or art["path"] in only
+               else {"format": art["format"], "precision": art["precision"], "path": art["path"],
+                     "status": "not validated", "reason": "not selected (--artifact)"}
+               for art in manifest["artifacts"]]
     report = {"bundle": str(folder.resolve()), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "machine": platform.machine(),
                           "processor": platform.processor(), "python": platform.python_version()},
@@ -129,6 +97,30 @@ def validate(folder: Path, *, threads: int | None = None, key: Path | None = Non
     out.write_text(json.dumps(report, indent=2) + "\n")
     report["path"] = str(out)
     return report
+
+
+def _validate_one(folder: Path, manifest: dict, art: dict, probes: ProbeSet, overrides: dict,
+                  threads: int | None) -> dict:
+    from .exporters.base import Artifact
+    cls = get(art["format"])
+    if importlib.util.find_spec(cls.package) is None:
+        return {"format": art["format"], "precision": art["precision"], "path": art["path"],
+                "status": "not validated", "reason": f"runtime package '{cls.package}' is not installed here"}
+    prefix = art["path"] + "/"
+    files = tuple(sorted(f[len(prefix):] for f in manifest["files"] if f.startswith(prefix)))
+    artifact = Artifact(format=art["format"], precision=art["precision"], path=folder / art["path"], files=files)
+    t0 = time.perf_counter()
+    rt = cls.load(artifact.path, _settings(manifest, threads, cap_context=False))
+    try:
+        m = measure(rt, probes)
+    finally:
+        rt.close()
+    r = ArtifactResult.of(artifact, Limits.for_precision(art["precision"], overrides), m)
+    row = r.to_json()
+    greedy = row.get("greedy") or {}
+    row.update(status="passed" if r.passed else "failed", ttft_s=greedy.get("ttft_s"),
+               decode_tps=greedy.get("decode_tps"), seconds=round(time.perf_counter() - t0, 2))
+    return row
 
 
 def _runtime_versions() -> dict:

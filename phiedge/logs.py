@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-NOISY = ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "peft", "accelerate")
+NOISY = ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "peft", "accelerate", "matplotlib")
 
 
 def configure(verbose: bool) -> None:

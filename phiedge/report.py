@@ -1,15 +1,19 @@
-"""report.json (machine-readable), report.html (tables and plots a person would rather look at), README.md."""
+"""report.json (machine-readable), report.html (tables and plots a person would rather look at), README.md.
+
+Everything here reads the build's ArtifactResults (as their `to_json` rows) and changes none of them. The plots
+are matplotlib figures written as SVG into the page (no JavaScript, no CDN: the report renders offline).
+"""
 from __future__ import annotations
 
 import datetime as _dt
 import html
+import io
 import json
-import math
 import platform
 from importlib import metadata
 from pathlib import Path
 
-from . import probes
+from .checks import probes
 from .source import Source
 
 VERSIONED = ("phiedge", "torch", "transformers", "peft", "llama-cpp-python", "onnxruntime", "onnxruntime-genai",
@@ -26,9 +30,10 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def build_report(*, model: Source, adapter: Source | None, proof: dict, rows: list[dict], timings: dict,
+def build_report(*, model: Source, adapter: Source | None, proof: dict, results: list, timings: dict,
                  config: dict, peaks_mb: dict | None = None, target: dict | None = None,
                  smoke_question: dict | None = None, cache: dict | None = None) -> dict:
+    rows = [r.to_json() for r in results]
     return {
         "schema": 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -40,7 +45,7 @@ def build_report(*, model: Source, adapter: Source | None, proof: dict, rows: li
         "smoke": None if smoke_question is None else {k: smoke_question.get(k) for k in (
             "question", "needle", "fact", "reference_answer", "retrieved", "retrieved_has_needle")},
         "artifacts": rows,
-        "passed": all(r["passed"] for r in rows),
+        "passed": all(r.passed for r in results),
         "timings_s": timings,
         "peak_rss_mb": peaks_mb or {},          # per stage, the whole process tree (sampled every 0.2 s)
         "cache": cache,
@@ -57,21 +62,26 @@ def write(rep: dict, folder: Path) -> Path:
     return path
 
 
-def _f(m: dict | None, key: str) -> float:
-    return float("nan") if not m else m.get(key, float("nan"))
+def cell(row: dict, regime: str, key: str, fmt: str) -> str:
+    """One metric of one regime as text; a regime that was not measured says why (never `nan`)."""
+    m = row["parity"].get(regime)
+    if m is None:
+        return (row.get("not_applicable") or {}).get(regime, "n/a")
+    return "-" if m.get(key) is None else format(m[key], fmt)
 
 
 def table(rep: dict) -> str:
     """The parity table as plain text, for the terminal."""
     pw = max([9] + [len(r["precision"]) for r in rep["artifacts"]])
-    lines = [f"{'format':8} {'precision':{pw}} {'size':>9}  {'short top1':>10} {'short KL':>9}  {'long top1':>9} "
-             f"{'long KL':>9}  {'smoke':>6}  result"]
+    lines = [f"{'format':8} {'precision':{pw}} {'size':>9}  {'short top1':>10} {'short KL':>9}  {'long top1':>16} "
+             f"{'long KL':>16}  {'smoke':>7}  result"]
     for r in rep["artifacts"]:
-        s, lg, sm = r["parity"]["short"], r["parity"]["long"], r.get("smoke")
+        sm = r.get("smoke")
         smoke = "-" if not sm else ("fact" if sm.get("has_fact") else "no fact") if "has_fact" in sm \
             else f"{sm['token_agreement']['agree']}/{sm['of']}"
-        lines.append(f"{r['format']:8} {r['precision']:{pw}} {r['size_bytes'] / 1e6:8.1f}M  {_f(s, 'top1'):10.3f} "
-                     f"{_f(s, 'kl'):9.2g}  {_f(lg, 'top1'):9.3f} {_f(lg, 'kl'):9.2g}  {smoke:>6}  "
+        lines.append(f"{r['format']:8} {r['precision']:{pw}} {r['size_bytes'] / 1e6:8.1f}M  "
+                     f"{cell(r, 'short', 'top1', '.3f'):>10} {cell(r, 'short', 'kl', '.2g'):>9}  "
+                     f"{cell(r, 'long', 'top1', '.3f'):>16} {cell(r, 'long', 'kl', '.2g'):>16}  {smoke:>7}  "
                      f"{'PASS' if r['passed'] else 'FAIL'}")
     m = rep["merge"]
     if m.get("max_abs_vs_peft") is not None:
@@ -82,63 +92,99 @@ def table(rep: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ HTML
 
-def _svg_scatter(points: list[tuple[str, float, float, str]], xlabel: str, ylabel: str, title: str) -> str:
-    """Log-log scatter (label, x, y, colour) as inline SVG: no plotting library on the device or build box."""
-    w, h, pad = 520, 300, 56
-    pts = [(lab, x, y, c) for lab, x, y, c in points if x > 0 and y is not None and math.isfinite(y)]
+COLOURS = {"gguf": "#c0392b", "onnx": "#2980b9", "openvino": "#8e44ad", "mlx": "#27ae60"}
+
+
+def _svg(fig) -> str:
+    """A matplotlib figure as inline SVG (its XML header dropped)."""
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _figure(title: str, svg: str | None) -> str:
+    if svg is None:
+        return f'<figure class="plot"><figcaption>{html.escape(title)}: no data</figcaption></figure>'
+    return f'<figure class="plot">{svg}<figcaption>{html.escape(title)}</figcaption></figure>'
+
+
+def _place_labels(ax, points: list[tuple[float, float, str]]) -> None:
+    """Label every point without two labels overlapping: each label tries offsets around its point and takes
+    the first whose box meets no box placed before it (or the point markers)."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    taken = []
+    offsets = [(6, 6), (6, -12), (-6, 6), (-6, -12), (10, 16), (10, -22), (-10, 16), (-10, -22), (18, 0), (-18, 0),
+               (14, 28), (14, -34), (-14, 28), (-14, -34)]
+    for x, y, label in points:
+        for dx, dy in offsets:
+            t = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8,
+                            ha="left" if dx >= 0 else "right")
+            t.set_gid("label")
+            box = t.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(b) for b in taken):
+                taken.append(box)
+                break
+            t.remove()
+        else:
+            t = ax.annotate(label, (x, y), xytext=offsets[0], textcoords="offset points", fontsize=8)
+            t.set_gid("label")
+            taken.append(t.get_window_extent(renderer))
+
+
+def size_vs_kl(rep: dict) -> str | None:
+    """Log-log scatter: artifact size against mean KL, filled for the short probe, hollow for the long one."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pts = [(r, regime, r["size_bytes"] / 1e6, r["parity"][regime]["kl"]) for r in rep["artifacts"]
+           for regime in ("short", "long") if r["parity"].get(regime)]
     if not pts:
-        return f'<figure class="plot"><figcaption>{html.escape(title)}: no data</figcaption></figure>'
-    ys = [max(y, 1e-12) for _, _, y, _ in pts]
-    xs = [x for _, x, _, _ in pts]
-    lx0, lx1 = math.log10(min(xs)) - 0.2, math.log10(max(xs)) + 0.2
-    ly0, ly1 = math.log10(min(ys)) - 0.5, math.log10(max(ys)) + 0.5
-
-    def px(x):
-        return pad + (math.log10(x) - lx0) / (lx1 - lx0) * (w - 2 * pad)
-
-    def py(y):
-        return h - pad - (math.log10(max(y, 1e-12)) - ly0) / (ly1 - ly0) * (h - 2 * pad)
-
-    items = [f'<rect x="{pad}" y="{pad}" width="{w - 2 * pad}" height="{h - 2 * pad}" fill="none" stroke="#999"/>',
-             f'<text x="{w / 2}" y="{h - 14}" text-anchor="middle">{html.escape(xlabel)}</text>',
-             f'<text x="14" y="{h / 2}" text-anchor="middle" transform="rotate(-90 14 {h / 2})">{html.escape(ylabel)}</text>']
-    for lab, x, y, c in pts:
-        hollow = lab.endswith("(long)")
-        items.append(f'<circle class="point" cx="{px(x):.1f}" cy="{py(y):.1f}" r="5" '
-                     f'fill="{"white" if hollow else c}" stroke="{c}" stroke-width="2"><title>'
-                     f'{html.escape(lab)}: {x:.3g} MB, KL {y:.3g}</title></circle>')
-        if not hollow:
-            items.append(f'<text x="{px(x) + 7:.1f}" y="{py(y) - 7:.1f}" font-size="11">'
-                         f'{html.escape(lab.rsplit(" (", 1)[0])}</text>')
-    for frac in (0.0, 1.0):   # axis end labels (log scales)
-        xv, yv = 10 ** (lx0 + frac * (lx1 - lx0)), 10 ** (ly0 + frac * (ly1 - ly0))
-        items.append(f'<text x="{pad + frac * (w - 2 * pad):.1f}" y="{h - pad + 14}" font-size="10" '
-                     f'text-anchor="middle">{xv:.3g}</text>')
-        items.append(f'<text x="{pad - 4}" y="{h - pad - frac * (h - 2 * pad) + 4:.1f}" font-size="10" '
-                     f'text-anchor="end">{yv:.0e}</text>')
-    items.append(f'<text x="{w - pad}" y="{pad - 8}" font-size="11" text-anchor="end">● short probe  ○ long probe</text>')
-    return (f'<figure class="plot"><svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-            f'role="img" aria-label="{html.escape(title)}">{"".join(items)}</svg>'
-            f'<figcaption>{html.escape(title)}</figcaption></figure>')
+        return None
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    for r, regime, x, y in pts:
+        c = COLOURS.get(r["format"], "#555")
+        ax.scatter([x], [max(y, 1e-12)], s=36, facecolors=c if regime == "short" else "white", edgecolors=c,
+                   linewidths=1.5, zorder=3, gid=f"point-{r['path']}-{regime}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("artifact size (MB)")
+    ax.set_ylabel("mean KL vs PyTorch (nats)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.margins(0.25)
+    _place_labels(ax, [(x, max(y, 1e-12), f"{r['format']} {r['precision']}") for r, regime, x, y in pts
+                       if regime == "short"])
+    ax.set_title("● short probe   ○ long probe", fontsize=9, loc="right")
+    return _svg(fig)
 
 
-def _svg_bars(bars: list[tuple[str, float]], unit: str, title: str) -> str:
-    bars = [(lab, v) for lab, v in bars if v is not None and math.isfinite(v)]
-    pad = max([150] + [7 * len(lab) + 12 for lab, _ in bars])     # room for the longest label
-    w, bar_h = pad + 370, 22
-    if not bars:
-        return f'<figure class="plot"><figcaption>{html.escape(title)}: no data</figcaption></figure>'
-    top = max(v for _, v in bars) or 1.0
-    h = bar_h * len(bars) + 20
-    items = []
-    for i, (lab, v) in enumerate(bars):
-        y = 10 + i * bar_h
-        items.append(f'<text x="{pad - 6}" y="{y + 15}" text-anchor="end" font-size="12">{html.escape(lab)}</text>')
-        items.append(f'<rect class="bar" x="{pad}" y="{y + 3}" width="{(w - pad - 110) * v / top:.1f}" height="{bar_h - 6}" '
-                     f'fill="#4a7fb5"/>')
-        items.append(f'<text x="{pad + (w - pad - 110) * v / top + 6:.1f}" y="{y + 15}" font-size="12">{v:.3g} {unit}</text>')
-    return (f'<figure class="plot"><svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
-            f'aria-label="{html.escape(title)}">{"".join(items)}</svg><figcaption>{html.escape(title)}</figcaption></figure>')
+def bar_chart(pairs: list[tuple[str, float | None]], unit: str, title: str) -> str:
+    """A titled figure of horizontal bars, one per (label, value) (None values left out), as HTML."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    vals = [(lab, v) for lab, v in pairs if v is not None]
+    if not vals:
+        return _figure(title, None)
+    fig, ax = plt.subplots(figsize=(6.2, 0.45 * len(vals) + 0.8))
+    ys = list(range(len(vals)))[::-1]
+    for y, (lab, v) in zip(ys, vals):
+        ax.barh([y], [v], color="#4a7fb5", gid=f"bar-{lab.replace(' ', '-')}")
+        ax.text(v, y, f" {v:.3g} {unit}", va="center", fontsize=8)
+    ax.set_yticks(ys, [lab for lab, _ in vals], fontsize=8)
+    ax.set_xlabel(unit)
+    ax.margins(x=0.25)
+    return _figure(title, _svg(fig))
+
+
+def timing_bars(rep: dict, key: str, unit: str, title: str) -> str:
+    """One timing of every artifact (from its smoke answer, else its greedy one)."""
+    return bar_chart([(f"{r['format']} {r['precision']}", (r.get("smoke") or r.get("greedy") or {}).get(key))
+                      for r in rep["artifacts"]], unit, title)
 
 
 def _smoke_cell(sm: dict | None) -> str:
@@ -153,29 +199,28 @@ def _smoke_cell(sm: dict | None) -> str:
     return f"{tokens} (held: {held})"
 
 
+def _probes_line(p: dict) -> str:
+    if p.get("longrope_switch"):
+        return (f"Parity over the last {p['compare_last']} positions of a short probe and of a probe past the "
+                f"LongRoPE switch at {p['longrope_switch']} positions.")
+    return (f"Parity over the last {p['compare_last']} positions of a short probe (the model has no LongRoPE, so "
+            f"there is no long regime to check).")
+
+
 def write_html(rep: dict, folder: Path) -> Path:
     esc = html.escape
     rows = []
     for r in rep["artifacts"]:
-        s, lg, sm = r["parity"]["short"], r["parity"]["long"], r.get("smoke")
+        sm = r.get("smoke")
         cells = [r["format"], r["precision"], f"{r['size_bytes'] / 1e6:.1f} MB",
-                 f"{_f(s, 'top1'):.3f}", f"{_f(s, 'kl'):.3g}", f"{_f(s, 'max_abs'):.3g}",
-                 f"{_f(lg, 'top1'):.3f}", f"{_f(lg, 'kl'):.3g}", f"{_f(lg, 'max_abs'):.3g}",
+                 cell(r, "short", "top1", ".3f"), cell(r, "short", "kl", ".3g"), cell(r, "short", "max_abs", ".3g"),
+                 cell(r, "long", "top1", ".3f"), cell(r, "long", "kl", ".3g"), cell(r, "long", "max_abs", ".3g"),
                  _smoke_cell(sm),
                  esc(sm["answer"][:120]) if sm else "–",
                  "PASS" if r["passed"] else "FAIL: " + "; ".join(r["failures"])]
         cls = "pass" if r["passed"] else "fail"
         rows.append(f'<tr class="{cls}">' + "".join(f"<td>{c if i == 10 else esc(str(c))}</td>"
                                                      for i, c in enumerate(cells)) + "</tr>")
-    colours = {"gguf": "#c0392b", "onnx": "#2980b9", "openvino": "#8e44ad", "mlx": "#27ae60"}
-    points = []
-    for r in rep["artifacts"]:
-        for regime in ("short", "long"):
-            m = r["parity"][regime]
-            if m:
-                points.append((f"{r['format']} {r['precision']} ({regime})", r["size_bytes"] / 1e6, m["kl"],
-                               colours.get(r["format"], "#555")))
-    perf = [(f"{r['format']} {r['precision']}", (r.get("smoke") or r.get("greedy") or {})) for r in rep["artifacts"]]
     m = rep["merge"]
     merge_line = ("no adapter" if m.get("max_abs_vs_peft") is None else
                   f"|merged − PEFT| = {m['max_abs_vs_peft']:.2g} (tolerance {m['tolerance']:.2g}); "
@@ -194,8 +239,7 @@ th {{ background: #f3f3f3; }} tr.fail td {{ background: #fde8e8; }} tr.pass td:l
  ({esc(str(rep['model']['architecture']))}) · adapter {esc(str((rep['adapter'] or {}).get('ref')))}
  · target {esc(str(rep.get('target')))} · {esc(rep['created'])}</p>
 <p>Merge proof: {esc(merge_line)}</p>
-<p>Parity over the last {rep['probes']['compare_last']} positions of a short probe and of a probe past the
-LongRoPE switch ({esc(str(rep['probes']['longrope_switch']))} positions).</p>
+<p>{esc(_probes_line(rep['probes']))}</p>
 <table id="parity"><thead><tr><th>format</th><th>precision</th><th>size</th>
 <th>short top-1</th><th>short KL</th><th>short max|Δ|</th><th>long top-1</th><th>long KL</th><th>long max|Δ|</th>
 <th>smoke answer vs PyTorch</th><th>smoke answer</th><th>result</th></tr></thead>
@@ -203,9 +247,9 @@ LongRoPE switch ({esc(str(rep['probes']['longrope_switch']))} positions).</p>
 {'<p>Smoke question: ' + esc(smoke['question']) + ' — retrieved chunks contain the answer source: '
  + ('yes' if smoke['retrieved_has_needle'] else 'NO') + '</p>' if smoke else ''}
 <div class="plots">
-{_svg_scatter(points, 'artifact size (MB)', 'mean KL vs PyTorch (nats)', 'Size vs KL divergence')}
-{_svg_bars([(lab, p.get('decode_tps')) for lab, p in perf], 'tok/s', 'Decode tokens/s per runtime')}
-{_svg_bars([(lab, p.get('ttft_s')) for lab, p in perf], 's', 'Time to first token per runtime')}
+{_figure('Size vs KL divergence', size_vs_kl(rep))}
+{timing_bars(rep, 'decode_tps', 'tok/s', 'Decode tokens/s per runtime')}
+{timing_bars(rep, 'ttft_s', 's', 'Time to first token per runtime')}
 </div>
 <h2>Versions</h2><pre>{esc(json.dumps(rep['versions'], indent=1))}</pre>
 </body></html>

@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import TargetError
+from .errors import TargetError, UsageError
 
 
 @dataclass(frozen=True)
@@ -133,3 +133,45 @@ def parse(path: Path) -> Target:
         thresholds.append((prec.upper(), tuple(float(x) for x in v)))
     return Target(name=name, description=str(data.get("description", "")), artifacts=tuple(arts),
                   runtime=runtime, thresholds=tuple(thresholds), path=where)
+
+
+def resolve_plan(target: str | None, formats: list[str],
+                 flags: dict[str, tuple[list[str], dict[str, str]]]) -> tuple[dict[str, list[str]], Target | None]:
+    """What to build: {format: [precision, ...]} and the profile, from `--target`, `--formats` and the precision
+    flags ({format: (precisions, {option group: token})}, phiedge.cli). With a profile, a precision flag replaces
+    that profile's precisions of its format (a modifier such as --mlx-group-size applies to them); a flag or a
+    format the profile does not have is refused, never silently ignored."""
+    from . import exporters
+    from .build import plan_formats
+
+    def flag(fmt: str) -> str:
+        return exporters.REGISTRY[fmt].CLI_FLAG if fmt in exporters.REGISTRY else fmt
+
+    def apply(fmt: str, precs: list[str], mods: dict[str, str]) -> list[str]:
+        for group, token in mods.items():
+            precs = exporters.get(fmt).GRAMMAR.with_default(precs, group, token)
+        return precs
+
+    if target is None:
+        wanted = formats or ["gguf"]
+        for f in wanted:
+            exporters.get(f)                     # an unknown format lists the known ones
+        stray = sorted(set(flags) - set(wanted))
+        if stray:
+            raise UsageError(f"{flag(stray[0])} is given but {stray[0]} is not in --formats "
+                             f"({', '.join(wanted)}): add {stray[0]} to --formats or drop the flag")
+        return plan_formats(wanted, {f: apply(f, p or [exporters.get(f).DEFAULT_PRECISION], m)
+                                     for f, (p, m) in flags.items()}), None
+    profile = load(target)
+    have = profile.plan()
+    missing = sorted(set(formats) - set(have))
+    if missing:
+        raise UsageError(f"target '{profile.name}' has no {missing[0]} artifact (it has {', '.join(have)}): drop "
+                         f"{missing[0]} from --formats, or build it without --target")
+    plan = {f: p for f, p in have.items() if not formats or f in formats}
+    for fmt, (precs, mods) in flags.items():
+        if fmt not in plan:
+            raise UsageError(f"{flag(fmt)} does not apply: target '{profile.name}' builds no {fmt} artifact here "
+                             f"(it builds {', '.join(plan)}); drop the flag, or build {fmt} without --target")
+        plan[fmt] = apply(fmt, precs or plan[fmt], mods)
+    return plan_formats(list(plan), plan), profile

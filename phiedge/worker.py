@@ -1,73 +1,49 @@
-"""Run one artifact on its runtime in a child process and print its measurements as JSON.
+"""Measure one artifact on its runtime in a child process; the measurement goes to a JSON file.
 
 A runtime that crashes (a segfault in native code) takes down only this child: the build records the
 signal as that artifact's failure and goes on checking the others.
 
-Usage: python -m phiedge.worker FORMAT ARTIFACT_DIR REFERENCE_NPZ THREADS [SMOKE_JSON]
+Usage: python -m phiedge.worker FORMAT ARTIFACT_DIR THREADS OUT_JSON REFERENCE_NPZ [SMOKE_JSON]
 """
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from . import parity, probes
-from .runtimes import RuntimeSettings, get
+from .checks.measure import Measurement, ProbeSet, measure
 
 
-def _prefix(got: list[int], want: list[int]) -> int:
-    n = 0
-    for a, b in zip(got, want):
-        if a != b:
-            break
-        n += 1
-    return n
-
-
-def _forced(rt, prompt: list[int], answer: list[int]) -> list[int]:
-    """Teacher-forced picks: the runtime's argmax at each answer position, given the reference's prefix."""
-    if not answer:
-        return []
-    rows = rt.logits(prompt + answer, len(answer) + 1)[:len(answer)]
-    return [int(t) for t in rows.argmax(-1)]
-
-
-def measure(fmt: str, artifact_dir: Path, reference: Path, threads: int, smoke: Path | None = None) -> dict:
-    ref = np.load(reference)
-    rt = get(fmt).load(artifact_dir, RuntimeSettings(threads=threads))
-    out: dict = {"parity": {}}
-    for name in ("short", "long"):
-        if f"{name}_ids" not in ref:
-            continue
-        ids = ref[f"{name}_ids"].tolist()
-        cand = rt.logits(ids, probes.COMPARE_LAST)
-        out["parity"][name] = parity.compare(ref[f"{name}_logits"], cand).as_dict()
-    if "short_greedy" in ref:
-        want = ref["short_greedy"].tolist()
-        gen = rt.generate_ids(ref["short_ids"].tolist(), len(want), stop_ids=rt.stop_ids())
-        out["greedy"] = {"tokens": gen.ids, "reference": want, "prefix_match": _prefix(gen.ids, want),
-                         "of": len(want), "forced_tokens": _forced(rt, ref["short_ids"].tolist(), want),
-                         "reference_margins": ref["short_greedy_margins"].tolist(),
-                         "ttft_s": round(gen.ttft_s, 4), "decode_tps": round(gen.decode_tps, 2)}
-    if smoke is not None:
-        s = json.loads(smoke.read_text())
-        want = s["reference_tokens"]
-        gen = rt.generate_ids(s["prompt_ids"], max(1, len(want)), stop_ids=rt.stop_ids())
-        picked = _forced(rt, s["prompt_ids"], want)
-        out["smoke"] = {"answer": gen.text, "tokens": gen.ids, "prefix_match": _prefix(gen.ids, want), "of": len(want),
-                        "forced_tokens": picked,
-                        "prompt_tokens": gen.prompt_tokens, "ttft_s": round(gen.ttft_s, 4),
-                        "decode_tps": round(gen.decode_tps, 2)}
-    rt.close()
-    return out
+def measure_in_child(artifact, reference: Path, smoke: Path | None, threads: int, out: Path) -> Measurement:
+    """Run this module on `artifact` (dies with the build, shares the stage's writer locks); its Measurement,
+    also left in `out`. A child that fails is a Measurement with the error."""
+    from .cache import writer_fds
+    from .memory import guarded
+    cmd = [sys.executable, "-m", "phiedge.worker", artifact.format, str(artifact.path), str(threads), str(out),
+           str(reference), *([str(smoke)] if smoke is not None else [])]
+    r = subprocess.run(guarded(cmd), capture_output=True, text=True, pass_fds=writer_fds())
+    if r.returncode != 0 or not out.is_file():
+        why = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        m = Measurement(error=f"runtime failed ({why}): {last}")
+        out.write_text(json.dumps(m.to_json(), indent=1))
+        return m
+    return Measurement.from_json(json.loads(out.read_text()))
 
 
 def main() -> int:
-    fmt, artifact_dir, reference, threads = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-    smoke = Path(sys.argv[5]) if len(sys.argv) > 5 else None
-    print(json.dumps(measure(fmt, artifact_dir, reference, threads, smoke)))
+    from .runtimes import RuntimeSettings, get
+    fmt, artifact_dir, threads, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    probes = ProbeSet.from_reference(Path(sys.argv[5]), Path(sys.argv[6]) if len(sys.argv) > 6 else None)
+    rt = get(fmt).load(artifact_dir, RuntimeSettings(threads=threads))
+    try:
+        m = measure(rt, probes)
+    finally:
+        rt.close()
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text(json.dumps(m.to_json(), indent=1))
+    tmp.replace(out)
     return 0
 
 

@@ -144,8 +144,9 @@ def prepare_model(quick: bool, work: Path) -> dict:
 
 def four_bit_plan(formats: list[str] | None = None) -> dict[str, str]:
     """The `all` profile's 4-bit artifact per format (what a device ships), optionally only some formats."""
-    from phiedge import parity, targets
-    plan = {a.format: a.precision for a in targets.load("all").artifacts if not parity.is_full_precision(a.precision)}
+    from phiedge import targets
+    from phiedge.checks.metrics import is_full_precision
+    plan = {a.format: a.precision for a in targets.load("all").artifacts if not is_full_precision(a.precision)}
     return {f: p for f, p in plan.items() if not formats or f in formats}
 
 
@@ -184,10 +185,9 @@ def run_build(m: dict, work: Path, threads: int, formats: list[str] | None = Non
                            "exit": res["exit"], "error": res.get("error"), "log": res["log"],
                            "stages": stages_in_log(Path(res["log"]))})
     rep = json.loads(rep_file.read_text())
-    stages = [{"stage": k, "seconds": v, "peak_rss_mb": rep.get("peak_rss_mb", {}).get(k)}
-              for k, v in rep["timings_s"].items()]
+    stages = stages_in_log(Path(res["log"]))           # every checklist line, the bundle's own included
     rest = round(res["seconds"] - sum(s["seconds"] for s in stages), 2)
-    stages.append({"stage": "bundle + process start", "seconds": rest, "peak_rss_mb": None})
+    stages.append({"stage": "process start", "seconds": rest, "peak_rss_mb": None})
     arts = [{"format": a["format"], "precision": a["precision"], "size_bytes": a["size_bytes"],
              "export_peak_rss_mb": (a.get("meta") or {}).get("export_peak_rss_mb"),
              "passed": a["passed"], "failures": a["failures"], "path": str(folder / a["path"])}
@@ -301,10 +301,12 @@ def _alt_gguf(merged: str, alt: Path, logs: Path, threads: int, record) -> None:
     steps = [measured([py, str(conv / "convert_hf_to_gguf.py"), merged, "--outfile", str(out / "f16.gguf"),
                        "--outtype", "f16"], logs / "alt-gguf-convert.log", env={"PYTHONPATH": str(conv / "gguf-py")})]
     note = None
-    if steps[0]["exit"] != 0 and "pre-tokenizer" in (steps[0].get("error") or "") + \
-            Path(steps[0]["log"]).read_text(errors="replace")[-3000:]:
-        # A synthetic tokenizer's hash is in no converter table (the real Phi-4-mini's is: gpt-4o).
-        note = "stock converter refused the synthetic tokenizer's pre-tokenizer hash; rerun with phiedge's fallback"
+    failed = (steps[0].get("error") or "") + Path(steps[0]["log"]).read_text(errors="replace")[-3000:]
+    if steps[0]["exit"] != 0 and ("pre-tokenizer" in failed or "tokenizer.model" in failed):
+        # A synthetic tokenizer's hash is in no converter table (the real Phi-4-mini's is: gpt-4o), and a tokenizer
+        # saved by transformers 5 ("TokenizersBackend") sends the stock Phi-3 converter to its SentencePiece path.
+        note = ("stock converter refused the tokenizer (pre-tokenizer hash unknown, or tokenizer_class not "
+                "GPT2Tokenizer); rerun with phiedge's decisions from tokenizer.json")
         steps = [measured([py, "-m", "phiedge.exporters._llama_convert", str(conv),
                            gguf_exp.decide_vocab(Path(merged)) or "",
                            gguf_exp.decide_pre_tokenizer(Path(merged)) or "", merged, "--outfile",
@@ -535,16 +537,16 @@ def summary(res: dict) -> str:
 def write_html(res: dict, path: Path) -> None:
     import html
 
-    from phiedge.report import _svg_bars
+    from phiedge.report import bar_chart
     b = res["build"]
-    figs = [_svg_bars([(s["stage"], s["seconds"]) for s in b["stages"]], "s", "phiedge build: wall time per stage"),
-            _svg_bars([(s["stage"], (s["peak_rss_mb"] or 0) / 1024) for s in b["stages"]], "GB",
+    figs = [bar_chart([(s["stage"], s["seconds"]) for s in b["stages"]], "s", "phiedge build: wall time per stage"),
+            bar_chart([(s["stage"], (s["peak_rss_mb"] or 0) / 1024) for s in b["stages"]], "GB",
                       "phiedge build: peak RSS of the process tree per stage")]
     if res["alternatives"]:
-        figs.append(_svg_bars([("phiedge build (all four)", b["seconds"])] +
+        figs.append(bar_chart([("phiedge build (all four)", b["seconds"])] +
                               [(a["name"], a["seconds"]) for a in res["alternatives"]], "s",
                               "wall time: phiedge vs standalone tools"))
-        figs.append(_svg_bars([("phiedge build", b["peak_rss_mb"] / 1024)] +
+        figs.append(bar_chart([("phiedge build", b["peak_rss_mb"] / 1024)] +
                               [(a["name"], a["peak_rss_mb"] / 1024) for a in res["alternatives"]], "GB",
                               "peak RSS: phiedge vs standalone tools"))
     if res["inference"]:
@@ -553,7 +555,7 @@ def write_html(res: dict, path: Path) -> None:
             bars += [(f"{r['format']} phiedge", r["ours"].get("decode_tps") or 0),
                      (f"{r['format']} native", r["native"].get("decode_tps") or 0),
                      (f"{r['format']} roofline", r["roofline_tps"] or 0)]
-        figs.append(_svg_bars(bars, "tok/s", "decode tokens/s (2 threads) vs memory-bandwidth roofline"))
+        figs.append(bar_chart(bars, "tok/s", "decode tokens/s (2 threads) vs memory-bandwidth roofline"))
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>phiedge bench</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}} figure{{margin:1.5em 0}}</style></head><body>
 <h1>phiedge bench ({html.escape(res['mode'])})</h1>{''.join(figs)}<pre>{html.escape(summary(res))}</pre></body></html>""")

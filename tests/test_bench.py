@@ -19,8 +19,10 @@ pytestmark = pytest.mark.slow
 def results(tiny, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("bench")
     out = work / "results.json"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--out", str(out),
-                        "--work", str(work / "work")], capture_output=True, text=True)
+    # MLX exported by the build's exporter but unchecked, as at full size: its CPU backend spends minutes on the
+    # long probe of even the tiny model (tests/test_mlx.py), and the harness's MLX paths are the others' shape.
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--unchecked", "mlx",
+                        "--out", str(out), "--work", str(work / "work")], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "goals:" in r.stdout and "standalone tool" in r.stdout
     return json.loads(out.read_text()) | {"_out": str(out)}
@@ -30,30 +32,32 @@ def test_build_stages_are_timed_and_measured(results):
     b = results["build"]
     names = [s["stage"] for s in b["stages"]]
     for stage in ("resolve", "merge", "retriever", "smoke reference", "export gguf", "export onnx",
-                  "export openvino", "export mlx", "check gguf Q4_K_M"):
+                  "export openvino", "export mlx (unchecked)", "check gguf Q4_K_M", "bundle"):
         assert stage in names, names
-    measured = [s for s in b["stages"] if s["stage"] != "bundle + process start"]
+    assert b["unchecked"] == ["mlx"]
+    measured = [s for s in b["stages"] if s["stage"] != "process start"]
     assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in measured)
     assert b["peak_rss_mb"] >= max(s["peak_rss_mb"] for s in measured) * 0.5
-    from phiedge import parity, targets
-    four_bit = {(a.format, a.precision) for a in targets.load("all").artifacts
-                if not parity.is_full_precision(a.precision)}
+    from phiedge import targets
+    from phiedge.checks.metrics import is_full_precision
+    four_bit = {(a.format, a.precision) for a in targets.load("all").artifacts if not is_full_precision(a.precision)}
     assert {(a["format"], a["precision"]) for a in b["artifacts"]} == four_bit and len(four_bit) == 4
     assert all(a["size_bytes"] > 0 for a in b["artifacts"])
     assert abs(sum(s["seconds"] for s in b["stages"]) - b["seconds"]) < 0.5
 
 
 def test_a_failed_build_still_yields_its_stages(results):
-    """A build killed mid-way writes no report; the bench then reads the stages it finished from the build's
-    checklist lines (scripts/bench.py stages_in_log). Checked on this run's real log against its report."""
+    """The bench reads a build's stages from its checklist lines (scripts/bench.py stages_in_log), so a build
+    killed mid-way still yields the stages it finished. Checked on this run's real log against its report (which
+    holds every stage but the bundle's own, written while it runs)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench
-    from_log = bench.stages_in_log(Path(results["build"]["log"]))
-    reported = [s for s in results["build"]["stages"] if s["stage"] != "bundle + process start"]
-    assert [s["stage"] for s in from_log] == [s["stage"] for s in reported]
-    for a, b in zip(from_log, reported):
-        assert a["seconds"] == pytest.approx(b["seconds"], abs=0.06)
-        assert a["peak_rss_mb"] == pytest.approx(b["peak_rss_mb"], abs=6)
+    from_log = {s["stage"]: s for s in bench.stages_in_log(Path(results["build"]["log"]))}
+    rep = json.loads((Path(results["build"]["bundle"]) / "report.json").read_text())
+    assert list(from_log) == [*rep["timings_s"], "bundle"]
+    for stage, seconds in rep["timings_s"].items():
+        assert from_log[stage]["seconds"] == pytest.approx(seconds, abs=0.06)
+        assert from_log[stage]["peak_rss_mb"] == pytest.approx(rep["peak_rss_mb"][stage], abs=6)
 
 
 def test_every_standalone_tool_ran(results):
@@ -70,7 +74,7 @@ def test_every_standalone_tool_ran(results):
 
 def test_inference_ours_and_native(results):
     rows = {r["format"]: r for r in results["inference"]}
-    assert set(rows) == {"gguf", "onnx", "openvino", "mlx"}
+    assert set(rows) == {"gguf", "onnx", "openvino"}                 # mlx: unchecked, so not measured
     for r in rows.values():
         assert 400 <= r["prompt_tokens"] <= 512
         for mode in ("ours", "native"):
@@ -86,7 +90,8 @@ def test_inference_ours_and_native(results):
 def test_bandwidth_goals_and_outputs(results):
     assert results["bandwidth"]["read_gb_s"] > 0.5
     goals = results["goals"]
-    assert len(goals) == 2 + 4 and all(isinstance(g["passed"], bool) for g in goals)
+    assert len(goals) == 2 + 4 and all(isinstance(g["passed"], bool) for g in goals if "not_measured" not in g)
+    assert [g["goal"].split()[0] for g in goals if "not_measured" in g] == ["mlx"]
     assert goals[0]["measured"] == pytest.approx(results["build"]["peak_rss_mb"] / 1024, abs=0.01)
     assert results["retriever"] and "error" not in results["retriever"]
     html = Path(results["_out"]).with_suffix(".html").read_text()

@@ -1,8 +1,11 @@
-"""The bundle: one build with a target profile and documents, smoke RAG on every runtime, manifest, verify,
-ask, validate, the stage cache, and the HTML report in a real browser (kill -9 at every stage: test_resilience)."""
+"""The bundle of the session build (`--target all`, every format, documents): layout and manifest, the smoke RAG
+answer on every runtime, verify, ask, validate, the stage cache (what a change rebuilds, and what it does not),
+and the HTML report in a real browser (kill -9 at every stage: tests/test_resilience.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,30 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from phiedge import bundle, exporters, parity, targets
+from phiedge import bundle
+from phiedge.checks import ArtifactResult, judge
 from phiedge.errors import BundleError
-from conftest import DEMO, DEMO_DOCS, run_cli, assert_pytorch_tokens
+from conftest import DEMO, DEMO_DOCS, ROOT, SESSION, assert_pytorch_tokens, build_args, installed, run_cli
 
 pytestmark = pytest.mark.gguf
 QUESTION, NEEDLE = DEMO["question"], DEMO["needle"]
-# The `all` profile, restricted to the formats this phiedge has: grows as targets land.
-FORMATS = ",".join(sorted({a.format for a in targets.load("all").artifacts} & set(exporters.REGISTRY)))
-
-
-def _args(tiny: Path, out: Path, cache: Path, docs: Path, adapter: str = "lora", formats: str = FORMATS) -> list[str]:
-    return ["build", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapters" / adapter),
-            "--target", "all", "--formats", formats, "--docs", str(docs), "--smoke-question", QUESTION,
-            "--smoke-needle", NEEDLE, "--out", str(out), "--cache-dir", str(cache)]
-
-
-def _build(tiny: Path, out: Path, cache: Path, docs: Path, **kw) -> subprocess.CompletedProcess:
-    return run_cli(*_args(tiny, out, cache, docs, **kw))
-
-
-def _flip_byte(path: Path, at: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[at] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def _stage_lines(stderr: str) -> dict[str, bool]:
@@ -46,29 +32,14 @@ def _stage_lines(stderr: str) -> dict[str, bool]:
     return out
 
 
-@pytest.fixture(scope="module")
-def docs(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("docs")
-    for f in DEMO_DOCS.glob("*.md"):
-        shutil.copy(f, d / f.name)
-    return d
+def _flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def built(tiny, docs, cache, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("b") / "bundle"
-    r = _build(tiny, out, cache, docs)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
-
-
-def test_bundle_layout_and_manifest(built):
-    m = json.loads((built / "manifest.json").read_text())
+def test_bundle_layout_and_manifest(session):
+    m = json.loads((session.bundle / "manifest.json").read_text())
     assert m["passed"] and m["target"]["name"] == "all" and m["retriever"] == "retriever"
     assert m["source"]["adapter"]["files"]["adapter_model.safetensors"]
     assert m["source"]["model"]["files"]["model.safetensors"]
@@ -76,58 +47,62 @@ def test_bundle_layout_and_manifest(built):
     for name in ("golden.npz", "report.json", "report.html", "README.md", "retriever/retriever.sqlite",
                  "retriever/vectors.faiss", "retriever/embedder/model.onnx"):
         assert name in m["files"], name
+    assert [(a["format"], a["precision"]) for a in m["artifacts"]] == [
+        (f, p) for f, precs in SESSION.items() if installed(f) for p in precs]
     for a in m["artifacts"]:
-        assert (built / a["path"]).is_dir() and a["passed"]
+        assert (session.bundle / a["path"]).is_dir() and a["passed"]
         assert a["parity"]["short"]["top1"] > 0 and a["parity"]["long"]["top1"] > 0 and a["smoke"]["of"] > 0
     for rel, meta in m["files"].items():
-        assert (built / rel).stat().st_size == meta["size"]
-    assert not (built.parent / "bundle.partial").exists()
+        assert (session.bundle / rel).stat().st_size == meta["size"]
+    assert not session.bundle.with_name("bundle.partial").exists()
+    readme = (session.bundle / "README.md").read_text()
+    assert "Built for target `all`" in readme and "Built 20" not in readme      # no build time inside
 
 
-def test_smoke_rag_on_every_runtime(built):
-    rep = json.loads((built / "report.json").read_text())
+def test_smoke_rag_on_every_runtime(session):
+    rep = session.report
     assert rep["smoke"]["question"] == QUESTION and rep["smoke"]["retrieved_has_needle"]
     for a in rep["artifacts"]:
         s = a["smoke"]
         assert s is not None and s["of"] > 0 and s["decode_tps"] > 0 and s["ttft_s"] > 0
-        if parity.is_full_precision(a["precision"]):
+        if a["full_precision"]:
             assert s["agreement_min"] is None
             assert_pytorch_tokens(s)
         else:
             assert s["agreement"] >= s["agreement_min"] == a["thresholds"]["top1_min"]
 
 
-def test_smoke_rule_forgives_only_near_ties(built, cache):
-    """The full-precision smoke rule on the build's own records: a token the artifact picks differently is
+def test_smoke_rule_forgives_only_near_ties(session):
+    """The full-precision smoke rule on the build's own F16 record: a token the artifact picks differently is
     forgiven only where PyTorch's top-2 margin is within the precision's logit tolerance (a near-tie), and the
-    greedy answer may not leave PyTorch's before the first near-tie."""
-    from phiedge.build import _smoke_failures
-    (ref_file,) = cache.glob("smoke-ref-*/smoke.json")
-    ref = json.loads(ref_file.read_text())
-    rep = json.loads((built / "report.json").read_text())
-    (f16,) = [a for a in rep["artifacts"] if a["precision"] == "F16"]
-    limits = parity.thresholds_for("F16")
-    tie = 2 * limits[2]
-    assert len(ref["reference_margins"]) == len(ref["reference_tokens"]) > 0
-    assert all(m >= 0 for m in ref["reference_margins"])
+    greedy answer may not leave PyTorch's before the first near-tie. The judge is pure: the same measurement
+    gives the same verdict, and judging changes nothing."""
+    r = ArtifactResult.from_json(session.row("gguf", "F16"), session.bundle)
+    m, limits = r.measurement, r.limits
+    smoke = m.smoke
+    want, n, tie = list(smoke.probe.reference), len(smoke.probe.reference), limits.near_tie
+    assert len(smoke.probe.margins) == n > 0 and all(x >= 0 for x in smoke.probe.margins)
+    before = json.dumps(m.to_json(), sort_keys=True)
+    assert judge(m, limits) == judge(m, limits) == r.verdict and r.passed
+    assert json.dumps(m.to_json(), sort_keys=True) == before
 
-    def judge(margins: list[float], picked: list[int], prefix: int) -> list[str]:
-        smoke = {**f16["smoke"], "forced_tokens": picked, "prefix_match": prefix}
-        return _smoke_failures("F16", smoke, {**ref, "reference_margins": margins}, limits)
+    def verdict(margins: list[float], forced: list[int], tokens: list[int]) -> list[str]:
+        probe = dataclasses.replace(smoke.probe, margins=tuple(margins))
+        answer = dataclasses.replace(smoke, probe=probe, forced=tuple(forced), tokens=tuple(tokens))
+        return [f for f in judge(dataclasses.replace(m, smoke=answer), limits).failures if f.startswith("smoke")]
 
-    want, n = ref["reference_tokens"], len(ref["reference_tokens"])
-    assert judge(ref["reference_margins"], f16["smoke"]["forced_tokens"], f16["smoke"]["prefix_match"]) == []
     other = [want[0] + 1] + want[1:]                   # the first answer token taken the other way
     decisive = [tie + 1.0] * n
     tied_first = [tie / 2] + decisive[1:]
-    assert judge(tied_first, other, 0) == []            # a near-tie: the greedy answer may go elsewhere from there
-    fails = judge(decisive, other, 0)
+    assert verdict(tied_first, other, other) == []      # a near-tie: the greedy answer may go elsewhere from there
+    fails = verdict(decisive, other, other)
     assert any("position(s) 0 of" in f for f in fails) and any("before any near-tie" in f for f in fails), fails
-    assert judge(decisive, want, 3) == [f"smoke: the greedy answer leaves PyTorch's at token 3 of {n}, before any near-tie"]
+    assert verdict(decisive, want, want[:3] + [want[3] + 1]) == [
+        f"smoke: the greedy answer leaves PyTorch's at token 3 of {n}, before any near-tie"]
 
 
-def test_verify_catches_changed_missing_and_extra_files(built, tmp_path):
-    assert bundle.verify(built)["passed"]
+def test_verify_catches_changed_missing_and_extra_files(session, tmp_path):
+    assert bundle.verify(session.bundle)["passed"]
     cases = {
         "changed": lambda b: _flip_byte(b / "golden.npz", 200),
         "missing": lambda b: (b / "README.md").unlink(),
@@ -135,7 +110,7 @@ def test_verify_catches_changed_missing_and_extra_files(built, tmp_path):
     }
     for kind, tamper in cases.items():
         copy = tmp_path / kind
-        shutil.copytree(built, copy)
+        shutil.copytree(session.bundle, copy)
         tamper(copy)
         with pytest.raises(BundleError) as e:
             bundle.verify(copy)
@@ -146,26 +121,34 @@ def test_verify_catches_changed_missing_and_extra_files(built, tmp_path):
     assert r.returncode == 1 and "failed verification" in r.stderr
 
 
-def test_ask_answers_with_sources_without_torch(built):
+def test_ask_answers_with_sources_without_torch(session):
     code = ("import sys, json; from phiedge import device; "
-            f"a = device.ask({str(built)!r}, {QUESTION!r}, max_new_tokens=16); "
+            f"a = device.ask({str(session.bundle)!r}, {QUESTION!r}, max_new_tokens=16, runtime='gguf'); "
             "bad = [m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules]; "
             "print(json.dumps({'bad': bad, 'sources': a.sources, 'text': a.text}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["bad"] == [] and out["sources"] and out["text"]
-    cli = run_cli("ask", str(built), QUESTION, "--max-tokens", "8", "--runtime", "gguf")
+    cli = run_cli("ask", str(session.bundle), QUESTION, "--max-tokens", "8", "--runtime", "gguf")
     assert cli.returncode == 0 and "sources:" in cli.stdout
 
 
-def test_validate_on_this_device(built, monkeypatch):
-    r = run_cli("validate", str(built))
+# Validated on this device (each runtime once; MLX's CPU backend would spend minutes on the long probe again).
+VALIDATE = ["gguf-Q4_K_M", "onnx-int4", "openvino-int4"]
+
+
+def test_validate_on_this_device(session, monkeypatch):
+    r = run_cli("validate", str(session.bundle), *[a for name in VALIDATE for a in ("--artifact", name)])
     assert r.returncode == 0, r.stderr
-    rep = json.loads((built.parent / "bundle.device-report.json").read_text())
+    rep = json.loads(session.bundle.with_name("bundle.device-report.json").read_text())
     assert rep["passed"] and rep["runtime_versions"]["llama-cpp-python"]
-    for a in rep["artifacts"]:
-        assert a["status"] == "passed" and set(a["parity"]) == {"short", "long"} and a["decode_tps"] > 0
+    checked = [a for a in rep["artifacts"] if a["status"] != "not validated"]
+    assert [a["path"] for a in checked] == [n for n in VALIDATE if installed(n.split("-")[0])]
+    for a in checked:
+        assert a["status"] == "passed" and a["parity"]["short"] and a["parity"]["long"] and a["decode_tps"] > 0
+        assert a["greedy"]["token_agreement"]["of"] == a["greedy"]["of"] > 0     # golden margins travel too
+    assert all(a["reason"] == "not selected (--artifact)" for a in rep["artifacts"] if a["path"] not in VALIDATE)
     # A machine without the runtimes lists their artifacts as not validated, never as passed.
     import importlib.util
     from phiedge import device
@@ -173,50 +156,106 @@ def test_validate_on_this_device(built, monkeypatch):
     packages = {cls.package for cls in REGISTRY.values()}
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in packages else real(n, *a))
-    rep = device.validate(built)
+    rep = device.validate(session.bundle)
     assert rep["artifacts"] and all(a["status"] == "not validated" and REGISTRY[a["format"]].package in a["reason"]
                                     for a in rep["artifacts"])
 
 
-def test_same_build_again_does_no_work(tiny, docs, cache, built, tmp_path):
-    r = _build(tiny, built, cache, docs)
+def _session_args(tiny, out, session, **kw):
+    formats = {f: p for f, p in SESSION.items() if installed(f)}
+    return build_args(tiny, out, session.cache, kw.pop("formats", formats), **kw)
+
+
+def test_same_build_again_does_no_work(tiny, session, tmp_path):
+    r = run_cli(*_session_args(tiny, tmp_path / "again", session))
     assert r.returncode == 0, r.stderr[-2000:]
     stages = _stage_lines(r.stderr)
-    assert all(cached for name, cached in stages.items() if name != "resolve"), stages
+    assert all(cached for name, cached in stages.items() if name not in ("resolve", "bundle")), stages
+    assert [name for name, cached in stages.items() if not cached] == ["resolve", "bundle"]
 
 
-def test_new_docs_rebuild_only_retriever_and_checks(tiny, docs, cache, tmp_path):
+def test_editing_the_report_reruns_no_stage(tiny, session, tmp_path):
+    """A stage's key covers the code it runs, not all of phiedge: the same build run by a copy of phiedge whose
+    report.py is edited finds every stage in the cache; a copy whose merge.py is edited would not."""
+    from phiedge import build as build_mod, cache
+    copy = tmp_path / "src"
+    shutil.copytree(ROOT / "phiedge", copy / "phiedge", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / "phiedge" / "report.py", "a") as f:
+        f.write("\n# an edit that changes no stage\n")
+    # The copy first, and the editable install's own import hook out of the way.
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
+            f"sys.path.insert(0, {str(copy)!r}); import phiedge; assert phiedge.__file__.startswith({str(copy)!r}); "
+            "from phiedge.cli import main; sys.exit(main(sys.argv[1:]))")
+    args = _session_args(tiny, tmp_path / "edited", session)
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                       env={**os.environ, "PHIEDGE_TARGETS": str(ROOT / "targets")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    stages = _stage_lines(r.stderr)
+    assert stages["merge"] and all(c for n, c in stages.items() if n.startswith(("export", "check"))), stages
+    assert "report.py" not in {p.name for p in cache.module_closure(build_mod.MERGE_CODE)}
+    before = cache.code_fingerprint(build_mod.MERGE_CODE)
+    try:
+        cache.PACKAGE = copy / "phiedge"
+        assert cache.code_fingerprint(build_mod.MERGE_CODE) == before
+        with open(copy / "phiedge" / "merge.py", "a") as f:
+            f.write("\n# an edit of the merge\n")
+        assert cache.code_fingerprint(build_mod.MERGE_CODE) != before
+    finally:
+        cache.PACKAGE = ROOT / "phiedge"
+
+
+def test_new_docs_rebuild_only_retriever_and_checks(tiny, session, tmp_path):
     more = tmp_path / "docs2"
-    shutil.copytree(docs, more)
+    shutil.copytree(DEMO_DOCS, more)
     (more / "extra.md").write_text("# Deployment\n\nThe bundle ships a GGUF for llama.cpp and a retriever.\n")
-    r = _build(tiny, tmp_path / "b2", cache, more, formats="gguf")
+    r = run_cli(*_session_args(tiny, tmp_path / "b2", session, formats={"gguf": SESSION["gguf"]}, docs=more))
     assert r.returncode == 0, r.stderr[-2000:]
     s = _stage_lines(r.stderr)
-    assert s["merge"] and all(s[n] for n in s if n.startswith("export"))
-    assert not s["retriever"] and not s["smoke reference"]
+    assert s["merge"] and s["export gguf"]
+    assert not s["retriever"] and not s["smoke reference"] and not any(s[n] for n in s if n.startswith("check"))
 
 
-def test_new_adapter_rebuilds_merge_and_exports_not_retriever(tiny, docs, cache, tmp_path):
-    r = _build(tiny, tmp_path / "b3", cache, docs, adapter="rslora", formats="gguf")
+def test_new_adapter_rebuilds_merge_and_exports_not_retriever(tiny, session, tmp_path):
+    r = run_cli(*_session_args(tiny, tmp_path / "b3", session, formats={"gguf": ["F16"]}, adapter="rslora"))
     assert r.returncode == 0, r.stderr[-2000:]
     s = _stage_lines(r.stderr)
-    assert not s["merge"] and not any(s[n] for n in s if n.startswith("export"))
-    assert s["retriever"]
+    assert not s["merge"] and not s["export gguf"] and s["retriever"]
 
 
-def test_report_renders_in_a_real_browser(built, tmp_path):
+# Measures, in the page, whether any two labels of the size-vs-KL plot overlap (their rendered boxes).
+OVERLAP_JS = """<script>
+window.addEventListener('load', () => {
+  const boxes = [...document.querySelectorAll('g[id^="label"]')].map(g => g.getBoundingClientRect());
+  let overlaps = 0;
+  for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+    const a = boxes[i], b = boxes[j];
+    if (a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom) overlaps++;
+  }
+  document.body.setAttribute('data-labels', boxes.length);
+  document.body.setAttribute('data-overlaps', overlaps);
+});
+</script></body>"""
+
+
+def test_report_renders_in_a_real_browser(session, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "chromium is installed by `make test` (Debian package chromium)"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}"]
-    url = (built / "report.html").resolve().as_uri()
-    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    rep = json.loads((built / "report.json").read_text())
-    assert dom.count("<tr class=\"pass\">") == len(rep["artifacts"])
-    assert dom.count('class="point"') == 2 * len(rep["artifacts"])      # size vs KL, both regimes
-    assert dom.count('class="bar"') == 2 * len(rep["artifacts"])        # tokens/s and time to first token
+    html = (session.bundle / "report.html").read_text()
+    assert "nan" not in html.replace("nanoseconds", "") and "None positions" not in html
+    page = tmp_path / "report.html"
+    page.write_text(html.replace("</body>", OVERLAP_JS))
+    dom = subprocess.run([chromium, *flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    rep = session.report
+    n = len(rep["artifacts"])
+    assert dom.count('<tr class="pass">') == n
+    assert dom.count('id="point-') == 2 * n                # size vs KL, both regimes
+    assert dom.count('id="bar-') == 2 * n                  # tokens/s and time to first token
+    assert f'data-labels="{n}"' in dom and 'data-overlaps="0"' in dom, "labels of the KL plot overlap"
     shot = tmp_path / "report.png"
-    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1280,1400", url],
-                   capture_output=True, timeout=120)
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1280,1400",
+                    (session.bundle / "report.html").as_uri()], capture_output=True, timeout=120)
     assert shot.stat().st_size > 20_000

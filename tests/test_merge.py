@@ -69,15 +69,15 @@ def test_half_precision_checkpoints_are_scored_in_fp32(tiny):
     than bf16 arithmetic, weights left in bf16, torch's modules restored afterwards."""
     import torch
     from transformers import AutoModelForCausalLM
-    from phiedge import probes
-    from phiedge.merge import _logits, fp32_compute
+    from phiedge.checks import probes
+    from phiedge.checks.reference import fp32_compute, last_logits
     ids = probes.make(tiny / "model", None)[0].ids[:96]
     exact = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32).eval()
     half = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.bfloat16).eval()
     with torch.no_grad():
         want = exact(input_ids=torch.tensor([ids])).logits[0].numpy()
         bf16_math = half(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-    fp32_math = _logits(half, ids)
+    fp32_math = last_logits(half, ids)
     keep = probes.COMPARE_LAST
     assert fp32_math.shape == want[-keep:].shape
     assert np.abs(fp32_math - want[-keep:]).max() < 0.5 * np.abs(bf16_math - want)[-keep:].max()
@@ -92,13 +92,13 @@ def test_fp32_compute_upcasts_large_weights_in_slices(tiny, monkeypatch):
     """Sliced upcasting (Phi-4-mini's LM head would otherwise be a 2.4 GB fp32 copy) gives the same logits."""
     import torch
     from transformers import AutoModelForCausalLM
-    from phiedge import merge, probes
+    from phiedge.checks import probes, reference
     ids = probes.make(tiny / "model", None)[0].ids[:96]
     half = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.bfloat16).eval()
-    whole = merge._logits(half, ids)
+    whole = reference.last_logits(half, ids)
     lm_head_fp32 = half.lm_head.weight.numel() * 4
-    monkeypatch.setattr(merge, "UPCAST_SLICE_BYTES", lm_head_fp32 // 7)     # every large matrix in 7+ slices
-    sliced = merge._logits(half, ids)
+    monkeypatch.setattr(reference, "UPCAST_SLICE_BYTES", lm_head_fp32 // 7)     # every large matrix in 7+ slices
+    sliced = reference.last_logits(half, ids)
     assert np.abs(sliced - whole).max() < 1e-4
 
 

@@ -62,5 +62,5 @@ def test_smollm2_lora_to_gguf_answers_from_context(smollm2, tmp_path):
     ("a 200,064-token vocabulary", "200,064", True),
 ])
 def test_a_fact_is_stated_as_a_whole_number_or_word(answer, fact, stated):
-    from phiedge.build import states
+    from phiedge.checks import states
     assert states(answer, fact) is stated

@@ -17,21 +17,21 @@ import pytest
 
 from phiedge import bundle
 from phiedge.errors import SignatureError, UsageError
-from conftest import DEMO, DEMO_DOCS, run_cli
+from conftest import build_args, run_cli
 
 pytestmark = [pytest.mark.gguf, pytest.mark.onnx, pytest.mark.openvino, pytest.mark.mlx, pytest.mark.slow]
 PHIEDGE = str(Path(sys.executable).with_name("phiedge"))
-# One artifact per format, each the cheapest to check: every export and check stage appears once.
-FORMATS = ["--formats", "gguf,onnx,openvino,mlx", "--gguf-quant", "F16", "--onnx-precision", "fp32",
-           "--ov-weights", "fp16", "--mlx-quant", "fp16"]
-# Files that record when and how fast a build ran (report, manifest): everything else is a function of the inputs.
-TIMED = {"report.json", "report.html", "manifest.json"}
+# One artifact per format, each the cheapest to check: every export and check stage appears once. Each is also in
+# the session build, which is the uninterrupted build (in a cache of its own) these are compared with.
+FORMATS = {"gguf": ["F16"], "onnx": ["fp32"], "openvino": ["fp16"], "mlx": ["fp16"]}
+GGUF_ONLY = {"gguf": ["F16"]}
+# Files that record when and how fast a build ran (report, manifest), and the README listing the artifacts built:
+# everything else is a function of the inputs.
+TIMED = {"report.json", "report.html", "manifest.json", "README.md"}
 
 
-def _args(tiny: Path, out: Path, cache: Path, *extra: str, formats: list[str] = FORMATS) -> list[str]:
-    return ["build", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapters" / "lora"), *formats,
-            "--docs", str(DEMO_DOCS), "--smoke-question", DEMO["question"], "--smoke-needle", DEMO["needle"],
-            "--out", str(out), "--cache-dir", str(cache), *extra]
+def _args(tiny: Path, out: Path, cache: Path, *extra: str, formats: dict = FORMATS) -> list[str]:
+    return build_args(tiny, out, cache, formats, *extra)
 
 
 def _files(b: Path) -> dict[str, str]:
@@ -39,17 +39,20 @@ def _files(b: Path) -> dict[str, str]:
     return {k: v["sha256"] for k, v in json.loads((b / "manifest.json").read_text())["files"].items() if k not in TIMED}
 
 
+def _same_as(bundle: Path, reference: Path) -> list[str]:
+    """Files of `bundle` whose bytes differ from (or are missing in) `reference`, a build of a superset."""
+    want, got = _files(reference), _files(bundle)
+    return [f for f in sorted(got) if got[f] != want.get(f)]
+
+
 def _stage_dirs(cache: Path) -> list[Path]:
     return [d for d in cache.iterdir() if d.is_dir() and ".partial-" not in d.name and d.name != "locks"]
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory) -> Path:
-    """An uninterrupted build in a cache of its own."""
-    root = tmp_path_factory.mktemp("reference")
-    r = run_cli(*_args(tiny, root / "bundle", root / "cache"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return root / "bundle"
+def reference(session) -> Path:
+    """The session build: uninterrupted, in a cache of its own."""
+    return session.bundle
 
 
 # --------------------------------------------------------------------------------------------- kill -9
@@ -146,32 +149,32 @@ def test_kill_9_anywhere_resumes_to_a_byte_identical_bundle(tiny, reference, tmp
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not list(cache.glob("*.partial-*")), "the finished build swept every dead partial"
-    want, got = _files(reference), _files(out)
-    assert sorted(got) == sorted(want)
-    assert [f for f in want if got[f] != want[f]] == []
+    assert set(_files(out)) > {"golden.npz", "retriever/retriever.sqlite", "gguf-F16/model.gguf",
+                               "mlx-fp16/model.safetensors"}
+    assert _same_as(out, reference) == []
 
 
 # ------------------------------------------------------------------------------------------ two at once
 
 def test_two_builds_at_once_share_one_cache(tiny, reference, tmp_path):
     """Same inputs, same cache, different --out, started together: both complete, each stage runs once (the
-    other build waits on its lock and finds it finished), and both bundles equal the reference built in another
-    cache -- reproducible across caches, byte for byte."""
+    other build waits on its lock and finds it finished), and both bundles equal the session build's files, made in
+    another cache -- reproducible across caches, byte for byte."""
     cache = tmp_path / "cache"
     procs = []
     for name in ("a", "b"):
         log = open(tmp_path / f"{name}.log", "w")
-        procs.append(subprocess.Popen([PHIEDGE, *_args(tiny, tmp_path / name, cache)], stdout=log,
+        procs.append(subprocess.Popen([PHIEDGE, *_args(tiny, tmp_path / name, cache, formats=GGUF_ONLY)], stdout=log,
                                       stderr=subprocess.STDOUT))
     for p, name in zip(procs, "ab"):
         assert p.wait(timeout=1800) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     ran = [json.loads((tmp_path / n / "report.json").read_text())["cache"]["ran"] for n in "ab"]
     stages = ran[0] + ran[1]
     assert sorted(stages) == sorted(set(stages)), f"a stage ran twice: {ran}"
-    assert set(stages) >= {"merge", "retriever", "smoke-ref", "export-gguf", "export-onnx", "export-openvino",
-                           "export-mlx"}
+    assert set(stages) == {"merge", "retriever", "smoke-ref", "export-gguf", "check-gguf-F16"}
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
     for n in "ab":
-        assert _files(tmp_path / n) == _files(reference)
+        assert _same_as(tmp_path / n, reference) == []
 
 
 def test_a_dead_lock_holder_keeps_nothing(tiny, tmp_path):
@@ -216,8 +219,6 @@ def test_a_live_writer_keeps_its_partial(tmp_path):
 
 # ------------------------------------------------------------------------------------------ damaged cache
 
-GGUF_ONLY = ["--formats", "gguf", "--gguf-quant", "F16"]
-
 
 def test_a_damaged_cache_entry_is_rebuilt_never_shipped(tiny, reference, tmp_path):
     cache = tmp_path / "cache"
@@ -227,6 +228,7 @@ def test_a_damaged_cache_entry_is_rebuilt_never_shipped(tiny, reference, tmp_pat
     (check,) = [d for d in _stage_dirs(cache) if d.name.startswith("check-gguf-F16-")]
     gguf = export / "F16" / "model.gguf"
     want = _files(tmp_path / "b0")
+    assert _same_as(tmp_path / "b0", reference) == []
     # (how the entry is damaged, whether the default fast check sees it, extra flags) -- why each is here:
     cases = [
         # a truncated artifact: its size differs from the completion record

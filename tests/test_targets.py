@@ -64,3 +64,30 @@ def test_thresholds_override_the_table(tmp_path):
     path = tmp_path / "x.toml"
     path.write_text('name = "x"\n[[artifacts]]\nformat = "gguf"\nprecision = "Q4_0"\n[thresholds]\nQ4_0 = [0.9, 0.1]\n')
     assert targets.load(str(path)).threshold_overrides() == {"Q4_0": (0.9, 0.1, None)}
+
+
+def test_a_precision_flag_with_a_target_replaces_that_format_or_is_refused():
+    """--target picks formats and precisions; a precision flag given with it replaces the profile's precisions
+    of that format; a flag or a --formats entry the profile does not have is refused, never ignored."""
+    from phiedge.errors import UsageError
+    from phiedge.targets import resolve_plan
+    plan, profile = resolve_plan("generic-cpu", [], {"gguf": (["Q8_0", "F16"], {})})
+    assert plan == {"gguf": ["Q8_0", "F16"], "onnx": ["int4-k_quant-mixed8"]} and profile.name == "generic-cpu"
+    plan, _ = resolve_plan("all", ["gguf"], {})
+    assert plan == {"gguf": ["F16", "Q4_K_M"]}
+    with pytest.raises(UsageError, match="--ov-weights does not apply: target 'generic-cpu' builds no openvino"):
+        resolve_plan("generic-cpu", [], {"openvino": (["int8"], {})})
+    with pytest.raises(UsageError, match="--onnx-precision does not apply: target 'all' builds no onnx artifact here"):
+        resolve_plan("all", ["gguf"], {"onnx": (["fp32"], {})})
+    with pytest.raises(UsageError, match="target 'arm64-board' has no mlx artifact"):
+        resolve_plan("arm64-board", ["mlx"], {})
+    with pytest.raises(UsageError, match="--gguf-quant is given but gguf is not in --formats"):
+        resolve_plan(None, ["onnx"], {"gguf": (["F16"], {})})
+
+
+def test_every_profile_resolves_to_a_build_plan():
+    """Completeness: every targets/*.toml is a plan the CLI can build (each precision is canonical already)."""
+    from phiedge.targets import resolve_plan
+    for name in targets.available():
+        plan, profile = resolve_plan(name, [], {})
+        assert plan == {f: p for f, p in profile.plan().items()}, name

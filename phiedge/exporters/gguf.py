@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ToolchainError
-from . import Artifact, Exporter, register, run_tool
+from .base import Artifact, Exporter, register, run_tool
+from .grammar import Grammar
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,16 @@ def converter_dir() -> Path:
 @register
 class GGUFExporter(Exporter):
     name = "gguf"
-    PRECISIONS = tuple(PRECISION_PLAN)
+    GRAMMAR = Grammar("gguf", bases=tuple(PRECISION_PLAN), takes_options="GGUF levels take no options")
     DEFAULT_PRECISION = "Q4_K_M"
+    CLI_FLAG = "--gguf-quant"
+    CLI_HELP = "GGUF levels, e.g. F16,Q8_0,Q4_K_M"
+    TOOL_MODULES = ("phiedge.exporters._llama_convert", "phiedge.exporters._llama_quantize")
     BYTES_PER_PARAM = {"F32": 4.0, "F16": 2.0, "BF16": 2.0, "Q8_0": 1.07, "Q6_K": 0.83, "Q5_K_M": 0.72,
                        "Q4_K_M": 0.62, "Q4_0": 0.57}
+
+    def toolchain(self) -> dict[str, str]:
+        return {"llama-cpp-python": llama_cpp_version()}
 
     def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
         precisions = self.check_precisions(precisions)
@@ -152,17 +159,16 @@ class GGUFExporter(Exporter):
             if outtype not in converted:
                 converted[outtype] = self._convert(conv, merged_dir, work / f"model-{outtype}.gguf", outtype,
                                                    vocab, pre)
-            dest = out_dir / prec / "model.gguf"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name("model.gguf.partial")
+            tmp = out_dir / f"{prec}.partial"
+            tmp.mkdir(parents=True, exist_ok=True)
             if ftype is None:
-                shutil.copyfile(converted[outtype], tmp)
+                shutil.copyfile(converted[outtype], tmp / "model.gguf")
             else:
-                self._quantize(converted[outtype], tmp, ftype, int(settings.get("threads", os.cpu_count() or 1)))
-            tmp.rename(dest)
-            artifacts.append(Artifact(format=self.name, precision=prec, path=dest.parent, files=("model.gguf",),
-                                      meta={"vocab": vocab, "pre_tokenizer": pre,
-                                            "llama_cpp_python": llama_cpp_version()}))
+                self._quantize(converted[outtype], tmp / "model.gguf", ftype,
+                               int(settings.get("threads", os.cpu_count() or 1)))
+            artifacts.append(self.finish(tmp, out_dir / prec, prec, ("model.gguf",),
+                                         {"vocab": vocab, "pre_tokenizer": pre,
+                                          "llama_cpp_python": llama_cpp_version()}, f"llama.cpp ({prec})"))
         shutil.rmtree(work, ignore_errors=True)
         return artifacts
 

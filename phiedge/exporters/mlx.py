@@ -3,7 +3,7 @@
 - Each folder holds model.safetensors (+ index), config.json (with mlx-lm's `quantization` table),
   tokenizer.json / tokenizer_config.json, chat_template.jinja and generation_config.json, as mlx-lm saves them.
 - Conversion runs mlx-lm's `convert` in a child process (`_mlx_convert`) for its wall time and peak memory.
-- Precision names: `fp32`, `fp16`, `bf16`, `8bit`, `4bit`, `mixed_4_6` (mlx-lm's recipe: 6 bits for some
+- Precision names (phiedge.exporters.grammar): `fp32`, `fp16`, `bf16`, `8bit`, `4bit`, `mixed_4_6` (mlx-lm's recipe: 6 bits for some
   v_proj/down_proj layers, 4 for the rest), with options for the quantized ones: group size `g32`/`g64`/`g128`
   and how the tied embedding (= the LM head) is stored: `emb4`, `emb8`, `embfp` (unquantized).
   Defaults, left out of canonical names: `g64` (mlx-lm's) and `emb8` (not mlx-lm's: measured below), so
@@ -22,12 +22,12 @@ import json
 import logging
 import shutil
 import sys
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from ..errors import ToolchainError, UsageError
-from . import Artifact, Exporter, register, run_tool
+from ..errors import ToolchainError
+from .base import Artifact, CliModifier, Exporter, register, run_tool
+from .grammar import Grammar, Precision
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ BASES: dict[str, tuple[str | None, int | None, str | None]] = {
     "4bit": (None, 4, None),
     "mixed_4_6": (None, 4, "mixed_4_6"),
 }
-REFUSED_BASES = {"mixed_3_4", "mixed_3_6", "mixed_2_6", "2bit", "3bit", "5bit", "6bit"}
 # option token -> (group, value). One token per group; quantized precisions only.
 TOKENS: dict[str, tuple[str, int]] = {
     "g32": ("group", 32),
@@ -51,71 +50,30 @@ TOKENS: dict[str, tuple[str, int]] = {
     "emb8": ("embed", 8),      # at 8 bits (phiedge's default: about a third of the KL of emb4)
     "embfp": ("embed", 0),     # unquantized, in the checkpoint's float dtype
 }
-DEFAULT_TOKENS = frozenset({"g64", "emb8"})
-GROUP_ORDER = ("group", "embed")
+NOT_OFFERED = "no parity gate is measured for it on a real model yet"
+GRAMMAR = Grammar(
+    "mlx", bases=tuple(BASES), option_bases=frozenset(b for b, (_, bits, _) in BASES.items() if bits),
+    tokens=TOKENS, defaults={"group": "g64", "embed": "emb8"}, order=("group", "embed"),
+    refused_bases={b: NOT_OFFERED for b in ("mixed_3_4", "mixed_3_6", "mixed_2_6", "2bit", "3bit", "5bit", "6bit")},
+    takes_options="only quantized precisions take options",
+    options_hint="quantized ones take options, e.g. 4bit-g32-emb4")
 ARTIFACT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
-@dataclass(frozen=True)
-class Plan:
-    name: str                  # canonical precision name, also the folder name
-    dtype: str | None
-    bits: int | None
-    recipe: str | None
-    group_size: int
-    embed_bits: int | None     # None: float precision; 0: keep unquantized
-
-    def args(self) -> list[str]:
-        out = [] if self.dtype is None else ["--dtype", self.dtype]
-        if self.bits is not None:
-            out += ["--bits", str(self.bits), "--group-size", str(self.group_size),
-                    "--embed-bits", str(self.embed_bits)]
-            if self.recipe:
-                out += ["--recipe", self.recipe]
-        return out
-
-
-def parse_precision(value: str) -> Plan:
-    base, *tokens = value.strip().lower().split("-")
-    if base in REFUSED_BASES:
-        raise UsageError(f"mlx precision '{value}' is not offered: no parity gate is measured for it on a real "
-                         f"model yet; use {', '.join(BASES)}")
-    if base not in BASES:
-        raise UsageError(f"mlx has no precision '{value}': known are {', '.join(BASES)} "
-                         f"(quantized ones take options, e.g. 4bit-g32-emb4)")
-    dtype, bits, recipe = BASES[base]
-    if tokens and bits is None:
-        raise UsageError(f"mlx precision '{value}': only quantized precisions take options ({', '.join(TOKENS)})")
-    groups: dict[str, str] = {}
-    for t in tokens:
-        if t not in TOKENS:
-            raise UsageError(f"mlx precision '{value}': unknown option '{t}': known are {', '.join(TOKENS)}")
-        g = TOKENS[t][0]
-        if g in groups:
-            raise UsageError(f"mlx precision '{value}': '{groups[g]}' and '{t}' both set the {g}: keep one")
-        groups[g] = t
-    if bits is None:
-        return Plan(base, dtype, None, None, 64, None)
-    groups.setdefault("group", "g64")
-    groups.setdefault("embed", "emb8")
-    kept = [groups[g] for g in GROUP_ORDER if groups[g] not in DEFAULT_TOKENS]
-    return Plan(name="-".join([base, *kept]), dtype=dtype, bits=bits, recipe=recipe,
-                group_size=TOKENS[groups["group"]][1], embed_bits=TOKENS[groups["embed"]][1])
+def convert_args(p: Precision) -> list[str]:
+    """mlx-lm convert's arguments for a precision (phiedge.exporters._mlx_convert)."""
+    dtype, bits, recipe = BASES[p.base]
+    out = [] if dtype is None else ["--dtype", dtype]
+    if bits is not None:
+        out += ["--bits", str(bits), "--group-size", str(p.value("group")), "--embed-bits", str(p.value("embed"))]
+        if recipe:
+            out += ["--recipe", recipe]
+    return out
 
 
 def with_group_size(precisions: list[str], group_size: int | None) -> list[str]:
     """`--mlx-group-size N`: add `-gN` to every quantized precision that does not name its own group size."""
-    if group_size is None:
-        return precisions
-    if f"g{group_size}" not in TOKENS:
-        raise UsageError(f"mlx has no group size {group_size}: known are 32, 64, 128")
-    out = []
-    for p in precisions:
-        base, *tokens = p.strip().lower().split("-")
-        quantized = BASES.get(base, (None, None, None))[1] is not None
-        has_group = any(TOKENS.get(t, ("",))[0] == "group" for t in tokens)
-        out.append(f"{p}-g{group_size}" if quantized and not has_group else p)
-    return out
+    return precisions if group_size is None else GRAMMAR.with_default(precisions, "group", f"g{group_size}")
 
 
 def published_layout(config: dict) -> dict:
@@ -152,48 +110,40 @@ def converter_version() -> str:
 @register
 class MLXExporter(Exporter):
     name = "mlx"
-    PRECISIONS = tuple(BASES)
+    GRAMMAR = GRAMMAR
     DEFAULT_PRECISION = "4bit"
+    CLI_FLAG = "--mlx-quant"
+    CLI_HELP = ("MLX precisions: fp32, fp16, bf16, 8bit, 4bit, mixed_4_6, quantized ones with options such as "
+                "4bit-g32 or 4bit-emb4 (4bit: 4-bit layers, 8-bit tied embedding)")
+    CLI_MODIFIERS = {"--mlx-group-size": CliModifier("group", "g{}", ("32", "64", "128"),
+                                                     "Group size for every quantized MLX precision that names none "
+                                                     "(default 64).")}
+    TOOL_MODULES = ("phiedge.exporters._mlx_convert",)
     # 4bit: 4.5 bits per layer weight (fp16 scale + bias per 64) plus the 8-bit embedding.
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "8bit": 1.07, "4bit": 0.66, "mixed_4_6": 0.72}
 
-    def check_precisions(self, precisions: list[str]) -> list[str]:
-        names: list[str] = []
-        for p in precisions:
-            name = parse_precision(p).name
-            if name not in names:
-                names.append(name)
-        return names
-
-    def estimate_bytes(self, n_params: int, precisions: list[str]) -> int:
-        return int(sum(self.BYTES_PER_PARAM[p.split("-")[0]] for p in self.check_precisions(precisions)) * n_params)
+    def toolchain(self) -> dict[str, str]:
+        return {"mlx-lm": converter_version()}
 
     def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
-        plans = [parse_precision(p) for p in self.check_precisions(precisions)]
+        plans = [self.parse(p) for p in self.check_precisions(precisions)]
         version = converter_version()
         return [self._convert(merged_dir, out_dir, plan, version) for plan in plans]
 
-    def _convert(self, merged_dir: Path, out_dir: Path, plan: Plan, version: str) -> Artifact:
+    def _convert(self, merged_dir: Path, out_dir: Path, plan: Precision, version: str) -> Artifact:
         dest, tmp = out_dir / plan.name, out_dir / f"{plan.name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)          # mlx-lm refuses an existing output path
-        cmd = [sys.executable, "-m", "phiedge.exporters._mlx_convert", str(merged_dir), str(tmp), *plan.args()]
-        log.info("mlx %s: mlx-lm %s convert (%s)", plan.name, version, " ".join(plan.args()) or "checkpoint dtype")
+        args = convert_args(plan)
+        cmd = [sys.executable, "-m", "phiedge.exporters._mlx_convert", str(merged_dir), str(tmp), *args]
+        log.info("mlx %s: mlx-lm %s convert (%s)", plan.name, version, " ".join(args) or "checkpoint dtype")
         cost = run_tool(cmd, f"mlx-lm convert ({plan.name})")
-        missing = [f for f in ARTIFACT_FILES if not (tmp / f).is_file()]
-        if missing:
-            raise ToolchainError(f"mlx-lm convert ({plan.name}) wrote no {', '.join(missing)} in {tmp}: "
-                                 f"rerun with PHIEDGE_DEBUG=1")
-        config = published_layout(json.loads((tmp / "config.json").read_text()))
-        (tmp / "config.json").write_text(json.dumps(config, indent=4))
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-        files = tuple(sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()))
-        art = Artifact(format=self.name, precision=plan.name, path=dest, files=files,
-                       meta={"mlx_lm": version, "mlx": metadata.version("mlx"),
-                             "dtype": plan.dtype or config.get("torch_dtype") or config.get("dtype"),
-                             "quantization": config.get("quantization"), "recipe": plan.recipe,
-                             "embedding_bits": plan.embed_bits,
-                             "export_seconds": cost["seconds"], "export_peak_rss_mb": cost["peak_rss_mb"]})
-        log.info("mlx %s: %.1f MB in %.1f s, peak %.0f MB", plan.name, art.size_bytes / 1e6, cost["seconds"],
-                 cost["peak_rss_mb"])
-        return art
+        config_file = tmp / "config.json"
+        config = published_layout(json.loads(config_file.read_text())) if config_file.is_file() else {}
+        if config:
+            config_file.write_text(json.dumps(config, indent=4))
+        dtype, _, recipe = BASES[plan.base]
+        meta = {"mlx_lm": version, "mlx": metadata.version("mlx"),
+                "dtype": dtype or config.get("torch_dtype") or config.get("dtype"),
+                "quantization": config.get("quantization"), "recipe": recipe, "embedding_bits": plan.value("embed"),
+                "export_seconds": cost["seconds"], "export_peak_rss_mb": cost["peak_rss_mb"]}
+        return self.finish(tmp, dest, plan.name, ARTIFACT_FILES, meta, f"mlx-lm convert ({plan.name})")

@@ -6,10 +6,10 @@
   tokenizer.json / tokenizer_config.json and chat_template.jinja.
 - The builder runs in a child process through `_genai_build` (it puts its own `builders`/`quantization`
   folders on sys.path, needs up to ~24 GB at full size, and its LM-head detection needs one fix: see there).
-- Precision names: `fp32`, `fp16` (cuda/dml only: see EXECUTION_PROVIDERS), `int4`, and int4 variants
-  `int4-<token>-<token>...` with tokens from INT4_TOKENS (block size, symmetry, algorithm, accuracy level,
-  8-bit output layer), e.g. `int4-b64-rtn-acc4`.
-  The builder's defaults (b32, sym) are left out of the canonical name, so one build has one name.
+- Precision names (phiedge.exporters.grammar): `fp32`, `fp16` (cuda/dml only: see EXECUTION_PROVIDERS), `int4`,
+  and int4 variants `int4-<token>-<token>...` with tokens from INT4_TOKENS (block size, symmetry, algorithm,
+  accuracy level, 8-bit output layer), e.g. `int4-b64-rtn-acc4`. The builder's defaults (b32, sym) are left
+  out of the canonical name, so one build has one name.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import json
 import logging
 import shutil
 import sys
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from ..errors import ToolchainError, UsageError
-from . import Artifact, Exporter, register, run_tool
+from .base import Artifact, Exporter, register, run_tool
+from .grammar import Grammar, Precision
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ EXECUTION_PROVIDERS: dict[str, tuple[str, ...]] = {
     "webgpu": ("int4",),
 }
 DEFAULT_EXECUTION_PROVIDER = "cpu"
-# int4 variant token -> (option group, the builder's --extra_options KEY=VALUE). One token per group.
+# int4 option token -> (option group, the builder's --extra_options KEY=VALUE). One token per group.
 INT4_TOKENS: dict[str, tuple[str, str]] = {
     "b16": ("block", "block_size=16"),          # MatMulNBits block size (builder default 32)
     "b32": ("block", "block_size=32"),
@@ -60,59 +60,37 @@ INT4_TOKENS: dict[str, tuple[str, str]] = {
     # layer's qkv/v/down projections): the builder's `mixed_layers` selector
     "mixed8": ("head", "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8"),
 }
-INT4_DEFAULT_TOKENS = frozenset({"b32", "sym"})
-GROUP_ORDER = ("block", "symmetry", "algorithm", "accuracy", "head")
-# Combinations the builder writes but onnxruntime cannot load (measured with onnxruntime-genai 0.18.0 on the
-# tied-embedding tiny Phi): (tokens present, group that must then be given, why and what to do instead).
-REFUSED: tuple[tuple[frozenset, str, str], ...] = (
-    (frozenset({"asym"}), "algorithm",
-     "asymmetric int4 with the builder's default quantizer gives the tied embedding a uint8 GatherBlockQuantized "
-     "input that onnxruntime refuses to load (Type Error at /model/embed_tokens/Reshape); add -rtn or -k_quant, "
-     "which store zero points the shared embedding can use"),
-    (frozenset({"mixed8"}), "algorithm",
-     "8-bit layers with the builder's default quantizer leave the tied embedding pointing at an initializer it "
-     "never writes (lm_head.MatMul.weight_Q8G32, as with -head8); add -rtn or -k_quant"),
-    (frozenset({"head8"}), "algorithm",
-     "an 8-bit output layer with the builder's default quantizer leaves the tied embedding pointing at an "
-     "initializer it never writes (lm_head.MatMul.weight_Q8G32: 'not a graph input, initializer, or output'); "
-     "add -rtn or -k_quant (the targets use int4-k_quant-mixed8)"),
-)
+GRAMMAR = Grammar(
+    "onnx", bases=BASE_PRECISIONS, option_bases=frozenset({"int4"}), tokens=INT4_TOKENS,
+    defaults={"block": "b32", "symmetry": "sym"}, order=("block", "symmetry", "algorithm", "accuracy", "head"),
+    option_noun="int4 option", takes_options="only int4 takes options",
+    options_hint="int4 takes options, e.g. int4-b64-rtn-acc4",
+    # Combinations the builder writes but onnxruntime cannot load (measured with onnxruntime-genai 0.18.0 on the
+    # tied-embedding tiny Phi): (tokens present, group that must then be given, why and what to do instead).
+    refused=(
+        (frozenset({"asym"}), "algorithm",
+         "asymmetric int4 with the builder's default quantizer gives the tied embedding a uint8 GatherBlockQuantized "
+         "input that onnxruntime refuses to load (Type Error at /model/embed_tokens/Reshape); add -rtn or -k_quant, "
+         "which store zero points the shared embedding can use"),
+        (frozenset({"mixed8"}), "algorithm",
+         "8-bit layers with the builder's default quantizer leave the tied embedding pointing at an initializer it "
+         "never writes (lm_head.MatMul.weight_Q8G32, as with -head8); add -rtn or -k_quant"),
+        (frozenset({"head8"}), "algorithm",
+         "an 8-bit output layer with the builder's default quantizer leaves the tied embedding pointing at an "
+         "initializer it never writes (lm_head.MatMul.weight_Q8G32: 'not a graph input, initializer, or output'); "
+         "add -rtn or -k_quant (the targets use int4-k_quant-mixed8)"),
+    ))
 ARTIFACT_FILES = ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
                   "chat_template.jinja")
 
 
-@dataclass(frozen=True)
-class Plan:
-    name: str                   # canonical precision name, also the folder name
-    base: str                   # fp32 | fp16 | int4
-    options: tuple[str, ...]    # builder --extra_options KEY=VALUE
+def builder_options(p: Precision) -> tuple[str, ...]:
+    """The builder's --extra_options for a precision: its explicit (non-default) tokens only, so the command
+    is the builder's own for a default int4."""
+    return tuple(INT4_TOKENS[t][1] for _, t in p.given)
 
 
-def parse_precision(value: str) -> Plan:
-    """`int4-b64-asym-rtn` -> Plan; a UsageError names the bad part and the known ones."""
-    base, *tokens = value.strip().lower().split("-")
-    if base not in BASE_PRECISIONS:
-        raise UsageError(f"onnx has no precision '{value}': known are {', '.join(BASE_PRECISIONS)} "
-                         f"(int4 takes options, e.g. int4-b64-rtn-acc4)")
-    if tokens and base != "int4":
-        raise UsageError(f"onnx precision '{value}': only int4 takes options ({', '.join(INT4_TOKENS)})")
-    groups: dict[str, str] = {}
-    for t in tokens:
-        if t not in INT4_TOKENS:
-            raise UsageError(f"onnx precision '{value}': unknown int4 option '{t}': known are {', '.join(INT4_TOKENS)}")
-        g = INT4_TOKENS[t][0]
-        if g in groups:
-            raise UsageError(f"onnx precision '{value}': '{groups[g]}' and '{t}' both set the {g}: keep one")
-        groups[g] = t
-    given = frozenset(groups.values())
-    for needs, group, why in REFUSED:
-        if needs <= given and group not in groups:
-            raise UsageError(f"onnx precision '{value}' is refused: {why}")
-    kept = [groups[g] for g in GROUP_ORDER if g in groups and groups[g] not in INT4_DEFAULT_TOKENS]
-    return Plan(name="-".join([base, *kept]), base=base, options=tuple(INT4_TOKENS[t][1] for t in kept))
-
-
-def check_execution_provider(ep: str, plans: list[Plan]) -> str:
+def check_execution_provider(ep: str, plans: list[Precision]) -> str:
     key = str(ep).lower()
     if key not in EXECUTION_PROVIDERS:
         raise UsageError(f"onnx has no execution provider '{ep}': known are {', '.join(EXECUTION_PROVIDERS)}")
@@ -139,8 +117,11 @@ def builder_version() -> str:
 @register
 class ONNXExporter(Exporter):
     name = "onnx"
-    PRECISIONS = BASE_PRECISIONS
+    GRAMMAR = GRAMMAR
     DEFAULT_PRECISION = "int4"
+    CLI_FLAG = "--onnx-precision"
+    CLI_HELP = "ONNX precisions: fp32, fp16, int4 or int4-<options> such as int4-b64-rtn-acc4"
+    TOOL_MODULES = ("phiedge.exporters._genai_build",)
     # Measured: fp32 keeps the tied embedding once; int4 2.5 GB for 3.84 B parameters (FIELD-NOTES).
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int4": 0.66}
     PEAK_WHY = "onnxruntime-genai's model builder holds the whole graph in fp32 while it quantizes"
@@ -150,56 +131,42 @@ class ONNXExporter(Exporter):
         model before it quantizes. Measured at 3.84 B parameters: plain int4 23.6 GB (FIELD-NOTES: 6.2 B/param);
         k_quant (onnxruntime's Python quantizer) was OOM-killed at 23.7 GB anonymous RSS on a 25.3 GB machine
         without swap, so 6.6 B/param is its floor."""
-        plan = parse_precision(precision)
-        if plan.base != "int4":
+        p = self.parse(precision)
+        if p.base != "int4":
             return None
-        return int((6.6 if "algo_config=k_quant" in plan.options else 6.2) * n_params)
+        return int((6.6 if p.value("algorithm") == "algo_config=k_quant" else 6.2) * n_params)
 
     def check_precisions(self, precisions: list[str], execution_provider: str = DEFAULT_EXECUTION_PROVIDER
                          ) -> list[str]:
-        plans: list[Plan] = []
-        for p in precisions:
-            plan = parse_precision(p)
-            if plan.name not in [q.name for q in plans]:
-                plans.append(plan)
-        check_execution_provider(execution_provider, plans)
-        return [p.name for p in plans]
+        names = self.GRAMMAR.canonical(precisions)
+        check_execution_provider(execution_provider, [self.parse(n) for n in names])
+        return names
 
-    def estimate_bytes(self, n_params: int, precisions: list[str]) -> int:
-        return int(sum(self.BYTES_PER_PARAM[parse_precision(p).base] for p in precisions) * n_params)
+    def toolchain(self) -> dict[str, str]:
+        return {"onnxruntime-genai": builder_version()}
 
     def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
         ep = str(settings.get("execution_provider", DEFAULT_EXECUTION_PROVIDER)).lower()
-        plans = [parse_precision(p) for p in self.check_precisions(precisions, ep)]
+        plans = [self.parse(p) for p in self.check_precisions(precisions, ep)]
         version = builder_version()
         artifacts = [self._build(merged_dir, out_dir, plan, ep, version) for plan in plans]
         shutil.rmtree(out_dir / ".work", ignore_errors=True)
         return artifacts
 
-    def _build(self, merged_dir: Path, out_dir: Path, plan: Plan, ep: str, version: str) -> Artifact:
+    def _build(self, merged_dir: Path, out_dir: Path, plan: Precision, ep: str, version: str) -> Artifact:
         """One precision: the builder writes `<name>.partial/`, renamed to `<name>/` once complete."""
         dest, tmp = out_dir / plan.name, out_dir / f"{plan.name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
+        options = builder_options(plan)
         cmd = [sys.executable, "-m", "phiedge.exporters._genai_build", "-i", str(merged_dir), "-o", str(tmp),
                "-p", plan.base, "-e", ep, "-c", str(out_dir / ".work"), "--extra_options", "hf_token=false",
-               *plan.options]
-        log.info("onnx %s: onnxruntime-genai %s builder (%s)", plan.name, version,
-                 " ".join(plan.options) or "defaults")
+               *options]
+        log.info("onnx %s: onnxruntime-genai %s builder (%s)", plan.name, version, " ".join(options) or "defaults")
         cost = run_tool(cmd, f"onnxruntime-genai model builder ({plan.name}, {ep})")
-        missing = [f for f in ARTIFACT_FILES if not (tmp / f).is_file()]
-        if missing:
-            raise ToolchainError(f"onnxruntime-genai model builder ({plan.name}) wrote no {', '.join(missing)} "
-                                 f"in {tmp}: rerun with PHIEDGE_DEBUG=1")
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-        files = tuple(sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()))
-        art = Artifact(format=self.name, precision=plan.name, path=dest, files=files,
-                       meta={"onnxruntime_genai": version, "execution_provider": ep,
-                             "builder_options": list(plan.options), "shared_embeddings": _shares_embedding(merged_dir),
-                             "export_seconds": cost["seconds"], "export_peak_rss_mb": cost["peak_rss_mb"]})
-        log.info("onnx %s: %.1f MB in %.1f s, peak %.0f MB", plan.name, art.size_bytes / 1e6, cost["seconds"],
-                 cost["peak_rss_mb"])
-        return art
+        meta = {"onnxruntime_genai": version, "execution_provider": ep, "builder_options": list(options),
+                "shared_embeddings": _shares_embedding(merged_dir), "export_seconds": cost["seconds"],
+                "export_peak_rss_mb": cost["peak_rss_mb"]}
+        return self.finish(tmp, dest, plan.name, ARTIFACT_FILES, meta, f"onnxruntime-genai model builder ({plan.name})")
 
 
 def _shares_embedding(model_dir: Path) -> bool:

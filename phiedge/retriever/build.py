@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import OutputExistsError, RetrieverError, UsageError
 from .chunk import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, Chunk, chunk_document, plain_tokenizer
 from .embed import CONFIG_FILE, TOKENIZER_FILE, OnnxEmbedder
-from .ingest import SkipFile, list_files, load_document, read_bytes, sha256
+from .ingest import SkipFile, list_files, load_document, no_documents_message, read_bytes, sha256
 from .store import (DB_FILE, EMBEDDER_DIR, FAISS_FILE, FORMAT_VERSION, HNSW_THRESHOLD, FileRecord, StoredChunk,
                     connect_ro, fsync_tree, read_chunks_by_source, read_files, read_meta, read_vectors, write_store)
 from .types import IndexResult, SkippedFile
@@ -101,7 +101,7 @@ def build_index(docs_dir: str | os.PathLike, out_dir: str | os.PathLike, *, embe
     for s in result.skipped:
         log.warning("skipped %s: %s", s.path, s.reason)
     if not todo and not reused:
-        raise RetrieverError(_no_chunks_message(docs, result.skipped))
+        raise RetrieverError(no_documents_message(docs, result.skipped))
 
     if prev is not None and prev.compatible and not todo and set(reused) == set(prev.files) and \
             sorted((s.path, s.reason) for s in result.skipped) == \
@@ -163,7 +163,7 @@ def build_index(docs_dir: str | os.PathLike, out_dir: str | os.PathLike, *, embe
             present = set(reused) | set(new_chunks)
             result.removed = sorted(set(prev.files) - present)
         if not new_chunks and not reused:
-            raise RetrieverError(_no_chunks_message(docs, result.skipped))
+            raise RetrieverError(no_documents_message(docs, result.skipped))
 
         # Embed the new chunks with the ONNX embedder (the one the device uses).
         flat_new = [c for rel in sorted(new_chunks) for c in new_chunks[rel]]
@@ -267,17 +267,6 @@ def _inside(path: Path, folder: Path) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _no_chunks_message(docs: Path, skipped: list[SkippedFile]) -> str:
-    if not skipped:
-        return f"no chunks: {docs} has no files: add .md/.txt/.html/.pdf files"
-    reasons: dict[str, int] = {}
-    for s in skipped:
-        key = s.reason.split(" (")[0].split(":")[0]
-        reasons[key] = reasons.get(key, 0) + 1
-    summary = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
-    return f"no chunks: every file in {docs} was skipped ({summary}): add .md/.txt/.html/.pdf files with text"
 
 
 def _sample(n: int, k: int) -> list[int]:

@@ -90,6 +90,18 @@ def _link_reason(link: Path, root_real: Path, *, folder: bool) -> str | None:
     return None
 
 
+def no_documents_message(docs: Path, skipped: list[SkippedFile]) -> str:
+    """Why a documents folder gives the retriever nothing, and what to add."""
+    if not skipped:
+        return f"no chunks: {docs} has no files: add .md/.txt/.html/.pdf files"
+    reasons: dict[str, int] = {}
+    for s in skipped:
+        key = s.reason.split(" (")[0].split(":")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    summary = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return f"no chunks: every file in {docs} was skipped ({summary}): add .md/.txt/.html/.pdf files with text"
+
+
 def read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()

@@ -10,13 +10,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from ..errors import ToolchainError
-from . import Generation, Runtime, RuntimeSettings, register, timed_decode
+from .base import Runtime, RuntimeSettings, register
 
 log = logging.getLogger(__name__)
 N_BATCH = 512
@@ -73,7 +73,7 @@ class GGUFRuntime(Runtime):
 
     # -- context sizing: the heart of LongRoPE parity on llama.cpp
     def context_size(self, n_tokens: int) -> int:
-        self.check_fits(n_tokens)
+        self.check_length(n_tokens)
         if self.settings.n_ctx:
             return self.settings.n_ctx
         if self.orig_ctx and n_tokens <= self.orig_ctx:
@@ -101,57 +101,43 @@ class GGUFRuntime(Runtime):
             self._ctx.kv_cache_clear()
         return self._ctx
 
-    def _decode(self, ctx, batch, ids: list[int], n_past: int, want_from: int) -> list[np.ndarray]:
-        """Decode ids at positions n_past.., returning logits for positions >= want_from."""
-        out = []
+    def _decode(self, ctx, batch, ids: list[int], n_past: int, want_from: int) -> Iterator[np.ndarray]:
+        """Decode ids at positions n_past.., yielding a view of the logits of every position >= want_from (valid
+        until the next decode: copy to keep)."""
         for start in range(0, len(ids), N_BATCH):
             chunk = ids[start:start + N_BATCH]
             b = batch.batch
             b.n_tokens = len(chunk)
             for i, t in enumerate(chunk):
                 pos = n_past + start + i
-                b.token[i] = t
-                b.pos[i] = pos
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
+                b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0] = t, pos, 1, 0
                 b.logits[i] = pos >= want_from
             ctx.decode(batch)
             for i in range(len(chunk)):
                 if n_past + start + i >= want_from:
                     ptr = ctx.get_logits_ith(i)
-                    out.append(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
-                                                     shape=(self.n_vocab,)).copy())
-        return out
+                    yield np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
 
     def logits(self, ids: list[int], last_n: int) -> np.ndarray:
         ctx = self._context(len(ids))
         batch = self._int.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
-        rows = self._decode(ctx, batch, ids, 0, len(ids) - last_n)
-        return np.stack(rows)
+        return np.stack([row.copy() for row in self._decode(ctx, batch, ids, 0, len(ids) - last_n)])
 
-    def generate_ids(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> Generation:
-        stop_ids = stop_ids if stop_ids is not None else self.stop_ids()
-        t0 = time.perf_counter()
-        ctx = self._context(len(ids) + max_new_tokens)
-        batch = self._int.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
-        last = self._decode(ctx, batch, ids, 0, len(ids) - 1)[-1]
-        out: list[int] = []
-        t_first = None
-        stopped = False
-        for step in range(max_new_tokens):
-            tok = int(np.argmax(last))
-            if t_first is None:
-                t_first = time.perf_counter()
-            if tok in stop_ids:
-                stopped = True
-                break
-            out.append(tok)
-            if step == max_new_tokens - 1:
-                break
-            last = self._decode(ctx, batch, [tok], len(ids) + step, len(ids) + step)[-1]
-        ttft, tps = timed_decode(t_first or time.perf_counter(), t0, len(out), time.perf_counter())
-        return Generation(ids=out, text=self.detokenize(out), prompt_tokens=len(ids), ttft_s=ttft,
-                          decode_tps=tps, stopped=stopped)
+    # -- step-wise generation (the loop is the base class's): the pick reads llama.cpp's logits in place
+    def _start(self, ids: list[int], total: int) -> int:
+        self._gen_ctx = self._context(total)
+        self._gen_batch = self._int.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
+        self._gen_pos = len(ids)
+        return self._decode_pick(ids, 0)
+
+    def _advance(self, token: int) -> int:
+        self._gen_pos += 1
+        return self._decode_pick([token], self._gen_pos - 1)
+
+    def _decode_pick(self, ids: list[int], n_past: int) -> int:
+        """Decode `ids` at positions n_past.. and pick the next token from the last one's logits, in place."""
+        *_, last = self._decode(self._gen_ctx, self._gen_batch, ids, n_past, n_past + len(ids) - 1)
+        return self._pick(last)
 
     # -- tokenizer and template: the GGUF's own, as on a device
     def tokenize(self, text: str) -> list[int]:

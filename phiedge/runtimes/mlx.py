@@ -19,13 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ToolchainError, UsageError
-from . import Generation, Runtime, RuntimeSettings, register, timed_decode
+from .base import Runtime, RuntimeSettings, register
 
 log = logging.getLogger(__name__)
 
@@ -128,39 +127,22 @@ class MLXRuntime(Runtime):
             raise ToolchainError(f"no config.json + model*.safetensors in {path}: not an MLX artifact; rebuild it")
         return cls(path, settings or RuntimeSettings())
 
-    def _check_length(self, n: int) -> None:
-        cap = self.settings.extra.get("max_ctx")
-        if cap and n > cap:
-            raise UsageError(f"prompt and answer need {n} tokens, the target's context is {cap}: "
-                             f"ask a shorter question, retrieve fewer chunks (-k), or lower --max-tokens")
-
     def logits(self, ids: list[int], last_n: int) -> np.ndarray:
-        self._check_length(len(ids))
+        self.check_length(len(ids))
         out = self.model(self.mx.array([ids]))[0, -last_n:]          # one prefill of every id, no cache
         return np.array(out.astype(self.mx.float32))
 
-    def generate_ids(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> Generation:
-        mx = self.mx
-        stop_ids = stop_ids if stop_ids is not None else self.stop_ids()
-        self._check_length(len(ids) + max_new_tokens)
-        t0 = time.perf_counter()
-        cache = self.make_prompt_cache(self.model)
-        logits = self.model(mx.array([ids]), cache=cache)[:, -1]     # the whole prompt in one call
-        out: list[int] = []
-        t_first, stopped = None, False
-        while len(out) < max_new_tokens:
-            tok = int(mx.argmax(logits, axis=-1).item())
-            if t_first is None:
-                t_first = time.perf_counter()
-            if tok in stop_ids:
-                stopped = True
-                break
-            out.append(tok)
-            if len(out) < max_new_tokens:
-                logits = self.model(mx.array([[tok]]), cache=cache)[:, -1]
-        ttft, tps = timed_decode(t_first or time.perf_counter(), t0, len(out), time.perf_counter())
-        return Generation(ids=out, text=self.detokenize(out), prompt_tokens=len(ids), ttft_s=ttft,
-                          decode_tps=tps, stopped=stopped)
+    # -- step-wise generation (the loop is the base class's): the whole prompt in one call, then one token a call
+    def _start(self, ids: list[int], total: int) -> int:
+        self._cache = self.make_prompt_cache(self.model)
+        return self._step(ids)
+
+    def _advance(self, token: int) -> int:
+        return self._step([token])
+
+    def _step(self, ids: list[int]) -> int:
+        logits = self.model(self.mx.array([ids]), cache=self._cache)[0, -1]
+        return int(self.mx.argmax(logits).item())      # picked by mlx: no vocabulary-wide copy to numpy
 
     # -- tokenizer and template: the artifact's own, as on a device
     def tokenize(self, text: str) -> list[int]:
@@ -168,10 +150,6 @@ class MLXRuntime(Runtime):
 
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
-
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        from .. import chat
-        return self.tokenize(chat.render(self.chat_template, messages, self.specials))
 
     def stop_ids(self) -> set[int]:
         return self._stop_ids(self.config.get("eos_token_id"), self._generation_config().get("eos_token_id"))

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ToolchainError, UsageError
-from . import Generation, Runtime, RuntimeSettings, register, timed_decode
+from .base import Runtime, RuntimeSettings, register
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,6 @@ PROVIDERS: dict[str, tuple[str | None, str | None]] = {
     "OPENVINO": ("OpenVINO", "is_openvino_available"),
     "QNN": ("QNN", "is_qnn_available"),
 }
-# End-of-turn tokens added to the config's eos ids when the vocabulary has them.
 
 
 def _import_og():
@@ -93,10 +91,7 @@ class ONNXRuntime(Runtime):
 
     # -- one fresh generator per call: no state leaks between probes
     def _generator(self, max_length: int):
-        self.check_fits(max_length)
-        if self.context_length and max_length > self.context_length:
-            raise UsageError(f"prompt and answer need {max_length} tokens, the model's context is "
-                             f"{self.context_length}: shorten the prompt")
+        self.check_length(max_length)
         params = self.og.GeneratorParams(self.model)
         # max_length sizes the KV cache (shared past/present buffer): never the config's 131072.
         params.set_search_options(max_length=max_length, do_sample=False)
@@ -112,29 +107,22 @@ class ONNXRuntime(Runtime):
                                  f"(a pruned LM head or chunked prefill): rebuild the artifact with phiedge")
         return out[-last_n:].astype(np.float32)
 
-    def generate_ids(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> Generation:
-        stop_ids = stop_ids if stop_ids is not None else self.stop_ids()
-        t0 = time.perf_counter()
-        gen = self._generator(len(ids) + max_new_tokens)
-        gen.append_tokens(np.asarray(ids, dtype=np.int32))
-        out: list[int] = []
-        t_first = None
-        stopped = False
-        while len(out) < max_new_tokens:
-            gen.generate_next_token()                              # greedy: do_sample=False
-            tok = int(gen.get_next_tokens()[0])
-            if t_first is None:
-                t_first = time.perf_counter()
-            if tok in stop_ids:
-                stopped = True
-                break
-            out.append(tok)
-            if gen.is_done():   # the config's own eos ids end the search even when the caller wants them
-                stopped = True
-                break
-        ttft, tps = timed_decode(t_first or time.perf_counter(), t0, len(out), time.perf_counter())
-        return Generation(ids=out, text=self.detokenize(out), prompt_tokens=len(ids), ttft_s=ttft,
-                          decode_tps=tps, stopped=stopped)
+    # -- step-wise generation (the loop is the base class's): onnxruntime-genai picks greedily itself
+    def _start(self, ids: list[int], total: int) -> int:
+        self._gen = self._generator(total)
+        self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        return self._next()
+
+    def _advance(self, token: int) -> int:
+        return self._next()           # the generator already holds the token it picked
+
+    def _next(self) -> int:
+        self._gen.generate_next_token()                              # greedy: do_sample=False
+        return int(self._gen.get_next_tokens()[0])
+
+    def _exhausted(self) -> bool:
+        """The config's own eos ids end the search even when the caller wants them."""
+        return self._gen.is_done()
 
     # -- tokenizer and template: the artifact's own, as on a device
     def tokenize(self, text: str) -> list[int]:

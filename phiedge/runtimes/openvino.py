@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ToolchainError, UsageError
-from . import Generation, Runtime, RuntimeSettings, register, timed_decode
+from .base import Runtime, RuntimeSettings, register
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +125,8 @@ class OpenVINORuntime(Runtime):
                 raise ToolchainError(f"OpenVINO GenAI could not load {self.path} on {self.device}: {e}") from None
         return self._pipe
 
-    def _check_length(self, n: int) -> None:
-        self.check_fits(n)                      # the device profile's context (Runtime base class)
-        if self.context_length and n > self.context_length:
-            raise UsageError(f"prompt and answer need {n} tokens, the model's context is {self.context_length}: "
-                             f"shorten the prompt")
-
     def logits(self, ids: list[int], last_n: int) -> np.ndarray:
-        self._check_length(len(ids))
+        self.check_length(len(ids))
         req = self._request()                       # fresh request: empty KV state
         n = len(ids)
         req.infer({"input_ids": np.asarray([ids], dtype=np.int64),
@@ -146,32 +140,27 @@ class OpenVINORuntime(Runtime):
                                  f"rebuild the artifact with phiedge")
         return out[-last_n:].astype(np.float32)
 
-    def generate_ids(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> Generation:
-        stop_ids = stop_ids if stop_ids is not None else self.stop_ids()
-        self._check_length(len(ids) + max_new_tokens)
+    def _generate(self, ids: list[int], max_new_tokens: int, stop: set[int]) -> tuple[list[int], float | None, bool]:
+        """LLMPipeline generates on its own (greedy, the caller's stop ids); its perf metrics give the first
+        token's time."""
         pipe = self._pipeline()
         cfg = pipe.get_generation_config()
         cfg.max_new_tokens = int(max_new_tokens)
         cfg.do_sample = False
         cfg.num_beams = 1
-        cfg.stop_token_ids = {int(i) for i in stop_ids}
+        cfg.stop_token_ids = {int(i) for i in stop}
         arr = np.asarray([ids], dtype=np.int64)
         inputs = self.ov_genai.TokenizedInputs(self.ov.Tensor(arr), self.ov.Tensor(np.ones_like(arr)))
         t0 = time.perf_counter()
         res = pipe.generate(inputs, cfg)
         end = time.perf_counter()
         toks = [int(t) for t in res.tokens[0]]
-        stopped = False
-        for i, t in enumerate(toks):
-            if t in stop_ids:
-                toks, stopped = toks[:i], True
-                break
-        stopped = stopped or len(toks) < max_new_tokens
+        cut = next((i for i, t in enumerate(toks) if t in stop), None)
+        stopped = cut is not None or len(toks) < max_new_tokens
+        toks = toks if cut is None else toks[:cut]
         ttft_ms = res.perf_metrics.get_ttft().mean
         first = t0 + ttft_ms / 1000 if ttft_ms == ttft_ms and ttft_ms > 0 else end
-        ttft, tps = timed_decode(min(first, end), t0, len(toks), end)
-        return Generation(ids=toks, text=self.detokenize(toks), prompt_tokens=len(ids), ttft_s=ttft,
-                          decode_tps=tps, stopped=stopped)
+        return toks, min(first, end), stopped
 
     # -- tokenizer and template: the artifact's own, as on a device (chat_ids: the Runtime base class)
     def tokenize(self, text: str) -> list[int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from . import chat
+from .. import chat
 
 COMPARE_LAST = 64            # positions compared per regime (the last N of each prompt)
 LONG_MARGIN = 104            # the long probe ends this many tokens past the switch point

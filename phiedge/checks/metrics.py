@@ -1,8 +1,9 @@
-"""The parity gate: an artifact's next-token logits against the PyTorch merged model, in both LongRoPE regimes.
+"""Metrics and limits: an artifact's next-token logits against the PyTorch merged model's.
 
 Metrics over the last `probes.COMPARE_LAST` positions of each probe: mean KL(reference || artifact) in
-nats, top-1 agreement, max |Δlogit|. Thresholds by precision live in one table; a device profile may
-tighten them. Device-path module: numpy only.
+nats, top-1 agreement, max |Δlogit| (full-vocabulary references only: the bundle's golden references keep
+the top-k log-probs, so on the device KL is over those k and max |Δ| is not measured). Thresholds by
+precision live in one table; a device profile may tighten them. Device-path module: numpy only.
 """
 from __future__ import annotations
 
@@ -41,13 +42,17 @@ THRESHOLDS: dict[str, tuple[float, float, float | None]] = {
 class Metrics:
     top1: float
     kl: float
-    max_abs: float
+    max_abs: float | None          # None: not measured (a top-k reference)
     positions: int
 
     def as_dict(self) -> dict:
+        finite = self.max_abs is not None and math.isfinite(self.max_abs)
         return {"top1": round(self.top1, 6), "kl": float(f"{self.kl:.6g}"),
-                "max_abs": float(f"{self.max_abs:.6g}") if math.isfinite(self.max_abs) else None,
-                "positions": self.positions}
+                "max_abs": float(f"{self.max_abs:.6g}") if finite else None, "positions": self.positions}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Metrics":
+        return cls(top1=d["top1"], kl=d["kl"], max_abs=d.get("max_abs"), positions=d["positions"])
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -67,6 +72,16 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> Metrics:
     return Metrics(top1=top1, kl=max(kl, 0.0), max_abs=max_abs, positions=int(ref.shape[0]))
 
 
+def compare_topk(idx: np.ndarray, logprob: np.ndarray, candidate: np.ndarray) -> Metrics:
+    """Top-1 agreement and KL restricted to the reference's top-k tokens (a golden reference keeps no full
+    logits); max |Δ| is not measured."""
+    lp_ref = logprob.astype(np.float64)
+    lq_k = np.take_along_axis(_log_softmax(candidate), idx.astype(np.int64), -1)
+    kl = float((np.exp(lp_ref) * (lp_ref - lq_k)).sum(-1).mean())
+    top1 = float((candidate.argmax(-1) == idx[:, 0]).mean())
+    return Metrics(top1=top1, kl=max(kl, 0.0), max_abs=None, positions=int(idx.shape[0]))
+
+
 def thresholds_for(precision: str, overrides: dict | None = None) -> tuple[float, float, float | None]:
     # A variant (ONNX "int4-b64-rtn": options after a dash) is held to its own row if it has one, else its base's.
     keys = [precision.upper(), precision.upper().split("-")[0]]
@@ -78,16 +93,38 @@ def thresholds_for(precision: str, overrides: dict | None = None) -> tuple[float
     raise KeyError(f"no parity thresholds for precision {precision!r}: add it to phiedge.parity.THRESHOLDS")
 
 
-def failures(regime: str, m: Metrics, limits: tuple[float, float, float | None]) -> list[str]:
+@dataclass(frozen=True)
+class Limits:
+    """What one artifact is held to: the precision's row of THRESHOLDS (or a profile's override)."""
+    top1_min: float
+    kl_max: float
+    max_abs_max: float | None
+    full_precision: bool
+
+    @classmethod
+    def for_precision(cls, precision: str, overrides: dict | None = None) -> "Limits":
+        top1, kl, max_abs = thresholds_for(precision, overrides)
+        return cls(top1, kl, max_abs, is_full_precision(precision))
+
+    @property
+    def near_tie(self) -> float:
+        """A reference top-2 margin at most this wide is a near-tie: each of the two logits may move by
+        max |Δlogit|, so either token is within tolerance there."""
+        return 2 * self.max_abs_max if self.max_abs_max is not None else 0.0
+
+    def as_dict(self) -> dict:
+        return {"top1_min": self.top1_min, "kl_max": self.kl_max, "max_abs_max": self.max_abs_max}
+
+
+def failures(regime: str, m: Metrics, limits: Limits) -> list[str]:
     """Every way these metrics miss the limits (empty list = pass)."""
-    top1_min, kl_max, abs_max = limits
     out = []
-    if m.top1 < top1_min:
-        out.append(f"{regime} top1 {m.top1:.3f} < {top1_min}")
-    if m.kl > kl_max:
-        out.append(f"{regime} kl {m.kl:.4g} > {kl_max}")
-    if abs_max is not None and m.max_abs > abs_max:
-        out.append(f"{regime} max_abs {m.max_abs:.4g} > {abs_max}")
+    if m.top1 < limits.top1_min:
+        out.append(f"{regime} top1 {m.top1:.3f} < {limits.top1_min}")
+    if m.kl > limits.kl_max:
+        out.append(f"{regime} kl {m.kl:.4g} > {limits.kl_max}")
+    if limits.max_abs_max is not None and m.max_abs is not None and m.max_abs > limits.max_abs_max:
+        out.append(f"{regime} max_abs {m.max_abs:.4g} > {limits.max_abs_max}")
     return out
 
 
@@ -112,9 +149,11 @@ class TokenAgreement:
                 "misses": list(self.misses)}
 
 
-def token_agreement(reference: list[int], margins: list[float], picked: list[int],
-                    limits: tuple[float, float, float | None]) -> TokenAgreement:
-    tie = 2 * limits[2] if limits[2] is not None else 0.0
+def token_agreement(reference: list[int], margins: list[float] | None, picked: list[int],
+                    limits: Limits) -> TokenAgreement:
+    """Without margins (an older golden reference) no position counts as a near-tie."""
+    tie = limits.near_tie
+    margins = margins if margins is not None else [float("inf")] * len(reference)
     agree, ties, misses, first_tie = 0, 0, [], len(reference)
     for i, (want, margin, got) in enumerate(zip(reference, margins, picked)):
         near = margin <= tie

@@ -1,0 +1,80 @@
+"""Judging a measurement: a pure function of what was measured and what the precision is held to.
+
+    verdict = judge(measurement, Limits.for_precision("Q4_K_M", overrides))
+
+Nothing here runs a model or changes its inputs. The rules:
+- parity: in each measured regime, top-1 ≥ top1_min, mean KL ≤ kl_max, max |Δlogit| ≤ max_abs_max (when the
+  reference has full logits);
+- smoke (the RAG question, when the build has documents): the retrieved chunks contain the answer's source; with
+  a fact (a real model), the answer states it and token agreement is reported, not held (an fp16-activation
+  runtime such as MLX fp16 flips real near-ties: 23/24 teacher-forced on SmolLM2); without one, PyTorch's answer
+  is replayed token by token: a full-precision artifact picks PyTorch's token wherever PyTorch's top-2 margin
+  is wider than twice the precision's logit tolerance (a near-tie otherwise) and its greedy answer follows
+  PyTorch's at least up to the first near-tie; a quantized one agrees teacher-forced at its top-1 threshold;
+- greedy (the short probe's continuation): reported, never held.
+Device-path module.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .measure import Answer, Measurement
+from .metrics import Limits, TokenAgreement, failures, token_agreement
+
+
+@dataclass(frozen=True)
+class Verdict:
+    failures: tuple[str, ...]
+    greedy: TokenAgreement | None = None
+    smoke: TokenAgreement | None = None
+    has_fact: bool | None = None
+    agreement_min: float | None = None          # the smoke agreement held (quantized, no fact), else None
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def states(answer: str, fact: str) -> bool:
+    """Whether `answer` states `fact` as a whole number or word, case-insensitively: "3.8" is in "3.8B-parameter"
+    and "3.8 billion", "32" is not in "232 layers" nor "320" (a 4-bit SmolLM2 answered "232 Transformer layers")."""
+    before = r"(?<![0-9.])" if fact[:1].isdigit() else r"(?<![0-9A-Za-z])"
+    after = r"(?![0-9])" if fact[-1:].isdigit() else r"(?![0-9A-Za-z])"
+    return re.search(before + re.escape(fact) + after, answer, re.IGNORECASE) is not None
+
+
+def _agreement(a: Answer | None, limits: Limits) -> TokenAgreement | None:
+    if a is None:
+        return None
+    return token_agreement(list(a.probe.reference), list(a.probe.margins) if a.probe.margins else None,
+                           list(a.forced), limits)
+
+
+def judge(m: Measurement, limits: Limits) -> Verdict:
+    if m.error:
+        return Verdict((m.error,))
+    fails = [f for regime, metrics in m.parity for f in failures(regime, metrics, limits)]
+    smoke = _agreement(m.smoke, limits)
+    has_fact, held = None, None
+    if m.smoke is not None:
+        probe = m.smoke.probe
+        if probe.retrieved_has_needle is False:
+            fails.append("smoke: the retrieved chunks do not contain the answer's source")
+        if probe.fact:
+            has_fact = states(m.smoke.text, probe.fact)
+            if not has_fact:
+                fails.append(f"smoke: the answer does not contain {probe.fact!r}")
+        elif limits.full_precision:
+            if smoke.misses:
+                fails.append(f"smoke: the answer takes another token than PyTorch at position(s) "
+                             f"{', '.join(map(str, smoke.misses))} of {smoke.of}, none of them a near-tie")
+            if m.smoke.prefix_match < smoke.first_tie:
+                fails.append(f"smoke: the greedy answer leaves PyTorch's at token {m.smoke.prefix_match} of "
+                             f"{smoke.of}, before any near-tie")
+        else:
+            held = limits.top1_min
+            if smoke.rate < held:
+                fails.append(f"smoke: teacher-forced answer tokens agree with PyTorch at {smoke.rate:.2f} "
+                             f"(< {held:.2f})")
+    return Verdict(tuple(fails), _agreement(m.greedy, limits), smoke, has_fact, held)

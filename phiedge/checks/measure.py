@@ -1,0 +1,184 @@
+"""Measuring an artifact: what its runtime does on a probe set, recorded, not judged.
+
+    probes = ProbeSet.from_reference(reference_npz, smoke_json)     # the build: full-vocabulary references
+    probes = ProbeSet.from_golden(golden_npz)                       # the device: the bundle's top-k references
+    m = measure(runtime, probes)                                    # -> Measurement (JSON round-trips)
+
+The same `measure` runs in the build's worker child (phiedge.worker) and in `phiedge validate`; `judge`
+(phiedge.checks.judge) turns a Measurement and the precision's limits into a verdict. Device-path module:
+numpy and json only (the runtime is passed in).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import Metrics, compare, compare_topk
+
+
+@dataclass(frozen=True)
+class RegimeProbe:
+    """One LongRoPE regime's prompt and its reference: full logits (build) or top-k log-probs (device)."""
+    name: str                                   # "short" | "long"
+    ids: tuple[int, ...]
+    logits: np.ndarray | None = None            # [last_n, vocab]
+    topk_idx: np.ndarray | None = None          # [last_n, k]
+    topk_logprob: np.ndarray | None = None
+
+    @property
+    def last_n(self) -> int:
+        return int((self.logits if self.logits is not None else self.topk_idx).shape[0])
+
+    def compare(self, candidate: np.ndarray) -> Metrics:
+        if self.logits is not None:
+            return compare(self.logits, candidate)
+        return compare_topk(self.topk_idx, self.topk_logprob, candidate)
+
+
+@dataclass(frozen=True)
+class AnswerProbe:
+    """A prompt whose greedy answer is compared with PyTorch's, token by token."""
+    prompt_ids: tuple[int, ...]
+    reference: tuple[int, ...]                  # PyTorch's greedy tokens (stop token excluded)
+    margins: tuple[float, ...] | None           # PyTorch's top-2 logit margin at each of them
+    fact: str | None = None                     # a real model: what the answer must state
+    retrieved_has_needle: bool | None = None    # the smoke question's retrieval found the answer's source
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    regimes: tuple[RegimeProbe, ...]
+    greedy: AnswerProbe | None = None           # the short probe's continuation: reported
+    smoke: AnswerProbe | None = None            # the RAG question: held (phiedge.checks.judge)
+    not_applicable: tuple[tuple[str, str], ...] = ()    # (regime, why it is not measured)
+
+    @classmethod
+    def from_reference(cls, reference: Path, smoke: Path | None = None) -> "ProbeSet":
+        ref = np.load(reference)
+        regimes = tuple(RegimeProbe(n, tuple(ref[f"{n}_ids"].tolist()), logits=ref[f"{n}_logits"])
+                        for n in ("short", "long") if f"{n}_ids" in ref)
+        return cls(regimes, _greedy(ref), _smoke(smoke), _absent(regimes))
+
+    @classmethod
+    def from_golden(cls, golden: Path) -> "ProbeSet":
+        g = np.load(golden)
+        regimes = tuple(RegimeProbe(n, tuple(g[f"{n}_ids"].tolist()), topk_idx=g[f"{n}_topk_idx"],
+                                    topk_logprob=g[f"{n}_topk_logprob"])
+                        for n in ("short", "long") if f"{n}_ids" in g)
+        return cls(regimes, _greedy(g), None, _absent(regimes))
+
+
+def _greedy(arrays) -> AnswerProbe | None:
+    if "short_greedy" not in arrays:
+        return None
+    margins = tuple(float(m) for m in arrays["short_greedy_margins"]) if "short_greedy_margins" in arrays else None
+    return AnswerProbe(tuple(arrays["short_ids"].tolist()), tuple(arrays["short_greedy"].tolist()), margins)
+
+
+def _smoke(path: Path | None) -> AnswerProbe | None:
+    if path is None:
+        return None
+    s = json.loads(Path(path).read_text())
+    return AnswerProbe(tuple(s["prompt_ids"]), tuple(s["reference_tokens"]), tuple(s["reference_margins"]),
+                       s.get("fact"), s.get("retrieved_has_needle"))
+
+
+def _absent(regimes: tuple[RegimeProbe, ...]) -> tuple[tuple[str, str], ...]:
+    have = {r.name for r in regimes}
+    return (("long", "n/a: no LongRoPE"),) if "long" not in have else ()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer as the runtime gave it, beside the probe it answers."""
+    probe: AnswerProbe
+    tokens: tuple[int, ...]                     # greedy, on the runtime's own loop
+    text: str
+    forced: tuple[int, ...]                     # teacher-forced: the runtime's pick after each reference prefix
+    prompt_tokens: int
+    ttft_s: float
+    decode_tps: float
+
+    @property
+    def prefix_match(self) -> int:
+        """How many leading greedy tokens equal the reference's."""
+        n = 0
+        for a, b in zip(self.tokens, self.probe.reference):
+            if a != b:
+                break
+            n += 1
+        return n
+
+
+@dataclass(frozen=True)
+class Measurement:
+    parity: tuple[tuple[str, Metrics], ...] = ()   # (regime, metrics), in probe order
+    not_applicable: tuple[tuple[str, str], ...] = ()
+    greedy: Answer | None = None
+    smoke: Answer | None = None
+    device: tuple[str, str] | None = None       # (device used, the one requested) when the runtime fell back
+    error: str | None = None                    # the runtime failed: nothing else was measured
+
+    def regime(self, name: str) -> Metrics | None:
+        return dict(self.parity).get(name)
+
+    def to_json(self) -> dict:
+        return {"parity": {n: m.as_dict() for n, m in self.parity}, "not_applicable": dict(self.not_applicable),
+                "greedy": _answer_json(self.greedy), "smoke": _answer_json(self.smoke),
+                "device": list(self.device) if self.device else None, "error": self.error}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Measurement":
+        return cls(parity=tuple((n, Metrics.from_dict(m)) for n, m in d.get("parity", {}).items()),
+                   not_applicable=tuple(d.get("not_applicable", {}).items()),
+                   greedy=_answer_from(d.get("greedy")), smoke=_answer_from(d.get("smoke")),
+                   device=tuple(d["device"]) if d.get("device") else None, error=d.get("error"))
+
+
+def _answer_json(a: Answer | None) -> dict | None:
+    if a is None:
+        return None
+    p = a.probe
+    probe = {"prompt_ids": list(p.prompt_ids), "reference": list(p.reference),
+             "margins": None if p.margins is None else list(p.margins), "fact": p.fact,
+             "retrieved_has_needle": p.retrieved_has_needle}
+    return {"probe": probe, "tokens": list(a.tokens), "text": a.text, "forced": list(a.forced),
+            "prompt_tokens": a.prompt_tokens, "ttft_s": a.ttft_s, "decode_tps": a.decode_tps}
+
+
+def _answer_from(d: dict | None) -> Answer | None:
+    if d is None:
+        return None
+    p = d["probe"]
+    probe = AnswerProbe(tuple(p["prompt_ids"]), tuple(p["reference"]),
+                        tuple(p["margins"]) if p.get("margins") is not None else None, p.get("fact"),
+                        p.get("retrieved_has_needle"))
+    return Answer(probe, tuple(d["tokens"]), d["text"], tuple(d["forced"]), d["prompt_tokens"], d["ttft_s"],
+                  d["decode_tps"])
+
+
+def measure(runtime, probes: ProbeSet) -> Measurement:
+    """Run every probe on a loaded runtime: logits per regime (one prefill each), then each answer greedily
+    and teacher-forced."""
+    parity = tuple((p.name, p.compare(runtime.logits(list(p.ids), p.last_n))) for p in probes.regimes)
+    fell_back = getattr(runtime, "fallback_from", None)
+    return Measurement(parity=parity, not_applicable=probes.not_applicable,
+                       greedy=_answer(runtime, probes.greedy), smoke=_answer(runtime, probes.smoke),
+                       device=(runtime.device, fell_back) if fell_back else None)
+
+
+def _answer(runtime, probe: AnswerProbe | None) -> Answer | None:
+    if probe is None:
+        return None
+    prompt, want = list(probe.prompt_ids), list(probe.reference)
+    gen = runtime.generate_ids(prompt, max(1, len(want)), stop_ids=runtime.stop_ids())
+    forced: tuple[int, ...] = ()
+    if want:
+        rows = runtime.logits(prompt + want, len(want) + 1)[:len(want)]
+        forced = tuple(int(t) for t in rows.argmax(-1))
+    return Answer(probe, tuple(gen.ids), gen.text, forced, gen.prompt_tokens, round(gen.ttft_s, 4),
+                  round(gen.decode_tps, 2))
+

@@ -1,0 +1,142 @@
+"""The PyTorch side of every check: reference logits, greedy answers and their margins. Build time only.
+
+- `reference(merged, config, out)`: for every probe (short; long past the LongRoPE switch) the last
+  COMPARE_LAST positions' logits, and the short probe's greedy continuation with PyTorch's top-2 margin at each
+  step, saved as an .npz (the check stages' and the bundle's golden references' source).
+- `fp32_compute()`: half-precision checkpoints run with fp32 arithmetic on their stored weights (also the merge
+  proof's).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from . import probes as probes_mod
+
+log = logging.getLogger("phiedge")
+GREEDY_TOKENS = 16
+# fp32_compute upcasts a half-precision weight in slices of at most this many bytes: Phi-4-mini's tied
+# embedding / LM head is 2.4 GB in fp32, a transient copy the merge stage's peak does not need.
+UPCAST_SLICE_BYTES = 256 * 2**20
+
+
+def dtype_name(config: dict) -> str:
+    return str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
+
+
+@contextmanager
+def fp32_compute():
+    """Run a half-precision checkpoint's forward in fp32, weights kept as stored (upcast per layer, on the fly).
+
+    On CPUs without AVX-512 BF16 / AMX, torch's bf16 matmul has no fast kernel: 0.1 GFLOPS against 50 for fp32
+    on this 2-core AVX2 machine, so one forward of the real Phi-4-mini over the 233-token proof probe took more
+    than 13 minutes and the 4200-token reference would take days. Upcasting each weight as it is used costs one
+    extra read of the weights per forward and one fp32 slice of at most UPCAST_SLICE_BYTES at a time (rows of the
+    output dimension: each output is the same dot product), and the activations are fp32, which is also the
+    better reference.
+    A no-op for fp32 checkpoints."""
+    import torch
+    import torch.nn.functional as F
+    lin, emb = torch.nn.Linear.forward, torch.nn.Embedding.forward
+
+    def linear(self, x):
+        w = self.weight
+        if w.dtype not in (torch.bfloat16, torch.float16):
+            return lin(self, x)
+        x, b = x.float(), None if self.bias is None else self.bias.float()
+        rows = max(1, UPCAST_SLICE_BYTES // (4 * w.shape[1]))
+        if rows >= w.shape[0]:
+            return F.linear(x, w.float(), b)
+        return torch.cat([F.linear(x, w[i:i + rows].float(), None if b is None else b[i:i + rows])
+                          for i in range(0, w.shape[0], rows)], dim=-1)
+
+    def embedding(self, ids):
+        out = emb(self, ids)
+        return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+
+    torch.nn.Linear.forward, torch.nn.Embedding.forward = linear, embedding
+    try:
+        yield
+    finally:
+        torch.nn.Linear.forward, torch.nn.Embedding.forward = lin, emb
+
+
+def load(model_dir: Path):
+    """The checkpoint in its own dtype, for inference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype_name(config)),
+                                                 low_cpu_mem_usage=True)
+    model.eval()
+    return model
+
+
+def last_logits(model, ids: list[int]) -> np.ndarray:
+    """Logits of the last COMPARE_LAST positions of one forward (all of a 4200-token probe's would be 3.3 GB at
+    Phi-4-mini's vocabulary)."""
+    import torch
+    with torch.no_grad(), fp32_compute():
+        out = model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=probes_mod.COMPARE_LAST)
+    return out.logits[0, -probes_mod.COMPARE_LAST:].float().numpy()
+
+
+def reference(merged_dir: Path, config: dict, out_file: Path) -> None:
+    """PyTorch reference for every probe: last-N logits, greedy tokens and their margins, saved as .npz."""
+    from ..files import save_npz
+    model = load(merged_dir)
+    arrays: dict[str, np.ndarray] = {}
+    for p in probes_mod.make(merged_dir, probes_mod.switch_point(config)):
+        log.info("reference logits: %s probe, %d tokens", p.name, p.n)
+        arrays[f"{p.name}_ids"] = np.array(p.ids, dtype=np.int32)
+        arrays[f"{p.name}_logits"] = last_logits(model, p.ids)
+        if p.name == "short":
+            tokens, margins = _greedy(model, p.ids, GREEDY_TOKENS, eos_ids(merged_dir))
+            arrays["short_greedy"] = np.array(tokens, dtype=np.int32)
+            arrays["short_greedy_margins"] = np.array(margins, dtype=np.float32)
+    tmp = out_file.with_name(out_file.name + ".partial.npz")
+    save_npz(tmp, arrays)
+    tmp.rename(out_file)
+
+
+def _greedy(model, ids: list[int], n: int, eos: list[int]) -> tuple[list[int], list[float]]:
+    """PyTorch greedy continuation (stop token excluded) and, at each of its steps, the margin between the
+    chosen token's logit and the runner-up's: where that margin is within a precision's logit tolerance,
+    an artifact of that precision may take the other token without being wrong (metrics.token_agreement)."""
+    import torch
+    with torch.no_grad(), fp32_compute():
+        ids_t = torch.tensor([ids])
+        gen = model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=n, do_sample=False,
+                             eos_token_id=eos or None, pad_token_id=(eos or [0])[0],
+                             output_logits=True, return_dict_in_generate=True)
+    toks = gen.sequences[0, len(ids):].tolist()
+    keep = next((i for i, t in enumerate(toks) if t in eos), len(toks))
+    margins = [float(d[0] - d[1]) for d in (torch.topk(step[0].float(), 2).values for step in gen.logits[:keep])]
+    return toks[:keep], margins
+
+
+def greedy(merged_dir: Path, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens of the merged checkpoint for a prompt (the smoke RAG reference), with their margins."""
+    return _greedy(load(merged_dir), ids, n, eos_ids(merged_dir))
+
+
+def eos_ids(model_dir: Path) -> list[int]:
+    """Stop tokens: generation_config's eos ids plus the template's end-of-turn token."""
+    from tokenizers import Tokenizer
+    from ..chat import END_TOKENS
+    ids: list[int] = []
+    gc = model_dir / "generation_config.json"
+    if gc.exists():
+        e = json.loads(gc.read_text()).get("eos_token_id")
+        ids += e if isinstance(e, list) else ([e] if e is not None else [])
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    for t in END_TOKENS:
+        i = tok.token_to_id(t)
+        if i is not None and i not in ids:
+            ids.append(i)
+    return ids
+

@@ -1,0 +1,88 @@
+"""The one record of a checked artifact: what it is, what was measured, what the verdict is.
+
+`ArtifactResult` is frozen. The build makes one per artifact; the bundle, manifest, report, CLI table and the
+device path read it (as objects or through `to_json`) and never change it. `to_json` is the row schema of
+report.json's "artifacts"; `from_json` reads it back (the verdict is re-derived by the pure `judge`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .judge import Verdict, judge
+from .measure import Answer, Measurement
+from .metrics import Limits, TokenAgreement
+
+if TYPE_CHECKING:
+    from ..exporters.base import Artifact
+
+
+@dataclass(frozen=True)
+class ArtifactResult:
+    artifact: "Artifact"                 # phiedge.exporters.Artifact: where its files are now
+    limits: Limits
+    measurement: Measurement
+    verdict: Verdict
+
+    @classmethod
+    def of(cls, artifact, limits: Limits, measurement: Measurement) -> "ArtifactResult":
+        return cls(artifact, limits, measurement, judge(measurement, limits))
+
+    @property
+    def name(self) -> str:
+        """The artifact's folder in a bundle."""
+        return f"{self.artifact.format}-{self.artifact.precision}"
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.passed
+
+    @property
+    def size_bytes(self) -> int:
+        return self.artifact.size_bytes
+
+    def to_json(self) -> dict:
+        m, v = self.measurement, self.verdict
+        return {
+            "format": self.artifact.format, "precision": self.artifact.precision, "path": self.name,
+            "files": list(self.artifact.files), "size_bytes": self.size_bytes, "meta": self.artifact.meta,
+            "thresholds": self.limits.as_dict(), "full_precision": self.limits.full_precision,
+            "parity": {n: (None if m.regime(n) is None else m.regime(n).as_dict()) for n in ("short", "long")},
+            "not_applicable": dict(m.not_applicable),
+            "greedy": _answer_row(m.greedy, v.greedy),
+            "smoke": _smoke_row(m.smoke, v),
+            "device": {"used": m.device[0], "requested": m.device[1]} if m.device else None,
+            "failures": list(v.failures), "passed": v.passed,
+            "measurement": m.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, root: Path) -> "ArtifactResult":
+        """A result read back from report.json; `root` is the folder that holds its `path` (the bundle)."""
+        from ..exporters.base import Artifact
+        art = Artifact(format=d["format"], precision=d["precision"], path=Path(root) / d["path"],
+                       files=tuple(d["files"]), meta=d.get("meta") or {})
+        t = d["thresholds"]
+        limits = Limits(t["top1_min"], t["kl_max"], t["max_abs_max"], bool(d.get("full_precision")))
+        return cls.of(art, limits, Measurement.from_json(d["measurement"]))
+
+
+def _answer_row(a: Answer | None, agreement: TokenAgreement | None) -> dict | None:
+    if a is None:
+        return None
+    return {"tokens": list(a.tokens), "reference": list(a.probe.reference), "prefix_match": a.prefix_match,
+            "of": len(a.probe.reference), "forced_tokens": list(a.forced),
+            "reference_margins": list(a.probe.margins) if a.probe.margins is not None else None,
+            "token_agreement": agreement.as_dict(), "agreement": agreement.rate,
+            "prompt_tokens": a.prompt_tokens, "ttft_s": a.ttft_s, "decode_tps": a.decode_tps}
+
+
+def _smoke_row(a: Answer | None, v: Verdict) -> dict | None:
+    row = _answer_row(a, v.smoke)
+    if row is None:
+        return None
+    row.update(answer=a.text, retrieved_has_needle=a.probe.retrieved_has_needle, agreement_min=v.agreement_min)
+    if a.probe.fact:
+        row["has_fact"] = v.has_fact
+    return row

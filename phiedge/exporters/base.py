@@ -1,0 +1,173 @@
+"""What every exporter shares: the Artifact record, the Exporter base class, running a tool, finishing an
+artifact folder. Exporter modules import from here (not from the package, which is the registry), so a
+stage's code fingerprint covers its own exporter and this module only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from ..errors import DiskSpaceError, ToolchainError, UsageError
+from .grammar import Grammar, Precision
+
+log = logging.getLogger("phiedge.exporters")
+# What a tool prints when its disk filled up (errno 28 in C, Python, and the converters' own wording).
+DISK_FULL = ("No space left on device", "ENOSPC", "[Errno 28]")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    format: str
+    precision: str
+    path: Path                      # the artifact folder
+    files: tuple[str, ...] = ()     # relative names inside it
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum((self.path / f).stat().st_size for f in self.files)
+
+
+@dataclass(frozen=True)
+class CliModifier:
+    """A flag that adds one option token to every precision of the format that names none of its group
+    (`--mlx-group-size 32` adds `-g32`)."""
+    group: str
+    token: str          # with {} for the flag's value
+    choices: tuple[str, ...]
+    help: str
+
+
+class Exporter:
+    """Base class: per-format facts are class constants, the work is `export`."""
+    name: ClassVar[str]
+    GRAMMAR: ClassVar[Grammar]
+    DEFAULT_PRECISION: ClassVar[str]
+    CLI_FLAG: ClassVar[str]                     # the build command's precision flag, e.g. --gguf-quant
+    CLI_HELP: ClassVar[str]
+    CLI_MODIFIERS: ClassVar[dict[str, CliModifier]] = {}
+    USES_CALIBRATION: ClassVar[bool] = False    # export takes calibration text (the build's --docs)
+    BYTES_PER_PARAM: ClassVar[dict[str, float]] = {}   # base precision -> output bytes per parameter (disk check)
+    PEAK_WHY: ClassVar[str] = ""                # why `peak_bytes` is that large, for the memory check's message
+    TOOL_MODULES: ClassVar[tuple[str, ...]] = ()     # child-process modules the export runs (stage fingerprint)
+
+    @property
+    def PRECISIONS(self) -> tuple[str, ...]:    # noqa: N802 (read like the other constants)
+        return self.GRAMMAR.bases
+
+    def parse(self, precision: str) -> Precision:
+        return self.GRAMMAR.parse(precision)
+
+    def check_precisions(self, precisions: list[str]) -> list[str]:
+        return self.GRAMMAR.canonical(precisions)
+
+    def estimate_bytes(self, n_params: int, precisions: list[str]) -> int:
+        return int(sum(self.BYTES_PER_PARAM.get(self.parse(p).base, 2.0) for p in precisions) * n_params)
+
+    def peak_bytes(self, n_params: int, precision: str) -> int | None:
+        """Memory the export needs at its peak, where it is measured to be the tool's own and large (the
+        build refuses up front what cannot fit); None: small next to the build's other stages."""
+        return None
+
+    def toolchain(self) -> dict[str, str]:
+        """Versions of the tools this export runs; ToolchainError naming the install when one is missing."""
+        return {}
+
+    def preflight(self, precisions: list[str], *, n_params: int, available: int, calibration: bool,
+                  settings: dict | None = None) -> list[str]:
+        """Every reason this export cannot run here, each one line (empty: it can): a missing toolchain, options
+        that need what the build lacks, more memory than the machine has."""
+        problems = []
+        try:
+            self.toolchain()
+        except ToolchainError as e:
+            problems.append(str(e))
+        problems += self._needs(precisions, calibration, settings or {})
+        short = self.memory_shortfall(precisions, n_params, available)
+        return problems + ([short] if short else [])
+
+    def memory_shortfall(self, precisions: list[str], n_params: int, available: int) -> str | None:
+        """Why the first of these exports that needs more memory than `available` cannot run here, or None."""
+        for p in precisions:
+            need = self.peak_bytes(n_params, p)
+            if need and need > available:
+                return (f"the {self.name} {p} export of this {n_params / 1e9:.1f}B-parameter model needs about "
+                        f"{need / 1e9:.1f} GB of memory ({self.PEAK_WHY}), this machine has {available / 1e9:.1f} GB "
+                        f"available (RAM + free swap): export {self.name} on a machine with more memory or swap, or "
+                        f"leave {self.name} out of --formats")
+        return None
+
+    def _needs(self, precisions: list[str], calibration: bool, settings: dict) -> list[str]:
+        """Exporter-specific shortfalls of these precisions (e.g. data-aware int4 without --docs)."""
+        return []
+
+    def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
+        raise NotImplementedError
+
+    def finish(self, tmp: Path, dest: Path, precision: str, required: tuple[str, ...], meta: dict,
+               what: str) -> Artifact:
+        """The one way an artifact folder is completed: every required file is there, `tmp` becomes `dest`
+        in one rename, and the Artifact lists what it holds."""
+        missing = [f for f in required if not (tmp / f).is_file()]
+        if missing:
+            raise ToolchainError(f"{what} wrote no {', '.join(missing)} in {tmp}: rerun with PHIEDGE_DEBUG=1")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        files = tuple(sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()))
+        art = Artifact(format=self.name, precision=precision, path=dest, files=files, meta=meta)
+        log.info("%s %s: %.1f MB%s", self.name, precision, art.size_bytes / 1e6,
+                 f" in {meta['export_seconds']:.1f} s, peak {meta['export_peak_rss_mb']:.0f} MB"
+                 if "export_seconds" in meta else "")
+        return art
+
+
+def run_tool(cmd: list[str], what: str) -> dict:
+    """Run a tool to completion; its wall time and peak memory, or a ToolchainError with its last line (a
+    DiskSpaceError when the tool ran out of disk). The tool dies with the build and shares the writer locks of
+    the stage it writes into (phiedge.cache), so no sweep removes its output while it lives."""
+    from ..cache import writer_fds
+    from ..memory import guarded
+    with tempfile.TemporaryFile("w+") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(guarded(cmd), stdout=out, stderr=subprocess.STDOUT, text=True, pass_fds=writer_fds())
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            out.seek(0)
+            text = out.read()
+            if os.environ.get("PHIEDGE_DEBUG"):
+                sys.stderr.write(text)
+            tail = [ln for ln in text.strip().splitlines() if ln.strip()]
+            why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+            if proc.returncode == -9:
+                why += ", most likely the kernel's out-of-memory killer: see dmesg"
+            full = next((ln.strip() for ln in reversed(tail) if any(m in ln for m in DISK_FULL)), None)
+            if full:
+                raise DiskSpaceError(f"{what} ran out of disk space ({full})")
+            raise ToolchainError(f"{what} failed ({why}): {tail[-1].strip() if tail else 'no output'}; "
+                                 f"rerun with PHIEDGE_DEBUG=1 for its full log")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}   # ru_maxrss: KiB
+
+
+REGISTRY: dict[str, type[Exporter]] = {}
+
+
+def register(cls: type[Exporter]) -> type[Exporter]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> Exporter:
+    if name not in REGISTRY:
+        raise UsageError(f"unknown format '{name}': known formats are {', '.join(sorted(REGISTRY))}; "
+                         f"pass one of them to --formats")
+    return REGISTRY[name]()

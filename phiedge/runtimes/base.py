@@ -1,0 +1,181 @@
+"""The runtime contract, written once. A runtime module subclasses `Runtime` and registers it by format.
+
+    rt = get(fmt).load(artifact_dir, settings)
+    rt.logits(token_ids, last_n)                  -> np.ndarray [last_n, vocab]   (one prefill, fresh state)
+    rt.generate_ids(token_ids, max_new_tokens, stop_ids, *, adapter=None, constraint=None) -> Generation
+    rt.generate(messages, max_new_tokens)         -> Generation (the artifact's chat template and tokenizer)
+    rt.tokenize(text) / rt.detokenize(ids) / rt.stop_ids()
+    rt.device, rt.fallback_from                   the device used, and the profile's device when it fell back
+
+Generation: a runtime that steps token by token supplies two primitives and inherits the greedy loop, the
+length check, stop handling and timing:
+
+    _start(ids, total) -> int     prefill `ids` into fresh state sized for `total` tokens; the next token
+    _advance(token) -> int        feed one token; the next token
+
+Each primitive picks the token itself, on the runtime's own arrays (no copy of the vocabulary-wide logits
+to numpy per step); `_pick(logits)` is the one place that choice is made for runtimes that hold numpy-like
+logits, and where a sampler goes. A runtime that generates through its own pipeline (OpenVINO's
+LLMPipeline) overrides `_generate` instead. `adapter` (a LoRA chosen per call) and `constraint` (a grammar)
+are part of the contract; a runtime that does not support them refuses them (SUPPORTS).
+Device-path code: runtime modules import their runtime package lazily, never torch or transformers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import ToolchainError, UsageError
+
+
+@dataclass
+class Generation:
+    ids: list[int]
+    text: str
+    prompt_tokens: int
+    ttft_s: float               # time to first token (prefill + first pick)
+    decode_tps: float           # tokens/s after the first
+    stopped: bool = False       # hit a stop token
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    threads: int = 2
+    n_ctx: int | None = None     # None: chosen per call by prompt length (see each runtime)
+    device: str = "CPU"
+    extra: dict = field(default_factory=dict)
+
+
+class Runtime:
+    format: ClassVar[str]
+    package: ClassVar[str]             # the Python package a device needs, for `validate` and error messages
+    SUPPORTS: ClassVar[frozenset[str]] = frozenset()     # of "adapter", "constraint"
+    settings: RuntimeSettings
+    chat_template: str | None = None   # the artifact's own template and special tokens
+    specials: dict = {}
+    adds_bos: bool = False             # the runtime's tokenizer prepends BOS itself
+    device: str = "CPU"                # the device this runtime runs on
+    fallback_from: str | None = None   # the profile's device, when it was absent and `device` is its fallback
+    context_length: int | None = None  # the model's own context limit, when the artifact states one
+
+    @classmethod
+    def load(cls, artifact_dir: Path, settings: RuntimeSettings | None = None) -> "Runtime":
+        raise NotImplementedError
+
+    # -- what every runtime supplies
+    def logits(self, ids: list[int], last_n: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def detokenize(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def stop_ids(self) -> set[int]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # -- step-wise generation: two primitives (see the module docstring)
+    def _start(self, ids: list[int], total: int) -> int:
+        raise NotImplementedError(f"{type(self).__name__} generates through _generate")
+
+    def _advance(self, token: int) -> int:
+        raise NotImplementedError
+
+    def _exhausted(self) -> bool:
+        """The runtime's own search ended (e.g. onnxruntime-genai's max length or eos)."""
+        return False
+
+    @staticmethod
+    def _pick(logits) -> int:
+        """Greedy: the runtime's next token from one position's logits (numpy or a runtime array with argmax)."""
+        return int(logits.argmax())
+
+    # -- written once
+    def check_length(self, n_tokens: int) -> None:
+        """A device profile's context size (settings.extra['max_ctx']) and the model's own bound what may run."""
+        cap = self.settings.extra.get("max_ctx")
+        if cap and n_tokens > cap:
+            raise UsageError(f"prompt and answer need {n_tokens} tokens, the target's context is {cap}: "
+                             f"ask a shorter question, retrieve fewer chunks (-k), or lower --max-tokens")
+        if self.context_length and n_tokens > self.context_length:
+            raise UsageError(f"prompt and answer need {n_tokens} tokens, the model's context is "
+                             f"{self.context_length}: shorten the prompt")
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None, *,
+                     adapter: str | None = None, constraint=None) -> Generation:
+        for what, value in (("adapter", adapter), ("constraint", constraint)):
+            if value is not None and what not in self.SUPPORTS:
+                raise UsageError(f"the {self.format} runtime does not take a per-call {what} yet")
+        stop = self.stop_ids() if stop_ids is None else set(stop_ids)
+        self.check_length(len(ids) + max_new_tokens)
+        t0 = time.perf_counter()
+        out, t_first, stopped = self._generate(list(ids), max_new_tokens, stop)
+        end = time.perf_counter()
+        ttft = (t_first or end) - t0
+        tps = (len(out) - 1) / (end - t_first) if t_first and len(out) > 1 and end > t_first else 0.0
+        return Generation(ids=out, text=self.detokenize(out), prompt_tokens=len(ids), ttft_s=ttft,
+                          decode_tps=tps, stopped=stopped)
+
+    def _generate(self, ids: list[int], max_new_tokens: int, stop: set[int]) -> tuple[list[int], float | None, bool]:
+        """The greedy loop over `_start` / `_advance`: (tokens without the stop token, time of the first pick,
+        whether a stop token ended it)."""
+        tok = self._start(ids, len(ids) + max_new_tokens)
+        t_first = time.perf_counter()
+        out: list[int] = []
+        while True:
+            if tok in stop:
+                return out, t_first, True
+            out.append(tok)
+            if len(out) >= max_new_tokens:
+                return out, t_first, False
+            if self._exhausted():
+                return out, t_first, True
+            tok = self._advance(tok)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The chat prompt through the artifact's own template and tokenizer, as on a device."""
+        from .. import chat
+        if not self.chat_template:
+            raise ToolchainError(f"this {self.format} artifact has no chat template: rebuild it from a model with one")
+        text = chat.render(self.chat_template, messages, self.specials)
+        bos = self.specials.get("bos_token") or ""
+        if self.adds_bos and bos and text.startswith(bos):
+            text = text[len(bos):]
+        return self.tokenize(text)
+
+    def generate(self, messages: list[dict], max_new_tokens: int = 128, **options) -> Generation:
+        return self.generate_ids(self.chat_ids(messages), max_new_tokens, self.stop_ids(), **options)
+
+    def _stop_ids(self, *eos_values) -> set[int]:
+        """Configured eos ids (int or list each) plus every end-of-turn token the vocabulary has."""
+        from ..chat import END_TOKENS
+        ids: set = set()
+        for v in eos_values:
+            ids |= set(v if isinstance(v, list) else [v] if v is not None else [])
+        for t in END_TOKENS:
+            enc = self.tokenize(t)
+            if len(enc) == 1:
+                ids.add(enc[0])
+        return {int(i) for i in ids if i is not None and int(i) >= 0}
+
+
+REGISTRY: dict[str, type[Runtime]] = {}
+
+
+def register(cls: type[Runtime]) -> type[Runtime]:
+    REGISTRY[cls.format] = cls
+    return cls
+
+
+def get(fmt: str) -> type[Runtime]:
+    if fmt not in REGISTRY:
+        raise UsageError(f"no runtime for format '{fmt}': known are {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[fmt]

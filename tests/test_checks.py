@@ -1,0 +1,47 @@
+"""The check layer on its own: an ArtifactResult reads back from report.json as it was written, a Measurement
+round-trips through JSON, the judge is a pure function, and every registered format, runtime and profile is
+exercised by the suite (completeness)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from phiedge import exporters, runtimes, targets
+from phiedge.checks import ArtifactResult, Limits, Measurement, judge
+from conftest import PACKAGES, SESSION
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_results_read_back_as_written(session):
+    for row in session.report["artifacts"]:
+        r = ArtifactResult.from_json(row, session.bundle)
+        assert r.to_json() == row
+        assert Measurement.from_json(r.measurement.to_json()) == r.measurement
+        assert r.artifact.path == session.bundle / row["path"] and r.size_bytes == row["size_bytes"]
+
+
+def test_a_runtime_failure_is_the_verdict():
+    m = Measurement(error="runtime failed (signal 11): segfault")
+    v = judge(m, Limits.for_precision("Q4_K_M"))
+    assert not v.passed and v.failures == ("runtime failed (signal 11): segfault",)
+
+
+def test_limits_come_from_one_table():
+    assert Limits.for_precision("int4-k_quant-mixed8") == Limits.for_precision("INT4")   # a variant: its base's row
+    assert Limits.for_precision("F16").full_precision and not Limits.for_precision("Q8_0").full_precision
+    assert Limits.for_precision("Q4_K_M", {"Q4_K_M": (0.5, 1.0, None)}).top1_min == 0.5
+    with pytest.raises(KeyError, match="no parity thresholds for precision 'Q2_K'"):
+        Limits.for_precision("Q2_K")
+
+
+def test_every_format_runtime_and_profile_is_exercised():
+    """Adding a format means adding it everywhere the suite looks: the session build, a runtime, a package to
+    skip on, and a format-specific test module; every profile in targets/ is loaded by test_targets."""
+    formats = set(exporters.REGISTRY)
+    assert formats == set(runtimes.REGISTRY) == set(SESSION) == set(PACKAGES)
+    for fmt in formats:
+        assert (TESTS / f"test_{fmt}.py").is_file(), fmt
+        assert exporters.get(fmt).CLI_FLAG.startswith("--")
+    assert set(targets.available()) == {p.stem for p in (TESTS.parent / "targets").glob("*.toml")}

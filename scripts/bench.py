@@ -362,6 +362,17 @@ def infer_child(mode: str, fmt: str, artifact: Path, ids_file: Path, new: int, t
 
 def _native_gguf(artifact: Path, ids: list[int], new: int, threads: int) -> dict:
     import llama_cpp
+    from phiedge.runtimes.gguf import _cpu_has_amx
+    if _cpu_has_amx():
+        # llama.cpp's weight repacking dies with SIGILL in llama_decode on AMX CPUs (FIELD-NOTES; this VM's too);
+        # phiedge's runtime turns it off there, and so does the native loop here, so both run the same kernels.
+        default = llama_cpp.llama_cpp.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+        llama_cpp.llama_cpp.llama_model_default_params = params
     llm = llama_cpp.Llama(model_path=str(artifact / "model.gguf"), n_ctx=len(ids) + new + 8, n_batch=512,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
     t0 = time.perf_counter()

@@ -234,7 +234,7 @@ def test_a_damaged_cache_entry_is_rebuilt_never_shipped(tiny, reference, tmp_pat
         # a truncated artifact: its size differs from the completion record
         (lambda: os.truncate(gguf, gguf.stat().st_size // 2), "export-gguf", []),
         # a file of a finished stage deleted
-        (lambda: (check / "measured.json").unlink(), "check-gguf-F16", []),
+        (lambda: (check / "measurement.json").unlink(), "check-gguf-F16", []),
         # one byte flipped in place, size and mtime kept: only --verify-cache's full re-hash sees it
         (lambda: _flip_keep_mtime(gguf), "export-gguf", ["--verify-cache"]),
     ]

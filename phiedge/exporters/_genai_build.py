@@ -1,4 +1,12 @@
-"""Run onnxruntime-genai's model builder (`python -m onnxruntime_genai.models.builder`) with one fix.
+"""Run onnxruntime-genai's model builder (`python -m onnxruntime_genai.models.builder`) with two fixes.
+
+1. The source revision it stamps into model.onnx (`producer_version`, builders/base.py get_genai_commit) comes
+   from `git rev-parse HEAD` run five folders above the installed package: inside a virtualenv that lives in a
+   git checkout (this project's own `.venv`, or a user's), that is the checkout's commit, so the same inputs
+   gave another model.onnx after every commit. Here it is the installed package's own `__commit__`, as for any
+   installed wheel.
+
+2. The LM head.
 
 The builder walks `model.modules()` and takes *any* `nn.Linear` whose `out_features` equals the
 vocabulary size for the LM head (builders/base.py `has_lm_head`). When a decoder layer has a Linear of
@@ -14,6 +22,7 @@ import sys
 
 
 def main() -> None:
+    import onnxruntime_genai
     import onnxruntime_genai.models  # noqa: F401  (puts the builder's folder on sys.path, as `-m` does)
     import torch
     from builders.base import Model
@@ -36,6 +45,7 @@ def main() -> None:
 
     Model.has_lm_head = has_lm_head
     Model.make_lm_head = make_lm_head
+    Model.get_genai_commit = classmethod(lambda cls: getattr(onnxruntime_genai, "__commit__", None) or None)
     sys.argv = ["onnxruntime_genai.models.builder", *sys.argv[1:]]
     runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
     if len(made) != 1 and "exclude_lm_head=true" not in sys.argv:

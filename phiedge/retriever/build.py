@@ -56,187 +56,200 @@ def build_index(docs_dir: str | os.PathLike, out_dir: str | os.PathLike, *, embe
     OutputExistsError (`out_dir` is a non-empty folder that is not a retriever).
     """
     t0 = time.perf_counter()
-    from .export import resolve_embedder
+    job = _Index(Path(docs_dir), Path(out_dir), embedder, chunk_tokens, overlap, batch_size, verify_sample, threads)
+    job.scan(follow_links)
+    if job.up_to_date():
+        log.info("%s is up to date (%d files, %d chunks)", job.out, job.result.n_files, job.result.n_chunks)
+    else:
+        job.write(hnsw_threshold)
+        log.info("indexed %d files into %d chunks in %s (%s): %s", job.result.n_files, job.result.n_chunks, job.out,
+                 job.result.faiss_index, job.result.counts())
+    job.result.seconds = time.perf_counter() - t0
+    return job.result
 
-    docs = Path(docs_dir)
-    out = Path(out_dir)
-    _check_settings(chunk_tokens, overlap, batch_size, verify_sample)
-    if not docs.exists():
-        raise RetrieverError(f"docs folder {docs} does not exist: pass a folder of .md/.txt/.html/.pdf files")
-    if not docs.is_dir():
-        raise RetrieverError(f"{docs} is a file, not a folder: pass the folder that holds it")
-    _recover_interrupted_swap(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / DB_FILE).is_file())):
-        raise OutputExistsError(f"output {out} exists and is not a retriever: choose another --out or remove it")
 
-    src = resolve_embedder(embedder)
-    _check_chunk_fits(src.path, chunk_tokens)
-    settings = {"chunk_tokens": chunk_tokens, "overlap": overlap, "embedder_fingerprint": src.fingerprint,
-                "format_version": FORMAT_VERSION}
-    prev = _load_previous(out, settings)
+class _Index:
+    """One (re)build of a retriever folder, step by step: check, scan, reuse or embed, write."""
 
-    files, skipped = list_files(docs, follow_links=follow_links)
-    out_in_docs = out.resolve() if _inside(out, docs) else None  # never index our own output
-    result = IndexResult(out_dir=str(out), n_files=0, n_chunks=0, skipped=list(skipped),
-                         rebuilt_reason=prev.reason if prev else None)
-    reused: dict[str, FileRecord] = {}
-    todo: list[tuple[str, str, int, Any]] = []  # (rel path, sha256, size, Document)
-    for p in files:
-        rel = p.relative_to(docs).as_posix()
-        if out_in_docs is not None and out_in_docs in p.resolve().parents:
-            continue
-        try:
-            data = read_bytes(p)
-            digest = sha256(data)
-            old = prev.files.get(rel) if prev else None
-            if old is not None and prev is not None and prev.compatible and old.sha256 == digest:
-                reused[rel] = old
-                result.unchanged.append(rel)
+    def __init__(self, docs: Path, out: Path, embedder, chunk_tokens: int, overlap: int, batch_size: int,
+                 verify_sample: int, threads: int | None):
+        from .export import resolve_embedder
+        _check_settings(chunk_tokens, overlap, batch_size, verify_sample)
+        if not docs.exists():
+            raise RetrieverError(f"docs folder {docs} does not exist: pass a folder of .md/.txt/.html/.pdf files")
+        if not docs.is_dir():
+            raise RetrieverError(f"{docs} is a file, not a folder: pass the folder that holds it")
+        _recover_interrupted_swap(out)
+        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / DB_FILE).is_file())):
+            raise OutputExistsError(f"output {out} exists and is not a retriever: choose another --out or remove it")
+        self.docs, self.out, self.src = docs, out, resolve_embedder(embedder)
+        self.chunk_tokens, self.overlap, self.batch_size = chunk_tokens, overlap, batch_size
+        self.verify_sample, self.threads = verify_sample, threads
+        _check_chunk_fits(self.src.path, chunk_tokens)
+        self.settings = {"chunk_tokens": chunk_tokens, "overlap": overlap,
+                         "embedder_fingerprint": self.src.fingerprint, "format_version": FORMAT_VERSION}
+        self.prev = _load_previous(out, self.settings)
+        self.reused: dict[str, FileRecord] = {}
+        self.todo: list[tuple[str, str, int, Any]] = []      # (rel path, sha256, size, Document)
+        self.result = IndexResult(out_dir=str(out), n_files=0, n_chunks=0,
+                                  rebuilt_reason=self.prev.reason if self.prev else None)
+
+    def scan(self, follow_links: bool) -> None:
+        """Which files are unchanged (their chunks and vectors are reused), which are read anew, which skipped."""
+        files, skipped = list_files(self.docs, follow_links=follow_links)
+        self.result.skipped = list(skipped)
+        prev = self.prev
+        out_in_docs = self.out.resolve() if _inside(self.out, self.docs) else None  # never index our own output
+        for p in files:
+            rel = p.relative_to(self.docs).as_posix()
+            if out_in_docs is not None and out_in_docs in p.resolve().parents:
                 continue
-            doc = load_document(p, rel, data)
-        except SkipFile as e:
-            result.skipped.append(SkippedFile(rel, str(e)))
-            continue
-        todo.append((rel, digest, len(data), doc))
-    for s in result.skipped:
-        log.warning("skipped %s: %s", s.path, s.reason)
-    if not todo and not reused:
-        raise RetrieverError(no_documents_message(docs, result.skipped))
+            try:
+                data = read_bytes(p)
+                digest = sha256(data)
+                old = prev.files.get(rel) if prev else None
+                if old is not None and prev.compatible and old.sha256 == digest:
+                    self.reused[rel] = old
+                    self.result.unchanged.append(rel)
+                    continue
+                doc = load_document(p, rel, data)
+            except SkipFile as e:
+                self.result.skipped.append(SkippedFile(rel, str(e)))
+                continue
+            self.todo.append((rel, digest, len(data), doc))
+        for s in self.result.skipped:
+            log.warning("skipped %s: %s", s.path, s.reason)
+        if not self.todo and not self.reused:
+            raise RetrieverError(no_documents_message(self.docs, self.result.skipped))
 
-    if prev is not None and prev.compatible and not todo and set(reused) == set(prev.files) and \
-            sorted((s.path, s.reason) for s in result.skipped) == \
-            sorted((s["path"], s["reason"]) for s in prev.meta.get("skipped", [])):
-        # Nothing changed: leave the folder as it is (no rewrite, no FAISS rebuild).
-        result.n_files = len(reused)
-        result.n_chunks = int(prev.meta.get("n_chunks", len(prev.vectors)))
-        result.faiss_index = prev.meta.get("faiss", {}).get("type", "")
-        result.onnx_min_cosine = prev.meta.get("onnx_min_cosine")
-        result.seconds = time.perf_counter() - t0
-        log.info("%s is up to date (%d files, %d chunks)", out, result.n_files, result.n_chunks)
-        return result
+    def up_to_date(self) -> bool:
+        """Nothing changed: the folder is left as it is (no rewrite, no FAISS rebuild)."""
+        prev, r = self.prev, self.result
+        if prev is None or not prev.compatible or self.todo or set(self.reused) != set(prev.files) or \
+                sorted((s.path, s.reason) for s in r.skipped) != \
+                sorted((s["path"], s["reason"]) for s in prev.meta.get("skipped", [])):
+            return False
+        r.n_files = len(self.reused)
+        r.n_chunks = int(prev.meta.get("n_chunks", len(prev.vectors)))
+        r.faiss_index = prev.meta.get("faiss", {}).get("type", "")
+        r.onnx_min_cosine = prev.meta.get("onnx_min_cosine")
+        return True
 
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        st_model = None
-        emb_dir = tmp / EMBEDDER_DIR
-        if prev is not None and prev.compatible and (out / EMBEDDER_DIR / CONFIG_FILE).is_file():
-            shutil.copytree(out / EMBEDDER_DIR, emb_dir, copy_function=_link_or_copy)
-            embedder_cfg = json.loads((emb_dir / CONFIG_FILE).read_text())
-            min_cos = prev.meta.get("onnx_min_cosine")
-            verified_on = prev.meta.get("onnx_verified_on", 0)
-        elif todo:
+    def write(self, hnsw_threshold: int) -> None:
+        """The new retriever in a temporary folder beside `out`, renamed into place when complete."""
+        out = self.out
+        tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            cfg, st_model, proof = self._embedder(tmp / EMBEDDER_DIR)
+            new_chunks = self._chunk(tmp / EMBEDDER_DIR)
+            new_vecs, proof = self._embed(tmp / EMBEDDER_DIR, cfg, new_chunks, st_model, proof)
+            chunks, vectors, records = self._assemble(new_chunks, new_vecs)
+            self.result.n_files, self.result.n_chunks = len(records), len(chunks)
+            self.result.onnx_min_cosine = proof[0]
+            meta = {"settings": self.settings, "chunk_tokens": self.chunk_tokens, "overlap": self.overlap,
+                    "embedder": {k: cfg[k] for k in ("source", "fingerprint", "dim", "max_seq_length", "pooling",
+                                                     "normalize")},
+                    "onnx_min_cosine": proof[0], "onnx_verified_on": proof[1], "n_files": len(records),
+                    "skipped": [{"path": s.path, "reason": s.reason} for s in self.result.skipped],
+                    "last_update": self.result.counts()}
+            spec = write_store(tmp, chunks, vectors, records, meta, hnsw_threshold=hnsw_threshold)
+            self.result.faiss_index = spec["type"]
+            manifest = dict(meta, faiss=spec, n_chunks=len(chunks), files={
+                DB_FILE: "chunks, files, FTS5, meta", FAISS_FILE: "vectors", EMBEDDER_DIR: "ONNX embedder"})
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+            fsync_tree(tmp)
+            _swap_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _embedder(self, emb_dir: Path) -> tuple[dict, Any, tuple]:
+        """(embedder config, the sentence-transformers model when exported anew, (min cosine, verified on)):
+        the previous build's ONNX embedder when compatible, else a fresh export."""
+        prev = self.prev
+        if prev is not None and prev.compatible and (self.out / EMBEDDER_DIR / CONFIG_FILE).is_file():
+            shutil.copytree(self.out / EMBEDDER_DIR, emb_dir, copy_function=_link_or_copy)
+            cfg = json.loads((emb_dir / CONFIG_FILE).read_text())
+            proof = (prev.meta.get("onnx_min_cosine"), prev.meta.get("onnx_verified_on", 0))
+            st_model = None
+        elif self.todo:
             from .export import export_onnx, load_sentence_transformer
-
-            st_model = load_sentence_transformer(src)
-            embedder_cfg = export_onnx(st_model, src, emb_dir)
-            min_cos, verified_on = None, 0
+            st_model = load_sentence_transformer(self.src)
+            cfg, proof = export_onnx(st_model, self.src, emb_dir), (None, 0)
         else:  # pragma: no cover - reused files imply a compatible previous build
             raise RetrieverError("internal: nothing to embed and no previous embedder")
-        max_tokens = int(embedder_cfg["max_seq_length"]) - 2
-        if chunk_tokens > max_tokens:
-            raise UsageError(f"--chunk-tokens {chunk_tokens} is more than the embedder reads ({max_tokens} tokens "
-                             f"after special tokens): pass --chunk-tokens {min(DEFAULT_CHUNK_TOKENS, max_tokens)}")
+        max_tokens = int(cfg["max_seq_length"]) - 2
+        if self.chunk_tokens > max_tokens:
+            raise UsageError(f"--chunk-tokens {self.chunk_tokens} is more than the embedder reads ({max_tokens} "
+                             f"tokens after special tokens): pass --chunk-tokens "
+                             f"{min(DEFAULT_CHUNK_TOKENS, max_tokens)}")
+        return cfg, st_model, proof
 
-        # Chunk the new and changed files.
+    def _chunk(self, emb_dir: Path) -> dict[str, list[Chunk]]:
+        """Chunks of the new and changed files; what was added, changed, removed."""
+        prev, r = self.prev, self.result
         new_chunks: dict[str, list[Chunk]] = {}
-        if todo:
+        if self.todo:
             from tokenizers import Tokenizer
-
             tok = plain_tokenizer(Tokenizer.from_file(str(emb_dir / TOKENIZER_FILE)))
-            for rel, _, _, doc in todo:
-                cs = chunk_document(doc, tok, chunk_tokens, overlap)
+            for rel, _, _, doc in self.todo:
+                cs = chunk_document(doc, tok, self.chunk_tokens, self.overlap)
                 if not cs:
-                    result.skipped.append(SkippedFile(rel, "no words to index"))
+                    r.skipped.append(SkippedFile(rel, "no words to index"))
                     log.warning("skipped %s: no words to index", rel)
                     continue
                 new_chunks[rel] = cs
-                if prev is not None and rel in prev.files:
-                    result.changed.append(rel)
-                else:
-                    result.added.append(rel)
+                (r.changed if prev is not None and rel in prev.files else r.added).append(rel)
         if prev is not None:
-            present = set(reused) | set(new_chunks)
-            result.removed = sorted(set(prev.files) - present)
-        if not new_chunks and not reused:
-            raise RetrieverError(no_documents_message(docs, result.skipped))
+            r.removed = sorted(set(prev.files) - (set(self.reused) | set(new_chunks)))
+        if not new_chunks and not self.reused:
+            raise RetrieverError(no_documents_message(self.docs, r.skipped))
+        return new_chunks
 
-        # Embed the new chunks with the ONNX embedder (the one the device uses).
-        flat_new = [c for rel in sorted(new_chunks) for c in new_chunks[rel]]
-        new_vecs = np.zeros((0, int(embedder_cfg["dim"])), dtype=np.float32)
-        if flat_new:
+    def _embed(self, emb_dir: Path, cfg: dict, new_chunks: dict, st_model, proof: tuple) -> tuple[np.ndarray, tuple]:
+        """The new chunks' vectors from the ONNX embedder (the one the device uses), proven against
+        sentence-transformers on a sample when the embedder was exported anew."""
+        flat = [c for rel in sorted(new_chunks) for c in new_chunks[rel]]
+        vecs = np.zeros((0, int(cfg["dim"])), dtype=np.float32)
+        if flat:
             t1 = time.perf_counter()
-            onnx = OnnxEmbedder(emb_dir, threads=threads)
-            texts = [c.embed_text() for c in flat_new]
-            new_vecs = onnx.embed(texts, batch_size=batch_size)
+            texts = [c.embed_text() for c in flat]
+            vecs = OnnxEmbedder(emb_dir, threads=self.threads).embed(texts, batch_size=self.batch_size)
             log.info("embedded %d chunks in %.1fs", len(texts), time.perf_counter() - t1)
             if st_model is not None:
                 from .export import verify_onnx
+                sample = _sample(len(texts), self.verify_sample)
+                proof = (verify_onnx(st_model, vecs[sample], [texts[i] for i in sample], self.batch_size), len(sample))
+                log.info("ONNX embedder matches sentence-transformers: min cosine %.6f on %d chunks", *proof)
+        self.result.n_embedded = len(flat)
+        return vecs, proof
 
-                sample = _sample(len(texts), verify_sample)
-                min_cos = verify_onnx(st_model, new_vecs[sample], [texts[i] for i in sample], batch_size)
-                verified_on = len(sample)
-                log.info("ONNX embedder matches sentence-transformers: min cosine %.6f on %d chunks",
-                         min_cos, verified_on)
-        result.n_embedded = len(flat_new)
-
-        # Assemble all chunks in source order: reused (with their stored vectors) and new.
-        all_chunks: list[StoredChunk] = []
-        vec_parts: list[np.ndarray] = []
+    def _assemble(self, new_chunks: dict, new_vecs: np.ndarray) -> tuple[list, np.ndarray, list]:
+        """All chunks in source order: reused (with their stored vectors) and new."""
+        chunks: list[StoredChunk] = []
+        parts: list[np.ndarray] = []
         records: list[FileRecord] = []
-        new_offsets: dict[str, int] = {}
-        pos = 0
+        offsets, pos = {}, 0
         for rel in sorted(new_chunks):
-            new_offsets[rel] = pos
-            pos += len(new_chunks[rel])
-        digests = {rel: digest for rel, digest, _, _ in todo}
-        sizes = {rel: size for rel, _, size, _ in todo}
-        for rel in sorted(set(reused) | set(new_chunks)):
-            if rel in reused:
-                assert prev is not None
-                rows = prev.chunks.get(rel, [])
-                all_chunks.extend(c for _, c in rows)
-                vec_parts.append(prev.vectors[[i for i, _ in rows]])
-                records.append(reused[rel])
+            offsets[rel], pos = pos, pos + len(new_chunks[rel])
+        facts = {rel: (digest, size) for rel, digest, size, _ in self.todo}
+        for rel in sorted(set(self.reused) | set(new_chunks)):
+            if rel in self.reused:
+                rows = self.prev.chunks.get(rel, [])
+                chunks.extend(c for _, c in rows)
+                parts.append(self.prev.vectors[[i for i, _ in rows]])
+                records.append(self.reused[rel])
             else:
                 cs = new_chunks[rel]
-                all_chunks.extend(StoredChunk(c.source, c.heading, c.text, c.start, c.end, c.n_tokens) for c in cs)
-                vec_parts.append(new_vecs[new_offsets[rel]:new_offsets[rel] + len(cs)])
-                records.append(FileRecord(rel, digests[rel], sizes[rel], len(cs)))
-        vectors = np.concatenate(vec_parts).astype(np.float32, copy=False)
-        result.n_files = len(records)
-        result.n_chunks = len(all_chunks)
-        result.onnx_min_cosine = min_cos
-        meta = {
-            "settings": settings,
-            "chunk_tokens": chunk_tokens,
-            "overlap": overlap,
-            "embedder": {k: embedder_cfg[k] for k in ("source", "fingerprint", "dim", "max_seq_length", "pooling",
-                                                      "normalize")},
-            "onnx_min_cosine": min_cos,
-            "onnx_verified_on": verified_on,
-            "n_files": len(records),
-            "skipped": [{"path": s.path, "reason": s.reason} for s in result.skipped],
-            "last_update": result.counts(),
-        }
-        spec = write_store(tmp, all_chunks, vectors, records, meta, hnsw_threshold=hnsw_threshold)
-        result.faiss_index = spec["type"]
-        manifest = dict(meta, faiss=spec, n_chunks=len(all_chunks), files={DB_FILE: "chunks, files, FTS5, meta",
-                        FAISS_FILE: "vectors", EMBEDDER_DIR: "ONNX embedder"})
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        fsync_tree(tmp)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    result.seconds = time.perf_counter() - t0
-    log.info("indexed %d files into %d chunks in %s (%s): %s", result.n_files, result.n_chunks, out,
-             result.faiss_index, result.counts())
-    return result
+                chunks.extend(StoredChunk(c.source, c.heading, c.text, c.start, c.end, c.n_tokens) for c in cs)
+                parts.append(new_vecs[offsets[rel]:offsets[rel] + len(cs)])
+                records.append(FileRecord(rel, *facts[rel], len(cs)))
+        return chunks, np.concatenate(parts).astype(np.float32, copy=False), records
 
 
 def _check_settings(chunk_tokens: int, overlap: int, batch_size: int, verify_sample: int) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DOCS = Path(__file__).resolve().parents[1] / "demo" / "docs"
-VERSION = "4"          # bump when the base or the adapter changes: make demo / the tests rebuild older ones
+VERSION = "5"          # bump when the base or the adapter changes: make demo / the tests rebuild older ones
 
 
 def make_base(out: Path) -> None:

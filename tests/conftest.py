@@ -2,12 +2,14 @@
 session build of every format that the format, runtime-contract, bundle and resilience tests all read."""
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,9 +27,28 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Under pytest-xdist (`make test` runs two workers) every build takes one thread, so two workers use the two
+# cores without oversubscribing them (llama.cpp's spinning threads slow down badly when they share a core).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+THREADS = "1" if WORKER else "2"
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `path` across processes (xdist workers): the second waits for the first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _script(name: str, out: Path, *args: str) -> Path:
     """Run a fixture builder; it returns at once when `out` is complete and of its current version."""
-    subprocess.run([sys.executable, str(ROOT / "scripts" / name), str(out), *args], check=True)
+    with _locked(out.with_name(f".{out.name}.lock")):
+        subprocess.run([sys.executable, str(ROOT / "scripts" / name), str(out), *args], check=True)
     return out
 
 
@@ -56,6 +77,12 @@ def installed(fmt: str) -> bool:
     return importlib.util.find_spec(PACKAGES[fmt]) is not None
 
 
+def pytest_itemcollected(item):
+    """For pytest-xdist (`--dist loadgroup`, read when the collection is modified): every test that reads the
+    session build runs on one worker, and each other module on one worker, so no module fixture is built twice."""
+    item.add_marker(pytest.mark.xdist_group("session" if "session" in item.fixturenames else item.module.__name__))
+
+
 def pytest_collection_modifyitems(config, items):
     """A backend marker (gguf, onnx, openvino, mlx) skips its test cleanly where that runtime is not installed."""
     for item in items:
@@ -73,7 +100,7 @@ def build_args(tiny: Path, out: Path, cache: Path, formats: dict[str, list[str]]
     return ["build", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapters" / adapter),
             *(["--target", target] if target else []), "--formats", ",".join(formats), *flags,
             "--docs", str(docs), "--smoke-question", DEMO["question"], "--smoke-needle", DEMO["needle"],
-            "--out", str(out), "--cache-dir", str(cache), "--threads", "2", *extra]
+            "--out", str(out), "--cache-dir", str(cache), "--threads", THREADS, *extra]
 
 
 @dataclass
@@ -82,6 +109,7 @@ class Build:
     bundle: Path
     cache: Path
     stderr: str
+    merge: Path | None = None        # its merge stage, found when it finished (later tests add others to the cache)
 
     @cached_property
     def report(self) -> dict:
@@ -99,6 +127,8 @@ class Build:
     @cached_property
     def merged(self) -> Path:
         """The merge stage: merged checkpoint, proof and full-vocabulary reference logits (not shipped)."""
+        if self.merge:
+            return self.merge
         (stage,) = [p for p in self.cache.glob("merge-*") if (p / ".complete").exists()]
         return stage
 
@@ -109,16 +139,25 @@ class Build:
 
 @pytest.fixture(scope="session")
 def session(tiny, tmp_path_factory) -> Build:
-    """Every format the machine has, at SESSION's precisions, with documents and the smoke question: built once."""
+    """Every format the machine has, at SESSION's precisions, with documents and the smoke question: built once
+    per run, by whichever xdist worker asks first (the other waits on the lock and reads it)."""
     # PHIEDGE_SESSION_DIR keeps the session's stage cache between runs while working on the tests (a rebuild
     # from a warm cache takes seconds); by default every run builds from nothing.
     keep = os.environ.get("PHIEDGE_SESSION_DIR")
-    root = Path(keep) if keep else tmp_path_factory.mktemp("session")
-    shutil.rmtree(root / "bundle", ignore_errors=True)
-    formats = {f: p for f, p in SESSION.items() if installed(f)}
-    r = run_cli(*build_args(tiny, root / "bundle", root / "cache", formats))
-    assert r.returncode == 0, r.stderr[-4000:]
-    return Build(root / "bundle", root / "cache", r.stderr)
+    base = tmp_path_factory.getbasetemp()
+    root = Path(keep) if keep else (base.parent if WORKER else base) / "session"
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+    with _locked(root / ".lock"):
+        done = root / "built-by"
+        if not (done.is_file() and done.read_text().split("\n")[0] == run):
+            shutil.rmtree(root / "bundle", ignore_errors=True)
+            formats = {f: p for f, p in SESSION.items() if installed(f)}
+            r = run_cli(*build_args(tiny, root / "bundle", root / "cache", formats))
+            assert r.returncode == 0, r.stderr[-4000:]
+            merge = Build(root / "bundle", root / "cache", r.stderr).merged   # before other tests add merges
+            done.write_text(f"{run}\n{merge}\n{r.stderr}")
+        run_id, merge, stderr = done.read_text().split("\n", 2)
+    return Build(root / "bundle", root / "cache", stderr, Path(merge))
 
 
 def artifact_dir(bundle: Path, fmt: str, precision: str) -> Path:
@@ -144,3 +183,4 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
     exe = Path(sys.executable).with_name("phiedge")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, **(env or {})})
+

@@ -49,10 +49,10 @@ def _stage_dirs(cache: Path) -> list[Path]:
     return [d for d in cache.iterdir() if d.is_dir() and ".partial-" not in d.name and d.name != "locks"]
 
 
-@pytest.fixture(scope="module")
-def reference(session) -> Path:
-    """The session build: uninterrupted, in a cache of its own."""
-    return session.bundle
+def _reference(request) -> Path:
+    """The session build: uninterrupted, in a cache of its own. Asked for only where a test compares with it, so
+    under xdist the builds before the comparison run while the other worker makes the session build."""
+    return request.getfixturevalue("session").bundle
 
 
 # --------------------------------------------------------------------------------------------- kill -9
@@ -127,7 +127,7 @@ def _kill_at(args: list[str], cache: Path, out: Path, stage: str, moment: str, d
     return ""
 
 
-def test_kill_9_anywhere_resumes_to_a_byte_identical_bundle(tiny, reference, tmp_path):
+def test_kill_9_anywhere_resumes_to_a_byte_identical_bundle(tiny, request, tmp_path):
     """Table-driven over the stages (KILLS): at each boundary and in the middle of each long stage, the build
     process alone or its whole process group gets SIGKILL. After each kill no child is left, nothing looks
     complete that is not, and the next run resumes; the bundle of the last run equals an uninterrupted build's
@@ -151,30 +151,35 @@ def test_kill_9_anywhere_resumes_to_a_byte_identical_bundle(tiny, reference, tmp
     assert not list(cache.glob("*.partial-*")), "the finished build swept every dead partial"
     assert set(_files(out)) > {"golden.npz", "retriever/retriever.sqlite", "gguf-F16/model.gguf",
                                "mlx-fp16/model.safetensors"}
-    assert _same_as(out, reference) == []
+    assert _same_as(out, _reference(request)) == []
 
 
 # ------------------------------------------------------------------------------------------ two at once
 
-def test_two_builds_at_once_share_one_cache(tiny, reference, tmp_path):
-    """Same inputs, same cache, different --out, started together: both complete, each stage runs once (the
-    other build waits on its lock and finds it finished), and both bundles equal the session build's files, made in
-    another cache -- reproducible across caches, byte for byte."""
-    cache = tmp_path / "cache"
+@pytest.fixture(scope="module")
+def two_at_once(tiny, tmp_path_factory) -> Path:
+    """Same inputs, same cache, different --out, started together (the damaged-cache test reuses the cache)."""
+    work = tmp_path_factory.mktemp("two")
     procs = []
     for name in ("a", "b"):
-        log = open(tmp_path / f"{name}.log", "w")
-        procs.append(subprocess.Popen([PHIEDGE, *_args(tiny, tmp_path / name, cache, formats=GGUF_ONLY)], stdout=log,
-                                      stderr=subprocess.STDOUT))
+        log = open(work / f"{name}.log", "w")
+        procs.append(subprocess.Popen([PHIEDGE, *_args(tiny, work / name, work / "cache", formats=GGUF_ONLY)],
+                                      stdout=log, stderr=subprocess.STDOUT))
     for p, name in zip(procs, "ab"):
-        assert p.wait(timeout=1800) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
-    ran = [json.loads((tmp_path / n / "report.json").read_text())["cache"]["ran"] for n in "ab"]
+        assert p.wait(timeout=1800) == 0, (work / f"{name}.log").read_text()[-3000:]
+    return work
+
+
+def test_two_builds_at_once_share_one_cache(two_at_once, request):
+    """Both complete, each stage runs once (the other build waits on its lock and finds it finished), and both
+    bundles equal the session build's files, made in another cache -- reproducible across caches, byte for byte."""
+    ran = [json.loads((two_at_once / n / "report.json").read_text())["cache"]["ran"] for n in "ab"]
     stages = ran[0] + ran[1]
     assert sorted(stages) == sorted(set(stages)), f"a stage ran twice: {ran}"
     assert set(stages) == {"merge", "retriever", "smoke-ref", "export-gguf", "check-gguf-F16"}
-    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert _files(two_at_once / "a") == _files(two_at_once / "b")
     for n in "ab":
-        assert _same_as(tmp_path / n, reference) == []
+        assert _same_as(two_at_once / n, _reference(request)) == []
 
 
 def test_a_dead_lock_holder_keeps_nothing(tiny, tmp_path):
@@ -220,15 +225,15 @@ def test_a_live_writer_keeps_its_partial(tmp_path):
 # ------------------------------------------------------------------------------------------ damaged cache
 
 
-def test_a_damaged_cache_entry_is_rebuilt_never_shipped(tiny, reference, tmp_path):
+def test_a_damaged_cache_entry_is_rebuilt_never_shipped(tiny, two_at_once, tmp_path):
+    """Each damage of a finished stage (a copy of the two-at-once builds' cache) is found, the stage rebuilt, and
+    the bundle is the undamaged one."""
     cache = tmp_path / "cache"
-    first = run_cli(*_args(tiny, tmp_path / "b0", cache, formats=GGUF_ONLY))
-    assert first.returncode == 0, first.stderr[-2000:]
+    shutil.copytree(two_at_once / "cache", cache)            # sizes and mtimes kept: the entries look intact
     (export,) = [d for d in _stage_dirs(cache) if d.name.startswith("export-gguf-")]
     (check,) = [d for d in _stage_dirs(cache) if d.name.startswith("check-gguf-F16-")]
     gguf = export / "F16" / "model.gguf"
-    want = _files(tmp_path / "b0")
-    assert _same_as(tmp_path / "b0", reference) == []
+    want = _files(two_at_once / "a")
     # (how the entry is damaged, whether the default fast check sees it, extra flags) -- why each is here:
     cases = [
         # a truncated artifact: its size differs from the completion record
@@ -308,7 +313,8 @@ def test_disk_full_in_the_middle_of_an_export(tiny, small_disk, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- signing
 
-def test_a_rewritten_manifest_is_caught_only_by_a_signature(reference, tmp_path):
+def test_a_rewritten_manifest_is_caught_only_by_a_signature(request, tmp_path):
+    reference = _reference(request)
     key, pub = tmp_path / "key", tmp_path / "key.pub"
     r = run_cli("keygen", str(key))
     assert r.returncode == 0 and key.is_file() and pub.is_file() and (key.stat().st_mode & 0o077) == 0, r.stderr

@@ -155,6 +155,38 @@ def export_onnx(st_model: Any, src: EmbedderSource, out: Path) -> dict[str, Any]
     if "input_ids" not in names or "attention_mask" not in names:
         raise RetrieverError(f"embedder tokenizer inputs {tokenizer.model_input_names} are not supported")
 
+    sample = tokenizer(["a sample sentence for export", "short"], padding=True, return_tensors="pt")
+    args = tuple(sample[n] for n in names)
+    dyn = {n: {0: "batch", 1: "sequence"} for n in names}
+    dyn["sentence_embedding"] = {0: "batch"}
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of the dynamo one, which needs onnxscript; it is
+        # still the one that exports this graph with dynamic batch and sequence axes in torch 2.13.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(_pooled(torch, hf, names, pooling).eval(), args, str(out / MODEL_FILE), input_names=names,
+                          output_names=["sentence_embedding"], dynamic_axes=dyn, opset_version=OPSET,
+                          do_constant_folding=True, dynamo=False)
+    _save_tokenizer_json(tokenizer, src.path, out / TOKENIZER_FILE)
+    get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
+    dim = int(get_dim())
+    config = {
+        "source": src.name,
+        "fingerprint": src.fingerprint,
+        "max_seq_length": max_len,
+        "dim": dim,
+        "pooling": pooling,
+        "normalize": True,
+        "inputs": names,
+        "pad_token_id": int(tokenizer.pad_token_id or 0),
+        "opset": OPSET,
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    log.info("exported embedder %s to ONNX (dim %d, %s pooling, max %d tokens)", src.name, dim, pooling, max_len)
+    return config
+
+
+def _pooled(torch: Any, hf: Any, names: list[str], pooling: str) -> Any:
+    """The transformer with its pooling and L2 normalisation, as one module taking `names` in order."""
     class Wrapper(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -175,34 +207,7 @@ def export_onnx(st_model: Any, src: EmbedderSource, out: Path) -> dict[str, Any]
                 pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
-    sample = tokenizer(["a sample sentence for export", "short"], padding=True, return_tensors="pt")
-    args = tuple(sample[n] for n in names)
-    dyn = {n: {0: "batch", 1: "sequence"} for n in names}
-    dyn["sentence_embedding"] = {0: "batch"}
-    with torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of the dynamo one, which needs onnxscript; it is
-        # still the one that exports this graph with dynamic batch and sequence axes in torch 2.13.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(Wrapper().eval(), args, str(out / MODEL_FILE), input_names=names,
-                          output_names=["sentence_embedding"], dynamic_axes=dyn, opset_version=OPSET,
-                          do_constant_folding=True, dynamo=False)
-    _save_tokenizer_json(tokenizer, src.path, out / TOKENIZER_FILE)
-    get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
-    dim = int(get_dim())
-    config = {
-        "source": src.name,
-        "fingerprint": src.fingerprint,
-        "max_seq_length": max_len,
-        "dim": dim,
-        "pooling": pooling,
-        "normalize": True,
-        "inputs": names,
-        "pad_token_id": int(tokenizer.pad_token_id or 0),
-        "opset": OPSET,
-    }
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    log.info("exported embedder %s to ONNX (dim %d, %s pooling, max %d tokens)", src.name, dim, pooling, max_len)
-    return config
+    return Wrapper()
 
 
 def _save_tokenizer_json(tokenizer: Any, model_dir: Path, dest: Path) -> None:

@@ -31,10 +31,11 @@ demo: $(STAMP)
 browser:
 	command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
-# Two workers (pytest-xdist): the session build's tests on one, every other module on whichever is free; each
-# build then takes one thread (tests/conftest.py), so the two share the machine's cores without oversubscribing.
+# Two workers (pytest-xdist): the session build's tests on one, every other module on whichever is free, in
+# file order (the benchmark harness first, not last); each build then takes one thread (tests/conftest.py), so
+# the two share the machine's cores without oversubscribing them.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 # The full-size pipeline (a 3.8B Phi-4-mini-shaped model built once under ~/.cache/phiedge/bench, ~8 GB, and
 # ~40 GB of scratch) beside the standalone tools → bench/results.json + bench/results.html.

@@ -132,8 +132,8 @@ def _kill_at(args: list[str], cache: Path, out: Path, stage: str, moment: str, d
 def _seed_from_session(cache: Path, request, prefix: str) -> list[str]:
     """Copy the session build's finished `prefix`* stages into `cache`: the killed MLX check resumes as a cache hit
     (how a check resumes after a kill is proven on the other formats' rows; the MLX row proves the kill in the
-    middle of MLX's prefill leaves no child and nothing complete). A name absent from the session means the keys
-    differ: a problem, since the MLX export must then be another one."""
+    middle of MLX's prefill leaves no child and nothing complete). Were the keys to differ from the session's, the
+    copies would go unused and the next run would simply make both checks again."""
     session = request.getfixturevalue("session").cache
     seeded = [d for d in session.glob(f"{prefix}*") if (d / ".complete").is_file() and ".partial-" not in d.name]
     if len(seeded) != len(FORMATS["mlx"]):

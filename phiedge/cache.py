@@ -240,10 +240,6 @@ class StageCache:
         tmp.write_text(json.dumps(self._digests))
         tmp.replace(self._digests_path)
 
-    def tree_digest(self, folder: Path, files: list[str] | None = None) -> dict[str, str]:
-        names = files if files is not None else sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
-        return {n: self.digest(folder / n) for n in names}
-
     # -------------------------------------------------------------------------------------------- stages
 
     def stage(self, name: str, parts: dict, fn: Callable[[Path], None], modules=()) -> tuple[Path, bool]:

@@ -158,13 +158,6 @@ def session(tiny, tmp_path_factory) -> Build:
     return Build(root / "bundle", root / "cache", stderr)
 
 
-def artifact_dir(bundle: Path, fmt: str, precision: str) -> Path:
-    """An artifact's folder in a built bundle, looked up in its report."""
-    import json
-    rep = json.loads((bundle / "report.json").read_text())
-    return bundle / next(a["path"] for a in rep["artifacts"] if a["format"] == fmt and a["precision"] == precision)
-
-
 def assert_pytorch_tokens(record: dict) -> None:
     """A full-precision artifact's answer (a greedy record or a smoke record of report.json) follows PyTorch's:
     teacher-forced it picks PyTorch's token wherever PyTorch's top-2 margin is wider than the precision's logit

@@ -71,11 +71,6 @@ def convert_args(p: Precision) -> list[str]:
     return out
 
 
-def with_group_size(precisions: list[str], group_size: int | None) -> list[str]:
-    """`--mlx-group-size N`: add `-gN` to every quantized precision that does not name its own group size."""
-    return precisions if group_size is None else GRAMMAR.with_default(precisions, "group", f"g{group_size}")
-
-
 def published_layout(config: dict) -> dict:
     """The config with rope settings where mlx-lm reads them. transformers 5 saves them nested in
     `rope_parameters` (rope_theta, partial_rotary_factor, the LongRoPE factors); mlx-lm 0.31 reads the

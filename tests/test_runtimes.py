@@ -32,8 +32,10 @@ FILES = {
 BOUNDS = {
     ("gguf", "F32"): (0.97, None, 1e-5),        # exact weights; llama.cpp's f16 KV cache is the only error
     ("onnx", "fp32"): (1.0, 1e-3, 1e-8),        # measured 2e-5 / 2e-12 in both regimes
-    ("openvino", "fp16"): (1.0, 0.05, 1e-5),    # 0.0053 / 0.0084; OpenVINO's own fp16 IR (rope in fp16): 2.31
-    ("mlx", "fp16"): (1.0, 0.1, 1e-4),          # 0.030 / 0.034, KL 5e-6
+    # 16-bit runtimes: top-1 0.95, as one near-tie of the random tiny model's 64 compared positions may flip on
+    # another CPU (CI's: mlx fp16 63/64 at KL 5e-6); KL and max|Δ| are the bounds that catch a real fault.
+    ("openvino", "fp16"): (0.95, 0.05, 1e-5),   # 0.0053 / 0.0084; OpenVINO's own fp16 IR (rope in fp16): 2.31
+    ("mlx", "fp16"): (0.95, 0.1, 1e-4),         # 0.030 / 0.034, KL 5e-6
     ("mlx", "4bit"): (0.0, None, 0.02),         # the 8-bit embedding: 0.0059 / 0.010
 }
 # (format, smaller, larger, at most this share of the larger's size)

@@ -22,11 +22,19 @@ from . import __version__, bundle, exporters, report, source
 from .cache import StageCache, default_root
 from .checks import ArtifactResult, Limits, Measurement
 from .errors import InvalidCheckpointError, MemoryShortError, ParityError, RetrieverError, UsageError
+from .exporters.base import TOOL_BYTES
 from .memory import available_bytes, isolated
-from .stages import Clock, Context, Hit, SequentialExecutor, Stage
+from .stages import Clock, Context, Hit, ParallelExecutor, SequentialExecutor, Stage
 
 log = logging.getLogger("phiedge")
 SMOKE_TOKENS = 24
+MEMORY_SHARE = 0.8
+# Peak memory of the stages that load the model in PyTorch, per parameter, measured on the 3.84 B full-size model
+# (bench/results.json): the merge (bf16 load, merge, the reference logits in fp32 arithmetic) 8.8 GB, the smoke
+# reference 9.9 GB; the retriever's embedder and index, whatever the model.
+MERGE_PEAK_PER_PARAM = 2.3
+SMOKE_PEAK_PER_PARAM = 2.6
+RETRIEVER_PEAK = 1200 * 2**20
 # The code each kind of stage runs (roots of its fingerprint; phiedge.cache.code_fingerprint follows imports).
 MERGE_CODE = ("phiedge.merge", "phiedge.checks.reference")
 RETRIEVER_CODE = ("phiedge.retriever.build",)
@@ -55,6 +63,9 @@ class BuildRequest:
     verify_cache: bool = False              # re-hash every cached stage before using it (default: sizes + mtimes)
     follow_links: bool = False              # index what symbolic links out of --docs point to
     sign_key: Path | None = None            # Ed25519 private key (PEM): sign the bundle's manifest
+    max_memory: int | None = None           # bytes the build's stages may hold at once (default: MEMORY_SHARE of
+                                            # what is available when it starts)
+    jobs: int | None = None                 # stages at most side by side (default: CPUs // threads)
 
 
 def plan_formats(formats: list[str], precisions: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -76,12 +87,12 @@ def build(req: BuildRequest) -> dict:
     try:
         if clock.bar is None:
             ctx, stages = _plan(req, out, clock)
-            SequentialExecutor().run(stages, ctx, clock)
+            executor(req).run(stages, ctx, clock)
         else:
             from tqdm.contrib.logging import logging_redirect_tqdm
             with logging_redirect_tqdm():           # log lines print above the bar, not through it
                 ctx, stages = _plan(req, out, clock)
-                SequentialExecutor().run(stages, ctx, clock)
+                executor(req).run(stages, ctx, clock)
     finally:
         clock.close()
     work = out.with_name(out.name + ".partial")
@@ -91,6 +102,16 @@ def build(req: BuildRequest) -> dict:
                           f"(report: {work / 'report.json'})")
     bundle.swap_into_place(work, out)
     return ctx["bundle"]
+
+
+def memory_budget(req: BuildRequest) -> int:
+    return req.max_memory or int(MEMORY_SHARE * available_bytes())
+
+
+def executor(req: BuildRequest):
+    """Stages side by side where the memory budget and the CPUs allow (each stage's tools use `threads`)."""
+    jobs = req.jobs or max(1, (os.cpu_count() or 1) // max(1, req.threads))
+    return ParallelExecutor(jobs, memory_budget(req)) if jobs > 1 else SequentialExecutor()
 
 
 def _plan(req: BuildRequest, out: Path, clock: Clock) -> tuple[Context, list[Stage]]:
@@ -110,25 +131,48 @@ def _results(ctx: Context) -> list[ArtifactResult]:
 
 # ------------------------------------------------------------------------------------------------ the graph
 
+def stage_peaks(formats: dict[str, list[str]], n_params: int, config: dict, *, docs: bool) -> dict[str, int]:
+    """Stage name -> its estimated peak memory in bytes, from the per-parameter figures measured at full size
+    (merge and smoke reference here, each exporter's PEAK_BYTES_PER_PARAM, each runtime's check_peak_bytes)."""
+    from . import runtimes
+    from .checks import probes
+    switch = probes.switch_point(config)
+    probe_tokens = switch + probes.LONG_MARGIN if switch else 512
+    vocab = int(config.get("vocab_size") or 0)
+    peaks = {"merge": int(MERGE_PEAK_PER_PARAM * n_params) + TOOL_BYTES}
+    if docs:
+        peaks["retriever"] = RETRIEVER_PEAK
+        peaks["smoke reference"] = int(SMOKE_PEAK_PER_PARAM * n_params) + TOOL_BYTES
+    for fmt, precs in formats.items():
+        exp = exporters.get(fmt)
+        peaks[f"export {fmt}"] = max(exp.peak_bytes(n_params, p) for p in precs)
+        for p in precs:
+            peaks[f"check {fmt} {p}"] = runtimes.get(fmt).check_peak_bytes(exp.estimate_bytes(n_params, [p]),
+                                                                            vocab, probe_tokens)
+    return peaks
+
+
 def graph(ctx: Context) -> list[Stage]:
     """Every stage of this build, as data."""
     req, n_params = ctx.req, ctx.inputs["n_params"]
+    peaks = stage_peaks(req.formats, n_params, ctx.inputs["config"], docs=req.docs is not None)
     weights = sum(v for k, v in ctx.inputs["model"].files.items() if k.endswith(".safetensors"))
     stages = [Stage("hash inputs", run=_hash_inputs),
               Stage("merge", needs=("hash inputs",), cache_name="merge", key=_merge_key, make=_merge,
-                    modules=MERGE_CODE, disk_bytes=weights)]
+                    modules=MERGE_CODE, disk_bytes=weights, peak_bytes=peaks["merge"])]
     if req.docs is not None:
         stages += [Stage("retriever", cache_name="retriever", key=_retriever_key, make=_retriever,
-                         result=lambda c, d: d / "retriever", modules=RETRIEVER_CODE),
+                         result=lambda c, d: d / "retriever", modules=RETRIEVER_CODE, peak_bytes=peaks["retriever"]),
                    Stage("smoke reference", needs=("merge", "retriever"), cache_name="smoke-ref", key=_smoke_key,
-                         make=_smoke_reference, result=lambda c, d: d / "smoke.json", modules=SMOKE_CODE)]
+                         make=_smoke_reference, result=lambda c, d: d / "smoke.json", modules=SMOKE_CODE,
+                         peak_bytes=peaks["smoke reference"])]
     for fmt, precs in req.formats.items():
         exp = exporters.get(fmt)
         stages.append(Stage(f"export {fmt}", needs=("merge",), cache_name=f"export-{fmt}",
                             key=lambda c, fmt=fmt, precs=precs: _export_key(c, fmt, precs),
                             make=lambda c, d, fmt=fmt, precs=precs: _export(c, d, fmt, precs),
                             modules=(type(exp).__module__, *exp.TOOL_MODULES),
-                            peak_bytes=max((exp.peak_bytes(n_params, p) or 0 for p in precs), default=0) or None,
+                            peak_bytes=peaks[f"export {fmt}"],
                             disk_bytes=exp.estimate_bytes(n_params, precs)))
         for p in precs:
             needs = ("merge", f"export {fmt}") + (("smoke reference",) if req.docs is not None else ())
@@ -136,7 +180,7 @@ def graph(ctx: Context) -> list[Stage]:
                                 key=lambda c, fmt=fmt, p=p: _check_key(c, fmt, p),
                                 make=lambda c, d, fmt=fmt, p=p: _measure(c, d, fmt, p),
                                 result=lambda c, d, fmt=fmt, p=p: _result(c, d, fmt, p),
-                                modules=(*CHECK_CODE, f"phiedge.runtimes.{fmt}")))
+                                modules=(*CHECK_CODE, f"phiedge.runtimes.{fmt}"), peak_bytes=peaks[f"check {fmt} {p}"]))
     stages.append(Stage("bundle", run=_bundle, needs=tuple(s.name for s in stages),
                         where=ctx.inputs["out"].parent,
                         disk_bytes=sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())))
@@ -316,7 +360,8 @@ def _cheap_checks(req: BuildRequest, out: Path):
         adapter = source.resolve(req.adapter, revision=req.adapter_revision, kind="adapter")
         source.check_adapter(adapter, model, config)
     n_params = source.param_count(model)
-    preflight(req.formats, n_params, available_bytes(), calibration=req.docs is not None)
+    preflight(req.formats, stage_peaks(req.formats, n_params, config, docs=req.docs is not None),
+              memory_budget(req), calibration=req.docs is not None)
     weight_bytes = sum(v for k, v in model.files.items() if k.endswith(".safetensors"))
     exports = sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())
     cache_root = Path(req.cache_dir) if req.cache_dir else default_root()
@@ -327,24 +372,30 @@ def _cheap_checks(req: BuildRequest, out: Path):
     return model, adapter, config
 
 
-def memory_shortfalls(formats: dict[str, list[str]], n_params: int, available: int) -> dict[str, str]:
-    """Format -> why its export cannot run here, for exports known to need more memory than `available`."""
-    found = {f: exporters.get(f).memory_shortfall(p, n_params, available) for f, p in formats.items()}
-    return {f: why for f, why in found.items() if why}
+def memory_shortfalls(peaks: dict[str, int], budget: int) -> dict[str, str]:
+    """Stage -> why it cannot run within `budget` bytes, for every stage estimated to need more on its own."""
+    def leave_out(stage: str) -> str:
+        fmt = stage.split()[1] if stage.split()[0] in ("export", "check") else None
+        return f", or leave {fmt} out of --formats" if fmt else ""
+    return {s: (f"the {s} stage of this model needs about {need / 1e9:.1f} GB of memory at its peak, more than the "
+                f"build's --max-memory {budget / 1e9:.1f} GB (default: {MEMORY_SHARE:.0%} of the memory available): "
+                f"raise --max-memory, free memory, or build on a machine with more{leave_out(s)}")
+            for s, need in peaks.items() if need > budget}
 
 
-def preflight(formats: dict[str, list[str]], n_params: int, available: int, *, calibration: bool) -> None:
-    """Every reason an export cannot run here (a missing toolchain, an option that needs --docs, more memory
-    than the machine has), all named in one line; memory alone is a MemoryShortError."""
-    problems = {fmt: exporters.get(fmt).preflight(precs, n_params=n_params, available=available,
-                                                  calibration=calibration) for fmt, precs in formats.items()}
-    lines = [p for ps in problems.values() for p in ps]
+def preflight(formats: dict[str, list[str]], peaks: dict[str, int], budget: int, *, calibration: bool) -> None:
+    """Every reason the build cannot run here (a missing toolchain, an option that needs --docs, a stage that
+    needs more memory than --max-memory), all named in one line before any work; memory alone is a
+    MemoryShortError."""
+    lines = [p for fmt, precs in formats.items()
+             for p in exporters.get(fmt).preflight(precs, calibration=calibration)]
+    short = list(memory_shortfalls(peaks, budget).values())
+    lines += short
     if not lines:
         return
-    only_memory = all("of memory" in p for p in lines)
     msg = lines[0] if len(lines) == 1 else f"{len(lines)} problems: " + "; ".join(
         f"({i}) {p}" for i, p in enumerate(lines, 1))
-    raise (MemoryShortError if only_memory else UsageError)(msg)
+    raise (MemoryShortError if len(short) == len(lines) else UsageError)(msg)
 
 
 def _check_docs(docs: Path, follow_links: bool) -> None:

@@ -173,7 +173,10 @@ def hold_writer_locks(paths) -> list[int]:
     """In a child process: share the writer locks of the partials it will write into (kept open until exit)."""
     fds = []
     for p in paths:
-        fd = os.open(p, os.O_RDWR)
+        try:
+            fd = os.open(p, os.O_RDWR)
+        except FileNotFoundError:       # a stage running beside this one's finished meanwhile: its lock is gone
+            continue
         fcntl.flock(fd, fcntl.LOCK_SH)
         fds.append(fd)
     return fds

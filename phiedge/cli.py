@@ -38,6 +38,25 @@ def precision_options(f):
     return f
 
 
+class MemorySize(click.ParamType):
+    """A byte count: 10G, 512M, 12GB, 1.5T, or a share of the memory available now: 60%."""
+    name = "size"
+    UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        import re
+        text = str(value).strip().upper()
+        if m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", text):
+            from .memory import available_bytes
+            return int(float(m.group(1)) / 100 * available_bytes())
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", text)
+        if not m or float(m.group(1)) <= 0:
+            self.fail(f"{value!r} is not a memory size: give e.g. 10G, 512M or 60%", param, ctx)
+        return int(float(m.group(1)) * self.UNITS[m.group(2)])
+
+
 @cli.command()
 @click.option("--model", default="microsoft/Phi-4-mini-instruct", show_default=True,
               help="Base model: a local Hugging Face directory or a Hub repo id.")
@@ -63,6 +82,11 @@ def precision_options(f):
               help="Stage cache (default $PHIEDGE_CACHE/stages or ~/.cache/phiedge/stages).")
 @click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
               help="CPU threads for runtimes.")
+@click.option("--max-memory", type=MemorySize(), default=None,
+              help="Memory the build's stages may hold at once, e.g. 10G or 60% (default: 80% of what is available); "
+                   "a stage estimated to need more is refused up front, stages run side by side within it.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Stages at most side by side, each with --threads (default: CPUs // threads).")
 @click.option("--allow-noop-adapter", is_flag=True, help="Ship even if the adapter does not change the model's outputs.")
 @click.option("--verify-cache", is_flag=True,
               help="Re-hash every cached stage before using it (default: sizes and mtimes, re-hashing changed files).")
@@ -71,8 +95,8 @@ def precision_options(f):
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
               help="Ed25519 private key (`phiedge keygen`): sign the bundle's manifest.")
 def build(model, revision, adapter, adapter_revision, target, formats, docs, smoke_question, smoke_needle,
-          smoke_answer, out, force, cache_dir, threads, allow_noop_adapter, verify_cache, follow_links, sign_key,
-          **precision_flags):
+          smoke_answer, out, force, cache_dir, threads, max_memory, jobs, allow_noop_adapter, verify_cache,
+          follow_links, sign_key, **precision_flags):
     """Merge, export, check parity in both LongRoPE regimes, smoke-test RAG, and write the bundle."""
     from .build import BuildRequest, build as run_build
     from .report import table
@@ -85,7 +109,7 @@ def build(model, revision, adapter, adapter_revision, target, formats, docs, smo
                                  target=profile.as_dict() if profile else None, docs=docs,
                                  smoke_question=smoke_question, smoke_needle=smoke_needle,
                                  smoke_answer=smoke_answer, cache_dir=cache_dir, verify_cache=verify_cache,
-                                 follow_links=follow_links, sign_key=sign_key))
+                                 follow_links=follow_links, sign_key=sign_key, max_memory=max_memory, jobs=jobs))
     click.echo(table(rep))
     click.echo(f"built {out} (report: {out / 'report.html'})")
 

@@ -63,11 +63,11 @@ class DiskSpaceError(PhiedgeError):
 
 
 class MemoryShortError(PhiedgeError):
-    """An export is known to need more memory than the machine has; refused before any work starts.
+    """A stage is estimated to need more memory than the build may use (--max-memory); refused before any work.
 
-    Example: "the onnx int4 export of this 3.8B-parameter model needs about 23.8 GB of memory (...), this
-    machine has 22.9 GB available (RAM + free swap): export onnx on a machine with more memory or swap, or
-    leave onnx out of --formats"
+    Example: "the smoke reference stage of this model needs about 10.3 GB of memory at its peak, more than the
+    build's --max-memory 8.6 GB (default: 80% of the memory available): raise --max-memory, free memory, or build
+    on a machine with more"
     """
 
 

@@ -5,9 +5,12 @@ it costs (estimated peak memory, CPUs) and the function that runs it. A cached s
 key (from the build's inputs and the outputs it needs) and the modules whose code it runs: its cache folder
 is named by the key and by the fingerprint of that code only (phiedge.cache.code_fingerprint).
 
-An executor runs a stage list in dependency order. `SequentialExecutor` runs one stage at a time in this
-process; a memory-aware parallel executor or Ray plugs in behind the same `run(stages, ctx)` without
-changing the stages.
+An executor runs a stage list in dependency order behind one interface, `run(stages, ctx, clock)`.
+`SequentialExecutor` runs one stage at a time in this process. `ParallelExecutor` runs up to `jobs` stages at
+once, each in a thread of this process (every heavy stage works in child processes of its own), starting a stage
+only when its needs are done and its estimated peak memory fits beside the running stages' in the budget (a
+stage that does not fit waits; one alone always starts: the build refuses up front a stage over the budget).
+Ray plugs in behind the same interface.
 """
 from __future__ import annotations
 
@@ -93,7 +96,8 @@ def ordered(stages: list[Stage]) -> list[Stage]:
 class Clock:
     """Times each stage, measures the peak memory of the whole process tree, and prints the checklist line:
     what it produced, how long it took, or that it was cached. On a terminal, a progress bar over the build's
-    stages shows the running stage and its clock."""
+    stages shows the running stage and its clock. Stages run side by side (ParallelExecutor) share the tree:
+    each one's peak is the tree's while it ran."""
 
     def __init__(self):
         self.timings: dict[str, float] = {}
@@ -165,6 +169,57 @@ class SequentialExecutor:
         for stage in ordered(stages):
             ctx.outputs[stage.name] = clock.run(stage, lambda s=stage: s.execute(ctx), stage.where or ctx.cache.root)
         return ctx.outputs
+
+
+class ParallelExecutor:
+    """Ready stages side by side while their memory estimates fit in `budget` bytes and fewer than `jobs` run;
+    stages start in dependency order, the earliest-listed ready stage first. A failed stage lets the running
+    ones finish, starts no more, and raises."""
+
+    def __init__(self, jobs: int, budget: int):
+        self.jobs, self.budget = max(1, jobs), budget
+
+    def run(self, stages: list[Stage], ctx: Context, clock: Clock) -> dict[str, Any]:
+        import concurrent.futures as cf
+        if self.jobs == 1:
+            return SequentialExecutor().run(stages, ctx, clock)
+        names = {s.name for s in stages}
+        pending, running, done = list(ordered(stages)), {}, set()
+        failure: BaseException | None = None
+        with cf.ThreadPoolExecutor(self.jobs) as pool:
+            while (pending and failure is None) or running:
+                started = self._startable(pending, running, done, names) if failure is None else []
+                if not started and not running:
+                    raise RuntimeError(f"no stage can start: {[s.name for s in pending]} wait for stages not run")
+                for stage in started:
+                    pending.remove(stage)
+                    running[pool.submit(clock.run, stage, lambda s=stage: s.execute(ctx),
+                                        stage.where or ctx.cache.root)] = stage
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for f in finished:
+                    stage = running.pop(f)
+                    try:
+                        ctx.outputs[stage.name] = f.result()
+                        done.add(stage.name)
+                    except BaseException as e:          # noqa: BLE001 (re-raised below, once the others end)
+                        failure = failure or e
+        if failure is not None:
+            raise failure
+        return ctx.outputs
+
+    def _startable(self, pending: list[Stage], running: dict, done: set[str], names: set[str]) -> list[Stage]:
+        out, used = [], sum(s.peak_bytes or 0 for s in running.values())
+        for stage in pending:
+            if len(running) + len(out) >= self.jobs:
+                break
+            if not all(n in done or n not in names for n in stage.needs):
+                continue
+            need = stage.peak_bytes or 0
+            if (running or out) and used + need > self.budget:
+                continue
+            out.append(stage)
+            used += need
+        return out
 
 
 def disk_full(stage: str, where: Path | None, need: int | None, detail: str) -> DiskSpaceError:

@@ -59,10 +59,13 @@ BIN = Path(sys.executable).parent
 PRECISION_FLAGS = {"gguf": "--gguf-quant", "onnx": "--onnx-precision", "openvino": "--ov-weights", "mlx": "--mlx-quant"}
 QUESTION = json.loads((ROOT / "demo" / "smoke.json").read_text())["question"]
 PROMPT_TOKENS, NEW_TOKENS = 512, 128
+MAX_MEMORY = "10G"               # the build runs within this (the issue's goal: a 16 GB laptop builds every format)
 # Each runtime's loop runs this many times, alternating with the native one; the best run counts. Measured on
 # this 2-core VM at full size: one run each read GGUF 6.9 vs 7.9 tok/s, and a rerun minutes later 6.1-6.9 vs 6.7.
 INFER_REPEATS = 3
-GOAL_BUILD_RSS_GB, GOAL_WALL_RATIO, GOAL_DECODE_RATIO = 10.0, 0.8, 0.95
+# Goals: the build's peak (PSS of the tree, run with --max-memory MAX_MEMORY); merge + exports against the
+# standalone tools; the whole build, every proof included, against them; decode against the runtime's own loop.
+GOAL_BUILD_RSS_GB, GOAL_SAME_WORK_RATIO, GOAL_WALL_RATIO, GOAL_DECODE_RATIO = 10.0, 0.8, 1.5, 0.95
 UNCHECKED_WHY = ("MLX's Linux CPU backend is a correctness path, not a deployment one (0.04 tok/s at 3.8B, "
                  "FIELD-NOTES): measure on Apple silicon")
 
@@ -175,7 +178,7 @@ def run_build(m: dict, work: Path, threads: int, formats: list[str] | None = Non
     cmd = [str(BIN / "phiedge"), "build", "--model", m["model"], "--adapter", m["adapter"],
            "--formats", ",".join(plan), *[a for f, flag in PRECISION_FLAGS.items() if f in plan
                                             for a in (flag, plan[f])], "--docs", str(DOCS),
-           "--out", str(out), "--cache-dir", str(cache), "--threads", str(threads)]
+           "--out", str(out), "--cache-dir", str(cache), "--threads", str(threads), "--max-memory", MAX_MEMORY]
     res = measured(cmd, work / "logs" / "build.log")
     folder = out if out.is_dir() else out.with_name("bundle.partial")
     rep_file = folder / "report.json"
@@ -373,8 +376,15 @@ def _native_gguf(artifact: Path, ids: list[int], new: int, threads: int) -> dict
             p.use_extra_bufts = False
             return p
         llama_cpp.llama_cpp.llama_model_default_params = params
+    # "Native" is llama.cpp's own loop at its best here: flash attention off (Llama's default) and on.
+    runs = [_llama_generate(llama_cpp, artifact, ids, new, threads, flash) for flash in (False, True)]
+    best = max(runs, key=lambda r: r["decode_tps"])
+    return {**best, "decode_tps_by_flash_attn": {str(r["flash_attn"]).lower(): r["decode_tps"] for r in runs}}
+
+
+def _llama_generate(llama_cpp, artifact: Path, ids: list[int], new: int, threads: int, flash: bool) -> dict:
     llm = llama_cpp.Llama(model_path=str(artifact / "model.gguf"), n_ctx=len(ids) + new + 8, n_batch=512,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+                          n_threads=threads, n_threads_batch=threads, flash_attn=flash, verbose=False)
     t0 = time.perf_counter()
     first, n = None, 0
     for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
@@ -384,7 +394,8 @@ def _native_gguf(artifact: Path, ids: list[int], new: int, threads: int) -> dict
         if n >= new:
             break
     end = time.perf_counter()
-    out = {"ttft_s": first - t0, "decode_tps": (n - 1) / (end - first), "new_tokens": n, "loop": "Llama.generate"}
+    out = {"ttft_s": first - t0, "decode_tps": (n - 1) / (end - first), "new_tokens": n, "loop": "Llama.generate",
+           "flash_attn": flash}
     try:
         perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
         out["llama_perf"] = {"prompt_ms": perf.t_p_eval_ms, "prompt_tokens": perf.n_p_eval,
@@ -392,12 +403,17 @@ def _native_gguf(artifact: Path, ids: list[int], new: int, threads: int) -> dict
                              "eval_tps": perf.n_eval / perf.t_eval_ms * 1000 if perf.t_eval_ms else None}
     except Exception as e:                                             # counters are optional evidence
         out["llama_perf"] = {"unavailable": str(e)}
+    llm.close()
     return out
 
 
 def _native_onnx(artifact: Path, ids: list[int], new: int, threads: int) -> dict:
     import onnxruntime_genai as og
-    model = og.Model(str(artifact))
+    # The runtime's best here: onnxruntime's default intra-op pool is sized by physical cores (one on this
+    # 2-vCPU VM, half the speed); phiedge sets the threads asked for, and so does the native loop.
+    config = og.Config(str(artifact))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + new, do_sample=False)
     t0 = time.perf_counter()
@@ -476,14 +492,16 @@ def run_inference(build: dict, work: Path, threads: int, bw: float) -> list[dict
 
 def goals(build: dict, alternatives: list[dict], inference: list[dict], unchecked_why: str = "") -> list[dict]:
     without = f" (without {', '.join(build['not_built'])}: not built)" if build.get("not_built") else ""
-    out = [{"goal": f"build peak RSS <= {GOAL_BUILD_RSS_GB:g} GB{without}", "measured": round(build["peak_rss_mb"] / 1024, 2),
+    out = [{"goal": f"build peak (PSS) <= {GOAL_BUILD_RSS_GB:g} GB with --max-memory {MAX_MEMORY}{without}",
+            "measured": round(build["peak_rss_mb"] / 1024, 2),
             "limit": GOAL_BUILD_RSS_GB, "passed": build["peak_rss_mb"] / 1024 <= GOAL_BUILD_RSS_GB}]
-    if alternatives:
-        total = sum(a["seconds"] for a in alternatives)
-        ratio = build["seconds"] / total if total else None
-        out.append({"goal": f"build wall <= {GOAL_WALL_RATIO:g} x sum of standalone tools (incl. their merge)",
-                    "measured": round(ratio, 3) if ratio else None, "limit": GOAL_WALL_RATIO,
-                    "passed": bool(ratio is not None and ratio <= GOAL_WALL_RATIO)})
+    cmp = comparison(build, alternatives)
+    if cmp:
+        for goal, ratio, limit in (
+                ("merge + exports", cmp["merge_and_exports_ratio"], GOAL_SAME_WORK_RATIO),
+                ("whole build, every proof included,", cmp["build_ratio"], GOAL_WALL_RATIO)):
+            out.append({"goal": f"{goal} wall <= {limit:g} x the standalone tools (incl. their merge)",
+                        "measured": ratio, "limit": limit, "passed": bool(ratio is not None and ratio <= limit)})
     for r in inference:
         out.append({"goal": f"{r['format']} decode tok/s >= {GOAL_DECODE_RATIO:g} x native",
                     "measured": r["decode_ratio"], "limit": GOAL_DECODE_RATIO,
@@ -671,10 +689,12 @@ def results_head(mode: str, threads: int) -> dict:
 
 
 def too_big_here(m: dict, plan: dict[str, str]) -> dict[str, str]:
-    """Formats whose export phiedge refuses on this machine for memory (the build's own up-front check)."""
-    from phiedge import build, memory, source
-    n_params = source.param_count(source.resolve(m["model"], kind="model"))
-    return build.memory_shortfalls({f: [p] for f, p in plan.items()}, n_params, memory.available_bytes())
+    """Formats with a stage phiedge refuses within the bench's --max-memory (the build's own up-front check)."""
+    from phiedge import build, cli, source
+    model = source.resolve(m["model"], kind="model")
+    peaks = build.stage_peaks({f: [p] for f, p in plan.items()}, source.param_count(model), m["config"], docs=True)
+    short = build.memory_shortfalls(peaks, cli.MemorySize().convert(MAX_MEMORY, None, None))
+    return {stage.split()[1]: why for stage, why in short.items() if stage.split()[0] in ("export", "check")}
 
 
 def _cpu_name() -> str:

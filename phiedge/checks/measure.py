@@ -162,7 +162,7 @@ def _answer_from(d: dict | None) -> Answer | None:
 
 def measure(runtime, probes: ProbeSet) -> Measurement:
     """Run every probe on a loaded runtime: logits per regime (one prefill each), then each answer greedily
-    and teacher-forced."""
+    and teacher-forced (one more prefill only where the greedy answer leaves PyTorch's: see _forced)."""
     parity = tuple((p.name, p.compare(runtime.logits(list(p.ids), p.last_n))) for p in probes.regimes)
     fell_back = getattr(runtime, "fallback_from", None)
     return Measurement(parity=parity, not_applicable=probes.not_applicable,
@@ -175,10 +175,20 @@ def _answer(runtime, probe: AnswerProbe | None) -> Answer | None:
         return None
     prompt, want = list(probe.prompt_ids), list(probe.reference)
     gen = runtime.generate_ids(prompt, max(1, len(want)), stop_ids=runtime.stop_ids())
-    forced: tuple[int, ...] = ()
-    if want:
-        rows = runtime.logits(prompt + want, len(want) + 1)[:len(want)]
-        forced = tuple(int(t) for t in rows.argmax(-1))
-    return Answer(probe, tuple(gen.ids), gen.text, forced, gen.prompt_tokens, round(gen.ttft_s, 4),
-                  round(gen.decode_tps, 2))
+    return Answer(probe, tuple(gen.ids), gen.text, _forced(runtime, prompt, want, gen.ids), gen.prompt_tokens,
+                  round(gen.ttft_s, 4), round(gen.decode_tps, 2))
 
+
+def _forced(runtime, prompt: list[int], want: list[int], got: list[int]) -> tuple[int, ...]:
+    """The runtime's pick after each of PyTorch's tokens when fed PyTorch's tokens (teacher forcing).
+
+    Step i of the greedy answer was fed prompt + got[:i]: while got agrees with want, those steps are teacher
+    forcing already, and the step that first disagrees is too (it was fed want's prefix). Only the positions
+    after that -- or after a stop the answer ended on -- take a prefill of prompt + want: none at all when the
+    answer is PyTorch's."""
+    agree = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+    known = list(got[:agree + 1])[:len(want)]
+    if len(known) == len(want):
+        return tuple(known)
+    rows = runtime.logits(prompt + want, len(want) + 1)[len(known):len(want)]
+    return tuple(known + [int(t) for t in rows.argmax(-1)])

@@ -15,8 +15,13 @@ head: logits are computed from layer 0's post-attention norm and the final norm 
 graph builds and loads, and is simply wrong (top-1 0.47 against PyTorch on the tiny model). Here the LM
 head is the model's own output embedding (`get_output_embeddings()`), and exactly one must be written.
 
-Usage: python -m phiedge.exporters._genai_build BUILDER_ARGS...   (the builder's own command line)
+3. Memory: its int4/int8 pass quantizes the whole graph in fp32 at once (23.6 GB at 3.8 B parameters); here
+   it runs one weight at a time with the same quantizer, byte for byte the same model (see _genai_nbits).
+
+Usage: python -m phiedge.exporters._genai_build [--threads N] BUILDER_ARGS...   (the builder's own command line;
+N threads quantize, default 1)
 """
+import os
 import runpy
 import sys
 
@@ -26,6 +31,8 @@ def main() -> None:
     import onnxruntime_genai.models  # noqa: F401  (puts the builder's folder on sys.path, as `-m` does)
     import torch
     from builders.base import Model
+
+    from phiedge.exporters import _genai_nbits
 
     original = Model.has_lm_head
     made = []
@@ -43,10 +50,22 @@ def main() -> None:
         made.append(module)
         return original_make(self, module)
 
+    original_to_nbits = Model.to_nbits
+
+    def to_nbits(self):
+        if _genai_nbits.applies(self) and not os.environ.get(_genai_nbits.WHOLE_GRAPH):
+            return _genai_nbits.to_nbits(self, threads)
+        return original_to_nbits(self)
+
+    Model.to_nbits = to_nbits
     Model.has_lm_head = has_lm_head
     Model.make_lm_head = make_lm_head
     Model.get_genai_commit = classmethod(lambda cls: getattr(onnxruntime_genai, "__commit__", None) or None)
-    sys.argv = ["onnxruntime_genai.models.builder", *sys.argv[1:]]
+    args = sys.argv[1:]
+    threads = 1
+    if args[:1] == ["--threads"]:
+        threads, args = int(args[1]), args[2:]
+    sys.argv = ["onnxruntime_genai.models.builder", *args]
     runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
     if len(made) != 1 and "exclude_lm_head=true" not in sys.argv:
         sys.exit(f"the builder wrote {len(made)} LM heads (expected exactly one): the graph would be wrong")

@@ -1,4 +1,5 @@
-"""Child process of the OpenVINO exporter: one fp32 IR from optimum-intel, then one folder per precision.
+"""Child process of the OpenVINO exporter: one IR from optimum-intel (computing in fp32, weights in the
+checkpoint's dtype), then one folder per precision.
 
     python -m phiedge.exporters._ov_export JOB_JSON
 
@@ -6,12 +7,13 @@ JOB_JSON names the merged checkpoint, the output folder, the plans (see phiedge.
 the calibration texts; this writes `<out>/<plan>.partial/` per plan and `<out>/result.json` with what each
 compression actually did (group size chosen, data-aware or not, how many calibration samples).
 
-Why a child: optimum-intel imports torch + transformers and traces the model (peak ~10.7 GB at full size,
-FIELD-NOTES), and NNCF's data-aware passes run the model on the calibration samples.
+Why a child: optimum-intel imports torch + transformers and traces the model, and NNCF's data-aware passes run
+the model on the calibration samples.
 
 Why the weights are compressed here and not by optimum's `--weight-format`: optimum's fp16 IR stores every
 constant in fp16, the rotary inverse frequencies included, and LongRoPE positions near 4200 then lose ~2 logits
-(FIELD-NOTES). Exporting fp32 and compressing only the weights of MatMul / Gather keeps the rope math in fp32.
+(FIELD-NOTES). Exporting an fp32-computing IR and compressing only the weights of MatMul / Gather keeps the rope
+math in fp32.
 """
 from __future__ import annotations
 
@@ -33,30 +35,57 @@ WEIGHT_CONSUMERS = {"MatMul", "Gather"}    # ops whose constant inputs are weigh
 MIN_WEIGHT_ELEMENTS = 4096                 # smaller constants (rope factors, norms' shapes) are never touched
 
 
+def checkpoint_dtype(merged: Path) -> str:
+    """The dtype the checkpoint's weights are stored in (config.json's `dtype`, `torch_dtype` before
+    transformers 5); float32 when it says nothing."""
+    config = json.loads((merged / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+
+
 def export_base(merged: Path, dest: Path) -> None:
-    """optimum-intel's stateful fp32 IR + openvino-tokenizers' tokenizer/detokenizer IRs."""
+    """optimum-intel's stateful IR computing in fp32 + openvino-tokenizers' tokenizer/detokenizer IRs.
+
+    The model loads in its checkpoint's dtype: a bf16 checkpoint (Phi-4-mini's) is traced on optimum's 16-bit
+    path, whose IR keeps the weights as bf16 constants converted to f32 where they are used and computes in f32
+    (its rope in f32 too) -- half the memory of asking for an fp32 model (15.3 GB at 3.8 B parameters), the same
+    values. Only optimum's dtype="fp16" stores constants in fp16, the rope's among them (FIELD-NOTES)."""
+    import torch
     from optimum.exporters.openvino import main_export
     from optimum.intel import OVConfig
+    dtype = checkpoint_dtype(merged)
+    loading = {"torch_dtype": getattr(torch, dtype)} if dtype in ("bfloat16", "float16") else None
     main_export(str(merged), str(dest), task="text-generation-with-past", ov_config=OVConfig(dtype="fp32"),
-                convert_tokenizer=True, stateful=True, local_files_only=True)
+                convert_tokenizer=True, stateful=True, local_files_only=True, model_loading_kwargs=loading)
     for f in ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml"):
         if not (dest / f).is_file():
             raise SystemExit(f"optimum-intel wrote no {f} (is openvino-tokenizers installed?)")
 
 
 def _weights(model) -> list:
-    """(constant node, its consumer op types) for every weight: a large f32 constant feeding MatMul/Gather
-    (possibly through a Convert)."""
+    """Every weight's constant: a large f32 constant feeding MatMul/Gather, or a bf16 one feeding them through
+    its Convert to f32 (a bf16 checkpoint's IR)."""
     out = []
     for node in model.get_ordered_ops():
-        if node.get_type_name() != "Constant" or node.get_output_element_type(0).get_type_name() != "f32":
+        kind = node.get_output_element_type(0).get_type_name() if node.get_type_name() == "Constant" else None
+        if kind not in ("f32", "bf16"):
             continue
         if int(np.prod(list(node.get_output_shape(0)) or [1])) < MIN_WEIGHT_ELEMENTS:
             continue
-        consumers = {t.get_node().get_type_name() for t in node.output(0).get_target_inputs()}
-        if consumers & WEIGHT_CONSUMERS:
+        users = [t.get_node() for t in node.output(0).get_target_inputs()]
+        if kind == "bf16":
+            users = [t.get_node() for u in users if u.get_type_name() == "Convert"
+                     for t in u.output(0).get_target_inputs()]
+        if {u.get_type_name() for u in users} & WEIGHT_CONSUMERS:
             out.append(node)
     return out
+
+
+def weight_data(node) -> np.ndarray:
+    """A weight constant's values as float32 (OpenVINO hands bf16 data out as float16-typed bits)."""
+    data = node.get_data()
+    if node.get_output_element_type(0).get_type_name() == "bf16":
+        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return data
 
 
 def compress_fp16(model) -> int:
@@ -65,12 +94,14 @@ def compress_fp16(model) -> int:
     import openvino.opset13 as ops
     n = 0
     for node in _weights(model):
-        data = node.get_data()
-        half = ops.constant(data.astype(np.float16))
+        half = ops.constant(weight_data(node).astype(np.float16))
         half.set_friendly_name(node.get_friendly_name())
-        back = ops.convert(half, "f32")
+        if node.get_output_element_type(0).get_type_name() == "bf16":
+            source = half.output(0)                 # its users are already Converts to f32
+        else:
+            source = ops.convert(half, "f32").output(0)
         for target in list(node.output(0).get_target_inputs()):
-            target.replace_source_output(back.output(0))
+            target.replace_source_output(source)
         n += 1
     model.validate_nodes_and_infer_types()
     return n
@@ -154,7 +185,8 @@ def build_one(core, base: Path, out: Path, plan: dict, merged: Path, texts: list
     tmp.mkdir(parents=True)
     model = core.read_model(str(base / "openvino_model.xml"))
     if plan["base"] == "fp32":
-        info: dict = {"mode": "fp32"}
+        info: dict = {"mode": "fp32" if checkpoint_dtype(merged) == "float32" else
+                      f"the checkpoint's {checkpoint_dtype(merged)} weights, computed in fp32"}
     elif plan["base"] == "fp16":
         info = {"mode": "fp16 weights, fp32 rope and activations", "weights": compress_fp16(model)}
     else:
@@ -170,7 +202,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     job = json.loads(Path(sys.argv[1]).read_text())
     merged, out = Path(job["merged"]), Path(job["out"])
-    base = out / ".fp32-ir"
+    base = out / ".base-ir"
     if not (base / ".complete").exists():
         shutil.rmtree(base, ignore_errors=True)
         export_base(merged, base)

@@ -56,7 +56,9 @@ class Exporter:
     CLI_MODIFIERS: ClassVar[dict[str, CliModifier]] = {}
     USES_CALIBRATION: ClassVar[bool] = False    # export takes calibration text (the build's --docs)
     BYTES_PER_PARAM: ClassVar[dict[str, float]] = {}   # base precision -> output bytes per parameter (disk check)
-    PEAK_WHY: ClassVar[str] = ""                # why `peak_bytes` is that large, for the memory check's message
+    # The export's peak memory per parameter of the model, measured on the 3.84 B full-size model (bf16)
+    # (phiedge.build.stage_peaks; the build's --max-memory check and its parallel executor read it).
+    PEAK_BYTES_PER_PARAM: ClassVar[float] = 2.0
     TOOL_MODULES: ClassVar[tuple[str, ...]] = ()     # child-process modules the export runs (stage fingerprint)
 
     @property
@@ -72,38 +74,23 @@ class Exporter:
     def estimate_bytes(self, n_params: int, precisions: list[str]) -> int:
         return int(sum(self.BYTES_PER_PARAM.get(self.parse(p).base, 2.0) for p in precisions) * n_params)
 
-    def peak_bytes(self, n_params: int, precision: str) -> int | None:
-        """Memory the export needs at its peak, where it is measured to be the tool's own and large (the
-        build refuses up front what cannot fit); None: small next to the build's other stages."""
-        return None
+    def peak_bytes(self, n_params: int, precision: str) -> int:
+        """Memory the export of one precision needs at its peak (the tool's own included), in bytes."""
+        return int(self.PEAK_BYTES_PER_PARAM * n_params) + TOOL_BYTES
 
     def toolchain(self) -> dict[str, str]:
         """Versions of the tools this export runs; ToolchainError naming the install when one is missing."""
         return {}
 
-    def preflight(self, precisions: list[str], *, n_params: int, available: int, calibration: bool,
-                  settings: dict | None = None) -> list[str]:
+    def preflight(self, precisions: list[str], *, calibration: bool, settings: dict | None = None) -> list[str]:
         """Every reason this export cannot run here, each one line (empty: it can): a missing toolchain, options
-        that need what the build lacks, more memory than the machine has."""
+        that need what the build lacks. (Memory is the build's: phiedge.build.stage_peaks.)"""
         problems = []
         try:
             self.toolchain()
         except ToolchainError as e:
             problems.append(str(e))
-        problems += self._needs(precisions, calibration, settings or {})
-        short = self.memory_shortfall(precisions, n_params, available)
-        return problems + ([short] if short else [])
-
-    def memory_shortfall(self, precisions: list[str], n_params: int, available: int) -> str | None:
-        """Why the first of these exports that needs more memory than `available` cannot run here, or None."""
-        for p in precisions:
-            need = self.peak_bytes(n_params, p)
-            if need and need > available:
-                return (f"the {self.name} {p} export of this {n_params / 1e9:.1f}B-parameter model needs about "
-                        f"{need / 1e9:.1f} GB of memory ({self.PEAK_WHY}), this machine has {available / 1e9:.1f} GB "
-                        f"available (RAM + free swap): export {self.name} on a machine with more memory or swap, or "
-                        f"leave {self.name} out of --formats")
-        return None
+        return problems + self._needs(precisions, calibration, settings or {})
 
     def _needs(self, precisions: list[str], calibration: bool, settings: dict) -> list[str]:
         """Exporter-specific shortfalls of these precisions (e.g. data-aware int4 without --docs)."""
@@ -127,6 +114,9 @@ class Exporter:
                  f" in {meta['export_seconds']:.1f} s, peak {meta['export_peak_rss_mb']:.0f} MB"
                  if "export_seconds" in meta else "")
         return art
+
+
+TOOL_BYTES = 300 * 2**20        # a tool's Python process with torch / its runtime imported, before any model
 
 
 def run_tool(cmd: list[str], what: str) -> dict:

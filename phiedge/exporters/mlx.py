@@ -115,6 +115,7 @@ class MLXExporter(Exporter):
                                                      "(default 64).")}
     TOOL_MODULES = ("phiedge.exporters._mlx_convert",)
     # 4bit: 4.5 bits per layer weight (fp16 scale + bias per 64) plus the 8-bit embedding.
+    PEAK_BYTES_PER_PARAM = 1.1          # mlx_lm.convert 4-bit: 4.1 GB at 3.84 B (FIELD-NOTES)
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "8bit": 1.07, "4bit": 0.66, "mixed_4_6": 0.72}
 
     def toolchain(self) -> dict[str, str]:

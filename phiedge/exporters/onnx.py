@@ -5,7 +5,9 @@
   factors in). Each folder holds model.onnx + model.onnx.data (external weights), genai_config.json,
   tokenizer.json / tokenizer_config.json and chat_template.jinja.
 - The builder runs in a child process through `_genai_build` (it puts its own `builders`/`quantization`
-  folders on sys.path, needs up to ~24 GB at full size, and its LM-head detection needs one fix: see there).
+  folders on sys.path, and its LM-head detection needs one fix: see there). Its int4 pass quantizes the whole
+  graph in fp32 at once (23.6 GB at full size); `_genai_nbits` runs the same quantizer one weight at a time,
+  byte for byte the same model.
 - Precision names (phiedge.exporters.grammar): `fp32`, `fp16` (cuda/dml only: see EXECUTION_PROVIDERS), `int4`,
   and int4 variants `int4-<token>-<token>...` with tokens from INT4_TOKENS (block size, symmetry, algorithm,
   accuracy level, 8-bit output layer), e.g. `int4-b64-rtn-acc4`. The builder's defaults (b32, sym) are left
@@ -121,20 +123,13 @@ class ONNXExporter(Exporter):
     DEFAULT_PRECISION = "int4"
     CLI_FLAG = "--onnx-precision"
     CLI_HELP = "ONNX precisions: fp32, fp16, int4 or int4-<options> such as int4-b64-rtn-acc4"
-    TOOL_MODULES = ("phiedge.exporters._genai_build",)
+    TOOL_MODULES = ("phiedge.exporters._genai_build", "phiedge.exporters._genai_nbits")
     # Measured: fp32 keeps the tied embedding once; int4 2.5 GB for 3.84 B parameters (FIELD-NOTES).
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int4": 0.66}
-    PEAK_WHY = "onnxruntime-genai's model builder holds the whole graph in fp32 while it quantizes"
-
-    def peak_bytes(self, n_params: int, precision: str) -> int | None:
-        """int4: the builder turns its whole graph into one fp32 ModelProto (4 B/param) beside the loaded 16-bit
-        model before it quantizes. Measured at 3.84 B parameters: plain int4 23.6 GB (FIELD-NOTES: 6.2 B/param);
-        k_quant (onnxruntime's Python quantizer) was OOM-killed at 23.7 GB anonymous RSS on a 25.3 GB machine
-        without swap, so 6.6 B/param is its floor."""
-        p = self.parse(precision)
-        if p.base != "int4":
-            return None
-        return int((6.6 if p.value("algorithm") == "algo_config=k_quant" else 6.2) * n_params)
+    # The builder maps the checkpoint and writes the graph lazily; phiedge's per-weight int4 pass (_genai_nbits)
+    # holds a slice or two in fp32 and the quantized model. Measured at 3.84 B (bf16), int4-k_quant-mixed8 with 2
+    # threads: 6.30 GB PSS in 1218 s (the builder's own whole-graph pass: 23.6 GB).
+    PEAK_BYTES_PER_PARAM = 1.6
 
     def check_precisions(self, precisions: list[str], execution_provider: str = DEFAULT_EXECUTION_PROVIDER
                          ) -> list[str]:
@@ -149,16 +144,19 @@ class ONNXExporter(Exporter):
         ep = str(settings.get("execution_provider", DEFAULT_EXECUTION_PROVIDER)).lower()
         plans = [self.parse(p) for p in self.check_precisions(precisions, ep)]
         version = builder_version()
-        artifacts = [self._build(merged_dir, out_dir, plan, ep, version) for plan in plans]
+        threads = int(settings.get("threads", 1))
+        artifacts = [self._build(merged_dir, out_dir, plan, ep, version, threads) for plan in plans]
         shutil.rmtree(out_dir / ".work", ignore_errors=True)
         return artifacts
 
-    def _build(self, merged_dir: Path, out_dir: Path, plan: Precision, ep: str, version: str) -> Artifact:
+    def _build(self, merged_dir: Path, out_dir: Path, plan: Precision, ep: str, version: str, threads: int
+               ) -> Artifact:
         """One precision: the builder writes `<name>.partial/`, renamed to `<name>/` once complete."""
         dest, tmp = out_dir / plan.name, out_dir / f"{plan.name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         options = builder_options(plan)
-        cmd = [sys.executable, "-m", "phiedge.exporters._genai_build", "-i", str(merged_dir), "-o", str(tmp),
+        cmd = [sys.executable, "-m", "phiedge.exporters._genai_build", "--threads", str(threads),
+               "-i", str(merged_dir), "-o", str(tmp),
                "-p", plan.base, "-e", ep, "-c", str(out_dir / ".work"), "--extra_options", "hf_token=false",
                *options]
         log.info("onnx %s: onnxruntime-genai %s builder (%s)", plan.name, version, " ".join(options) or "defaults")

@@ -54,6 +54,9 @@ class Runtime:
     format: ClassVar[str]
     package: ClassVar[str]             # the Python package a device needs, for `validate` and error messages
     SUPPORTS: ClassVar[frozenset[str]] = frozenset()     # of "adapter", "constraint"
+    # Whether a prefill hands back fp32 logits for every position (the LM head over all of them) or only for
+    # the rows asked for: at a 200,064 vocabulary a 4200-token probe's are 3.4 GB.
+    ALL_ROW_LOGITS: ClassVar[bool] = True
     settings: RuntimeSettings
     chat_template: str | None = None   # the artifact's own template and special tokens
     specials: dict = {}
@@ -61,6 +64,14 @@ class Runtime:
     device: str = "CPU"                # the device this runtime runs on
     fallback_from: str | None = None   # the profile's device, when it was absent and `device` is its fallback
     context_length: int | None = None  # the model's own context limit, when the artifact states one
+
+    @classmethod
+    def check_peak_bytes(cls, artifact_bytes: int, n_vocab: int, probe_tokens: int) -> int:
+        """Estimated peak memory of checking an artifact of this size on this runtime (phiedge.build.stage_peaks):
+        its weights as loaded (+20 % for the runtime's own buffers, activations and KV cache), the longest
+        probe's logits, and the worker process."""
+        logits = n_vocab * probe_tokens * 4 if cls.ALL_ROW_LOGITS else 0
+        return int(1.2 * artifact_bytes) + logits + 400 * 2**20
 
     @classmethod
     def load(cls, artifact_dir: Path, settings: RuntimeSettings | None = None) -> "Runtime":

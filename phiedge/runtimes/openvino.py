@@ -8,11 +8,8 @@
   probe and after the 4200-token long probe with both backends; time to first token on the long probe
   2.7 s (paged) vs 6.5 s (SDPA), so the default stays.
 - CPU properties come from the artifact's phiedge_openvino.json (chosen at export, see
-  phiedge.exporters.openvino.CPU_PROPERTIES), overridable with RuntimeSettings.extra["ov_properties"].
-  Measured with OpenVINO 2026.4.1 on a 2-core AVX2 CPU (no AMX): the f32 hint and dynamic quantization off
-  changed nothing there (fp16 short 0.0053 / long 0.0084 max|Δ|, int8 KL 1.8e-4 / 1.4e-4, int4 AWQ+SE KL
-  0.0070 / 0.0095 with and without); they are kept for AMX CPUs where FIELD-NOTES measured bf16 (0.096
-  max|Δ|) and dynamic 8-bit activations (twice the int8 loss) by default.
+  phiedge.exporters.openvino.CPU_PROPERTIES: exact f32 settings for full precision, the runtime's own defaults
+  for int8/int4), overridable with RuntimeSettings.extra["ov_properties"].
 - Device: RuntimeSettings.device CPU / GPU / NPU (or GPU.1 style). One this machine lacks falls back to
   extra["fallback"] (default CPU) with a warning; `fallback_from` records it. Other names are a UsageError.
 

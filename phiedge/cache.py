@@ -29,6 +29,7 @@ import secrets
 import shutil
 import socket
 import struct
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -206,6 +207,7 @@ class StageCache:
         (self.root / "locks").mkdir(exist_ok=True)
         self.verify = verify
         self._digests_path = self.root / "digests.json"
+        self._digests_lock = threading.Lock()     # stages side by side (stages.ParallelExecutor) share the memo
         try:
             self._digests = json.loads(self._digests_path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -231,15 +233,16 @@ class StageCache:
                 sha, bad = scan_safetensors(path)
             else:
                 sha, bad = sha256_file(path), None
-            facts = self._digests[memo_key] = {"sha256": sha, "nonfinite": bad}
-            self._save_digests()
+            with self._digests_lock:
+                facts = self._digests[memo_key] = {"sha256": sha, "nonfinite": bad}
+                self._save_digests()
         return facts
 
     def digest(self, path: Path) -> str:
         return self.file_facts(path)["sha256"]
 
     def _save_digests(self) -> None:
-        tmp = self._digests_path.with_name(f"digests.json.{socket.gethostname()}-{os.getpid()}")
+        tmp = self._digests_path.with_name(f"digests.json.{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
         tmp.write_text(json.dumps(self._digests))
         tmp.replace(self._digests_path)
 
@@ -250,8 +253,9 @@ class StageCache:
         `fn(folder)` only if it was not (or was damaged). `modules`: the code the stage runs (its key covers
         them and what they import; without them, all of phiedge)."""
         roots = tuple(modules)
-        if roots not in self._codes:
-            self._codes[roots] = code_fingerprint(roots)
+        with self._digests_lock:    # one thread at a time: CPython 3.11's ast.parse is not thread-safe
+            if roots not in self._codes:
+                self._codes[roots] = code_fingerprint(roots)
         parts = {**parts, "code": self._codes[roots]}
         sid = f"{name}-{key_of(parts)}"
         final = self.root / sid

@@ -298,16 +298,26 @@ def artifact(ctx: Context, fmt: str, precision: str) -> exporters.Artifact:
     raise RuntimeError(f"export {fmt} wrote no {precision} artifact")
 
 
+def long_span(formats: dict[str, list[str]], fmt: str, precision: str) -> bool:
+    """Whether an artifact's check measures the long regime on the long probe's span (phiedge.checks.probes):
+    every precision of a format but its first, on runtimes that take position spans. The first keeps the real
+    long prefill: the one measurement that catches a chunked or split prefill, once per format per build."""
+    from . import runtimes
+    return precision != formats[fmt][0] and runtimes.get(fmt).POSITION_SPANS
+
+
 def _check_key(ctx: Context, fmt: str, precision: str) -> dict:
     smoke = ctx.outputs.get("smoke reference")
     return {"export": ctx[f"export {fmt}"].name, "precision": precision,
-            "smoke": smoke.parent.name if smoke else None, "reference": ctx["merge"].name}
+            "smoke": smoke.parent.name if smoke else None, "reference": ctx["merge"].name,
+            "long_span": long_span(ctx.req.formats, fmt, precision)}
 
 
 def _measure(ctx: Context, d: Path, fmt: str, precision: str) -> None:
     from .worker import measure_in_child
     measure_in_child(artifact(ctx, fmt, precision), ctx["merge"] / "reference.npz",
-                     ctx.outputs.get("smoke reference"), ctx.req.threads, d / "measurement.json")
+                     ctx.outputs.get("smoke reference"), ctx.req.threads, d / "measurement.json",
+                     long_span=long_span(ctx.req.formats, fmt, precision))
 
 
 def _result(ctx: Context, d: Path, fmt: str, precision: str) -> ArtifactResult:
@@ -409,12 +419,12 @@ def _check_docs(docs: Path, follow_links: bool) -> None:
 
 
 def check_artifact(a: exporters.Artifact, reference: Path, threads: int, overrides: dict | None,
-                   workdir: Path) -> ArtifactResult:
+                   workdir: Path, *, long_span: bool = False) -> ArtifactResult:
     """Parity of one artifact outside a build (no cache): measure in a child process, judge."""
     from .worker import measure_in_child
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / f"measurement-{a.format}-{a.precision}.json"
-    m = measure_in_child(a, reference, None, threads, out)
+    m = measure_in_child(a, reference, None, threads, out, long_span=long_span)
     return ArtifactResult.of(a, Limits.for_precision(a.precision, overrides), m)
 
 

@@ -207,7 +207,7 @@ class StageCache:
         (self.root / "locks").mkdir(exist_ok=True)
         self.verify = verify
         self._digests_path = self.root / "digests.json"
-        self._digests_lock = threading.Lock()     # stages side by side (stages.ParallelExecutor) share the memo
+        self._lock = threading.Lock()     # stages side by side (stages.ParallelExecutor) share both memos
         try:
             self._digests = json.loads(self._digests_path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -233,7 +233,7 @@ class StageCache:
                 sha, bad = scan_safetensors(path)
             else:
                 sha, bad = sha256_file(path), None
-            with self._digests_lock:
+            with self._lock:
                 facts = self._digests[memo_key] = {"sha256": sha, "nonfinite": bad}
                 self._save_digests()
         return facts
@@ -253,7 +253,7 @@ class StageCache:
         `fn(folder)` only if it was not (or was damaged). `modules`: the code the stage runs (its key covers
         them and what they import; without them, all of phiedge)."""
         roots = tuple(modules)
-        with self._digests_lock:    # one thread at a time: CPython 3.11's ast.parse is not thread-safe
+        with self._lock:    # one thread at a time: CPython 3.11's ast.parse is not thread-safe
             if roots not in self._codes:
                 self._codes[roots] = code_fingerprint(roots)
         parts = {**parts, "code": self._codes[roots]}

@@ -1,6 +1,7 @@
 """Measuring an artifact: what its runtime does on a probe set, recorded, not judged.
 
     probes = ProbeSet.from_reference(reference_npz, smoke_json)     # the build: full-vocabulary references
+    probes = ProbeSet.from_reference(reference_npz, smoke_json, long_span=True)   # the long regime on its span
     probes = ProbeSet.from_golden(golden_npz)                       # the device: the bundle's top-k references
     m = measure(runtime, probes)                                    # -> Measurement (JSON round-trips)
 
@@ -11,7 +12,7 @@ numpy and json only (the runtime is passed in).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ class RegimeProbe:
     logits: np.ndarray | None = None            # [last_n, vocab]
     topk_idx: np.ndarray | None = None          # [last_n, k]
     topk_logprob: np.ndarray | None = None
+    start: int = 0                              # position of ids[0]: > 0 for the long probe's span (probes.span)
 
     @property
     def last_n(self) -> int:
@@ -56,10 +58,21 @@ class ProbeSet:
     not_applicable: tuple[tuple[str, str], ...] = ()    # (regime, why it is not measured)
 
     @classmethod
-    def from_reference(cls, reference: Path, smoke: Path | None = None) -> "ProbeSet":
+    def from_reference(cls, reference: Path, smoke: Path | None = None, *, long_span: bool = False) -> "ProbeSet":
+        """`long_span`: the long regime measured on the long probe's span at its own positions, not on the
+        whole prompt (a runtime must take position spans: Runtime.POSITION_SPANS)."""
         ref = np.load(reference)
-        regimes = tuple(RegimeProbe(n, tuple(ref[f"{n}_ids"].tolist()), logits=ref[f"{n}_logits"])
-                        for n in ("short", "long") if f"{n}_ids" in ref)
+        regimes = []
+        for n in ("short", "long"):
+            if f"{n}_ids" not in ref:
+                continue
+            ids = tuple(ref[f"{n}_ids"].tolist())
+            if n == "long" and long_span:
+                start = int(ref["long_span_start"])
+                regimes.append(RegimeProbe(n, ids[start:], logits=ref["long_span_logits"], start=start))
+            else:
+                regimes.append(RegimeProbe(n, ids, logits=ref[f"{n}_logits"]))
+        regimes = tuple(regimes)
         return cls(regimes, _greedy(ref), _smoke(smoke), _absent(regimes))
 
     @classmethod
@@ -161,9 +174,11 @@ def _answer_from(d: dict | None) -> Answer | None:
 
 
 def measure(runtime, probes: ProbeSet) -> Measurement:
-    """Run every probe on a loaded runtime: logits per regime (one prefill each), then each answer greedily
-    and teacher-forced (one more prefill only where the greedy answer leaves PyTorch's: see _forced)."""
-    parity = tuple((p.name, p.compare(runtime.logits(list(p.ids), p.last_n))) for p in probes.regimes)
+    """Run every probe on a loaded runtime: logits per regime (one prefill each: the whole prompt, or the long
+    probe's span at its positions), then each answer greedily and teacher-forced (one more prefill only where
+    the greedy answer leaves PyTorch's: see _forced)."""
+    parity = tuple((p.name, replace(p.compare(runtime.logits(list(p.ids), p.last_n, start=p.start)), start=p.start))
+                   for p in probes.regimes)
     fell_back = getattr(runtime, "fallback_from", None)
     return Measurement(parity=parity, not_applicable=probes.not_applicable,
                        greedy=_answer(runtime, probes.greedy), smoke=_answer(runtime, probes.smoke),

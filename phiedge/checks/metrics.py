@@ -44,15 +44,18 @@ class Metrics:
     kl: float
     max_abs: float | None          # None: not measured (a top-k reference)
     positions: int
+    start: int = 0                 # position of the first token prefilled: > 0 for the long probe's span
 
     def as_dict(self) -> dict:
         finite = self.max_abs is not None and math.isfinite(self.max_abs)
         return {"top1": round(self.top1, 6), "kl": float(f"{self.kl:.6g}"),
-                "max_abs": float(f"{self.max_abs:.6g}") if finite else None, "positions": self.positions}
+                "max_abs": float(f"{self.max_abs:.6g}") if finite else None, "positions": self.positions,
+                "start": self.start}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Metrics":
-        return cls(top1=d["top1"], kl=d["kl"], max_abs=d.get("max_abs"), positions=d["positions"])
+        return cls(top1=d["top1"], kl=d["kl"], max_abs=d.get("max_abs"), positions=d["positions"],
+                   start=d.get("start", 0))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -2,7 +2,15 @@
 
 LongRoPE switches factor sets when the sequence grows past `original_max_position_embeddings` (4096 for
 Phi-4-mini). The short probe stays well below it; the long probe is a single prefill past it. Both are
-chat-formatted so the template and special tokens are exercised too. Text comes from Python's own
+chat-formatted so the template and special tokens are exercised too.
+
+The long regime has two measurements (`span`). RoPE attention depends on position differences only, so the
+long probe's last LONG_SPAN tokens prefilled alone *at their own positions* (past the switch) run the long
+factors, the attention scaling and the LM head on the same rows at ~1/16 of a 4200-token prefill. Runtimes
+that take position ids (PyTorch, OpenVINO, MLX) or choose factors by context size (llama.cpp) can run it;
+onnxruntime-genai switches on the attention-mask width and needs the real prompt. Only a real long prefill
+catches a chunked or split prefill, so every build runs one per format (phiedge.build: the format's first
+precision) and the span for the rest. Text comes from Python's own
 documentation (always present, no download), so probes are identical on every machine.
 """
 from __future__ import annotations
@@ -16,6 +24,7 @@ from .. import chat
 
 COMPARE_LAST = 64            # positions compared per regime (the last N of each prompt)
 LONG_MARGIN = 104            # the long probe ends this many tokens past the switch point
+LONG_SPAN = 256              # tokens of the long probe's span: COMPARE_LAST rows after 192 of context
 SHORT_QUESTION = "What does the with statement do in Python? Answer in one sentence."
 
 
@@ -23,10 +32,17 @@ SHORT_QUESTION = "What does the with statement do in Python? Answer in one sente
 class Probe:
     name: str                 # "short" | "long"
     ids: list[int]
+    start: int = 0            # the position of ids[0]: 0 for a whole prompt
 
     @property
     def n(self) -> int:
         return len(self.ids)
+
+
+def span(long: Probe) -> Probe:
+    """The long probe's last LONG_SPAN tokens at their own positions (see the module docstring)."""
+    cut = max(0, long.n - LONG_SPAN)
+    return Probe(long.name, long.ids[cut:], long.start + cut)
 
 
 def _doc_text() -> str:

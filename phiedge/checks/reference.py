@@ -1,8 +1,9 @@
 """The PyTorch side of every check: reference logits, greedy answers and their margins. Build time only.
 
-- `reference(merged, config, out)`: for every probe (short; long past the LongRoPE switch) the last
-  COMPARE_LAST positions' logits, and the short probe's greedy continuation with PyTorch's top-2 margin at each
-  step, saved as an .npz (the check stages' and the bundle's golden references' source).
+- `reference(merged, config, out)`: for every probe (short; long past the LongRoPE switch, whole and as its
+  span at its own positions: probes.span) the last COMPARE_LAST positions' logits, and the short probe's greedy
+  continuation with PyTorch's top-2 margin at each step, saved as an .npz (the check stages' and the bundle's
+  golden references' source).
 - `fp32_compute()`: half-precision checkpoints run with fp32 arithmetic on their stored weights (also the merge
   proof's).
 """
@@ -76,12 +77,15 @@ def load(model_dir: Path):
     return model
 
 
-def last_logits(model, ids: list[int]) -> np.ndarray:
-    """Logits of the last COMPARE_LAST positions of one forward (all of a 4200-token probe's would be 3.3 GB at
-    Phi-4-mini's vocabulary)."""
+def last_logits(model, ids: list[int], start: int = 0) -> np.ndarray:
+    """Logits of the last COMPARE_LAST positions of one forward of `ids` at positions start.. (all of a
+    4200-token probe's would be 3.3 GB at Phi-4-mini's vocabulary). Hugging Face's LongRoPE picks its factors
+    from max(position_ids) + 1, so a span past the switch runs the long ones."""
     import torch
+    positions = torch.arange(start, start + len(ids))[None]
     with torch.no_grad(), fp32_compute():
-        out = model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=probes_mod.COMPARE_LAST)
+        out = model(input_ids=torch.tensor([ids]), position_ids=positions, use_cache=False,
+                    logits_to_keep=probes_mod.COMPARE_LAST)
     return out.logits[0, -probes_mod.COMPARE_LAST:].float().numpy()
 
 
@@ -94,6 +98,10 @@ def reference(merged_dir: Path, config: dict, out_file: Path) -> None:
         log.info("reference logits: %s probe, %d tokens", p.name, p.n)
         arrays[f"{p.name}_ids"] = np.array(p.ids, dtype=np.int32)
         arrays[f"{p.name}_logits"] = last_logits(model, p.ids)
+        if p.name == "long":
+            sp = probes_mod.span(p)
+            arrays["long_span_start"] = np.array(sp.start, dtype=np.int32)
+            arrays["long_span_logits"] = last_logits(model, sp.ids, sp.start)
         if p.name == "short":
             tokens, margins = _greedy(model, p.ids, GREEDY_TOKENS, eos_ids(merged_dir))
             arrays["short_greedy"] = np.array(tokens, dtype=np.int32)

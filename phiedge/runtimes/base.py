@@ -1,7 +1,8 @@
 """The runtime contract, written once. A runtime module subclasses `Runtime` and registers it by format.
 
     rt = get(fmt).load(artifact_dir, settings)
-    rt.logits(token_ids, last_n)                  -> np.ndarray [last_n, vocab]   (one prefill, fresh state)
+    rt.logits(token_ids, last_n, start=0)         -> np.ndarray [last_n, vocab]   (one prefill, fresh state,
+                                                     token_ids at positions start..: POSITION_SPANS)
     rt.generate_ids(token_ids, max_new_tokens, stop_ids, *, adapter=None, constraint=None) -> Generation
     rt.generate(messages, max_new_tokens)         -> Generation (the artifact's chat template and tokenizer)
     rt.tokenize(text) / rt.detokenize(ids) / rt.stop_ids()
@@ -57,6 +58,9 @@ class Runtime:
     # Whether a prefill hands back fp32 logits for every position (the LM head over all of them) or only for
     # the rows asked for: at a 200,064 vocabulary a 4200-token probe's are 3.4 GB.
     ALL_ROW_LOGITS: ClassVar[bool] = True
+    # Whether `logits` can prefill ids at positions start.. on fresh state (start > 0): the long probe's span
+    # (phiedge.checks.probes.span) then measures the long LongRoPE regime without the whole long prompt.
+    POSITION_SPANS: ClassVar[bool] = False
     settings: RuntimeSettings
     chat_template: str | None = None   # the artifact's own template and special tokens
     specials: dict = {}
@@ -78,8 +82,12 @@ class Runtime:
         raise NotImplementedError
 
     # -- what every runtime supplies
-    def logits(self, ids: list[int], last_n: int) -> np.ndarray:
+    def logits(self, ids: list[int], last_n: int, start: int = 0) -> np.ndarray:
         raise NotImplementedError
+
+    def _check_start(self, start: int) -> None:
+        if start and not self.POSITION_SPANS:
+            raise UsageError(f"the {self.format} runtime prefills whole prompts only (start {start} asked)")
 
     def tokenize(self, text: str) -> list[int]:
         raise NotImplementedError

@@ -40,6 +40,7 @@ class GGUFRuntime(Runtime):
     format = "gguf"
     package = "llama_cpp"
     ALL_ROW_LOGITS = False          # llama.cpp computes logits only for the batch rows flagged for them
+    POSITION_SPANS = True           # a batch states each token's position
 
     def __init__(self, path: Path, settings: RuntimeSettings):
         try:
@@ -123,10 +124,12 @@ class GGUFRuntime(Runtime):
                     ptr = ctx.get_logits_ith(i)
                     yield np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
 
-    def logits(self, ids: list[int], last_n: int) -> np.ndarray:
-        ctx = self._context(len(ids))
+    def logits(self, ids: list[int], last_n: int, start: int = 0) -> np.ndarray:
+        """ids at positions start.. on an empty cache; the context is sized for start + len(ids), so a span
+        past the switch runs the long factors."""
+        ctx = self._context(start + len(ids))
         batch = self._int.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
-        return np.stack([row.copy() for row in self._decode(ctx, batch, ids, 0, len(ids) - last_n)])
+        return np.stack([row.copy() for row in self._decode(ctx, batch, ids, start, start + len(ids) - last_n)])
 
     # -- step-wise generation (the loop is the base class's): the pick reads llama.cpp's logits in place
     def _start(self, ids: list[int], total: int) -> int:

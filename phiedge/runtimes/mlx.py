@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 LONGROPE_TYPES = ("longrope", "su")
 DEVICES = ("CPU", "GPU")
+# mlx-lm architectures whose Model.__call__ is `model.model(x)` then the LM head (tied: embed_tokens.as_linear)
+# and nothing else, so `logits` can run the head on the compared rows only (a 4200-token probe's logits are
+# 3.4 GB at Phi-4-mini's vocabulary). Others run the whole call.
+HEAD_AFTER_MODEL = ("phi3", "llama")
 
 
 def _import_mlx():
@@ -71,8 +75,10 @@ def make_longrope(nn, mx):
             self._long = mx.array(params["long_factor"], dtype=mx.float32) * base
             self._scale = params["attention_factor"]
             self.calls = {"short": 0, "long": 0}
+            self.shift = 0            # added to every position: a span prefilled at its own positions (logits)
 
         def __call__(self, x, offset=0):
+            offset = offset + self.shift
             long = int(offset) + x.shape[-2] > self.switch
             self.calls["long" if long else "short"] += 1
             x = x[...]
@@ -99,6 +105,8 @@ def patch_longrope(model, config: dict) -> int:
 class MLXRuntime(Runtime):
     format = "mlx"
     package = "mlx_lm"
+    ALL_ROW_LOGITS = False            # HEAD_AFTER_MODEL: Phi-4-mini's and SmolLM2's heads run on the compared rows
+    POSITION_SPANS = True             # LongRoPE.shift (the only rope with a long regime to measure)
 
     def __init__(self, path: Path, settings: RuntimeSettings, fix_longrope: bool = True):
         from tokenizers import Tokenizer
@@ -127,10 +135,30 @@ class MLXRuntime(Runtime):
             raise ToolchainError(f"no config.json + model*.safetensors in {path}: not an MLX artifact; rebuild it")
         return cls(path, settings or RuntimeSettings())
 
-    def logits(self, ids: list[int], last_n: int) -> np.ndarray:
-        self.check_length(len(ids))
-        out = self.model(self.mx.array([ids]))[0, -last_n:]          # one prefill of every id, no cache
-        return np.array(out.astype(self.mx.float32))
+    def logits(self, ids: list[int], last_n: int, start: int = 0) -> np.ndarray:
+        """One prefill of every id, no cache, at positions start.. (LongRoPE's shift: a span only on a model
+        this runtime patched); only the last `last_n` rows go through the LM head where the model's head is
+        one this runtime knows (HEAD_AFTER_MODEL)."""
+        self.check_length(start + len(ids))
+        if start and not self.patched_layers:
+            raise UsageError(f"mlx prefills a span at position {start} only on a LongRoPE model")
+        x = self.mx.array([ids])
+        self._shift(start)
+        try:
+            if self.config.get("model_type") in HEAD_AFTER_MODEL:
+                hidden = self.model.model(x)[:, -last_n:]
+                head = self.model.model.embed_tokens.as_linear if self.model.args.tie_word_embeddings \
+                    else self.model.lm_head
+                out = head(hidden)[0]
+            else:
+                out = self.model(x)[0, -last_n:]
+            return np.array(out.astype(self.mx.float32))
+        finally:
+            self._shift(0)
+
+    def _shift(self, start: int) -> None:
+        for layer in self.model.layers[: self.patched_layers]:
+            layer.self_attn.rope.shift = start
 
     # -- step-wise generation (the loop is the base class's): the whole prompt in one call, then one token a call
     def _start(self, ids: list[int], total: int) -> int:

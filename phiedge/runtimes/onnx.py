@@ -97,7 +97,8 @@ class ONNXRuntime(Runtime):
         params.set_search_options(max_length=max_length, do_sample=False)
         return self.og.Generator(self.model, params)
 
-    def logits(self, ids: list[int], last_n: int) -> np.ndarray:
+    def logits(self, ids: list[int], last_n: int, start: int = 0) -> np.ndarray:
+        self._check_start(start)          # the generator numbers positions itself, and switches on the mask width
         gen = self._generator(len(ids))
         gen.append_tokens(np.asarray(ids, dtype=np.int32))        # one prefill of every id
         out = np.asarray(gen.get_output("logits"))

@@ -301,7 +301,8 @@ def artifact(ctx: Context, fmt: str, precision: str) -> exporters.Artifact:
 def long_span(formats: dict[str, list[str]], fmt: str, precision: str) -> bool:
     """Whether an artifact's check measures the long regime on the long probe's span (phiedge.checks.probes):
     every precision of a format but its first, on runtimes that take position spans. The first keeps the real
-    long prefill: the one measurement that catches a chunked or split prefill, once per format per build."""
+    long prefill: the one measurement that catches a chunked or split prefill or a rope error growing with token
+    distance (the precisions of a format share one export's rope), once per format per build."""
     from . import runtimes
     return precision != formats[fmt][0] and runtimes.get(fmt).POSITION_SPANS
 

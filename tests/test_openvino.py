@@ -88,7 +88,8 @@ def test_a_bf16_checkpoint_is_exported_from_bf16_and_keeps_both_regimes(tiny, ti
 def test_gate_catches_openvinos_own_fp16_ir(session, tmp_path):
     """optimum-intel's own fp16 IR (dtype="fp16") stores every constant in fp16, the rotary inverse frequencies
     too: its error grows with position (FIELD-NOTES: 0.008 short, 2.4 near 4200). The gate fails its long regime
-    at fp16's limits, and phiedge's fp16 (weights only, rope in f32) passes both on the same checkpoint."""
+    at fp16's limits, and phiedge's fp16 (weights only, rope in f32) passes both on the same checkpoint; the long
+    probe's span alone would not have caught it."""
     from optimum.exporters.openvino import main_export
     from optimum.intel import OVConfig
     ref, own = session.reference, tmp_path / "optimum-fp16"
@@ -98,11 +99,15 @@ def test_gate_catches_openvinos_own_fp16_ir(session, tmp_path):
     rt = get("openvino").load(own, RuntimeSettings(threads=int(THREADS), extra={"ov_properties": EXACT_CPU}))
     short = compare(ref["short_logits"], rt.logits(ref["short_ids"].tolist(), probes.COMPARE_LAST))
     long = compare(ref["long_logits"], rt.logits(ref["long_ids"].tolist(), probes.COMPARE_LAST))
-    start = int(ref["long_span_start"])         # the long probe's span at its own positions fails it too
+    start = int(ref["long_span_start"])         # the long probe's span at its own positions
     span = compare(ref["long_span_logits"], rt.logits(ref["long_ids"].tolist()[start:], probes.COMPARE_LAST, start))
     rt.close()
     assert long.max_abs > 5 * short.max_abs, (short, long)
     ours = session.row("openvino", "fp16")
     assert failures("long", long, limits) and long.max_abs > 20 * ours["parity"]["long"]["max_abs"], long
-    assert failures("long", span, limits), span
+    # The span does not catch it: fp16 inverse frequencies put an error on each pair's relative angle that grows
+    # with the distance between the tokens, and a span's distances stay under 256. Such errors come from the
+    # export, which a format's precisions share (the rope constants of one base IR), so each format's first
+    # precision keeps the whole long prompt (phiedge.build.long_span).
+    assert not failures("long", span, limits) and span.max_abs < long.max_abs / 5, (span, long)
     assert ours["passed"]

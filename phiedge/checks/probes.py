@@ -9,8 +9,9 @@ long probe's last LONG_SPAN tokens prefilled alone *at their own positions* (pas
 factors, the attention scaling and the LM head on the same rows at ~1/16 of a 4200-token prefill. Runtimes
 that take position ids (PyTorch, OpenVINO, MLX) or choose factors by context size (llama.cpp) can run it;
 onnxruntime-genai switches on the attention-mask width and needs the real prompt. Only a real long prefill
-catches a chunked or split prefill, so every build runs one per format (phiedge.build: the format's first
-precision) and the span for the rest. Text comes from Python's own
+catches a chunked or split prefill, or an error that grows with the distance between tokens (fp16 inverse
+frequencies: tests/test_openvino.py), so every build runs one per format (phiedge.build: the format's first
+precision; its precisions share one export's rope) and the span for the rest. Text comes from Python's own
 documentation (always present, no download), so probes are identical on every machine.
 """
 from __future__ import annotations

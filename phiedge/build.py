@@ -10,6 +10,7 @@ A failed gate leaves `<out>.partial/report.json` for inspection and raises Parit
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -24,7 +25,7 @@ from .checks import ArtifactResult, Limits, Measurement
 from .errors import InvalidCheckpointError, MemoryShortError, ParityError, RetrieverError, UsageError
 from .exporters.base import TOOL_BYTES
 from .memory import available_bytes, isolated
-from .stages import Clock, Context, Hit, ParallelExecutor, SequentialExecutor, Stage
+from .stages import Clock, Context, Hit, ParallelExecutor, Stage
 
 log = logging.getLogger("phiedge")
 SMOKE_TOKENS = 24
@@ -85,14 +86,9 @@ def build(req: BuildRequest) -> dict:
     out = Path(req.out)
     clock = Clock()
     try:
-        if clock.bar is None:
+        with _above_the_bar(clock):
             ctx, stages = _plan(req, out, clock)
-            executor(req).run(stages, ctx, clock)
-        else:
-            from tqdm.contrib.logging import logging_redirect_tqdm
-            with logging_redirect_tqdm():           # log lines print above the bar, not through it
-                ctx, stages = _plan(req, out, clock)
-                executor(req).run(stages, ctx, clock)
+            executor(req, ctx.inputs["budget"]).run(stages, ctx, clock)
     finally:
         clock.close()
     work = out.with_name(out.name + ".partial")
@@ -104,22 +100,29 @@ def build(req: BuildRequest) -> dict:
     return ctx["bundle"]
 
 
+def _above_the_bar(clock: Clock):
+    """On a terminal, log lines print above the progress bar, not through it."""
+    if clock.bar is None:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    return logging_redirect_tqdm()
+
+
 def memory_budget(req: BuildRequest) -> int:
     return req.max_memory or int(MEMORY_SHARE * available_bytes())
 
 
-def executor(req: BuildRequest):
-    """Stages side by side where the memory budget and the CPUs allow (each stage's tools use `threads`)."""
-    jobs = req.jobs or max(1, (os.cpu_count() or 1) // max(1, req.threads))
-    return ParallelExecutor(jobs, memory_budget(req)) if jobs > 1 else SequentialExecutor()
+def executor(req: BuildRequest, budget: int) -> ParallelExecutor:
+    """Stages side by side where the memory budget and the CPUs allow (each stage's tools use `threads`; one
+    job runs them one at a time)."""
+    return ParallelExecutor(req.jobs or max(1, (os.cpu_count() or 1) // max(1, req.threads)), budget)
 
 
 def _plan(req: BuildRequest, out: Path, clock: Clock) -> tuple[Context, list[Stage]]:
     """Resolve and check the inputs (the checklist's first line), then lay out the stage graph."""
-    model, adapter, config = clock.run(Stage("resolve"), lambda: (_cheap_checks(req, out), False), None)
+    facts = clock.run(Stage("resolve"), lambda: (_cheap_checks(req, out), False), None)
     ctx = Context(req=req, cache=StageCache(req.cache_dir, verify="full" if req.verify_cache else "fast"),
-                  inputs={"model": model, "adapter": adapter, "config": config, "out": out, "clock": clock,
-                          "n_params": source.param_count(model)})
+                  inputs={**facts, "out": out, "clock": clock})
     stages = graph(ctx)
     clock.expect(1 + len(stages))
     return ctx, stages
@@ -154,8 +157,7 @@ def stage_peaks(formats: dict[str, list[str]], n_params: int, config: dict, *, d
 
 def graph(ctx: Context) -> list[Stage]:
     """Every stage of this build, as data."""
-    req, n_params = ctx.req, ctx.inputs["n_params"]
-    peaks = stage_peaks(req.formats, n_params, ctx.inputs["config"], docs=req.docs is not None)
+    req, n_params, peaks = ctx.req, ctx.inputs["n_params"], ctx.inputs["peaks"]
     weights = sum(v for k, v in ctx.inputs["model"].files.items() if k.endswith(".safetensors"))
     stages = [Stage("hash inputs", run=_hash_inputs),
               Stage("merge", needs=("hash inputs",), cache_name="merge", key=_merge_key, make=_merge,
@@ -356,8 +358,9 @@ def _bundle(ctx: Context) -> dict:
 
 # ------------------------------------------------------------------------------------------ cheap checks
 
-def _cheap_checks(req: BuildRequest, out: Path):
-    """Nothing heavy runs before all of these pass; every shortfall of the exports is listed at once."""
+def _cheap_checks(req: BuildRequest, out: Path) -> dict:
+    """Nothing heavy runs before all of these pass; every shortfall of the exports is listed at once. What they
+    found, for the build's context: model, adapter, config, n_params, each stage's peak estimate, the budget."""
     if not bundle.is_bundle(out):          # rebuilding our own bundle in place is allowed
         source.prepare_out(out, force=req.force)
     if req.docs is not None:
@@ -371,8 +374,8 @@ def _cheap_checks(req: BuildRequest, out: Path):
         adapter = source.resolve(req.adapter, revision=req.adapter_revision, kind="adapter")
         source.check_adapter(adapter, model, config)
     n_params = source.param_count(model)
-    preflight(req.formats, stage_peaks(req.formats, n_params, config, docs=req.docs is not None),
-              memory_budget(req), calibration=req.docs is not None)
+    peaks, budget = stage_peaks(req.formats, n_params, config, docs=req.docs is not None), memory_budget(req)
+    preflight(req.formats, peaks, budget, calibration=req.docs is not None)
     weight_bytes = sum(v for k, v in model.files.items() if k.endswith(".safetensors"))
     exports = sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())
     cache_root = Path(req.cache_dir) if req.cache_dir else default_root()
@@ -380,13 +383,20 @@ def _cheap_checks(req: BuildRequest, out: Path):
     # the artifacts; the bundle copies the artifacts.
     source.check_disk([(cache_root, 2 * weight_bytes + exports), (out.parent if not out.exists() else out,
                                                                   int(exports * 1.05))])
-    return model, adapter, config
+    return {"model": model, "adapter": adapter, "config": config, "n_params": n_params, "peaks": peaks,
+            "budget": budget}
+
+
+def stage_format(stage: str) -> str | None:
+    """The format an export or check stage is of ("export gguf", "check gguf Q4_K_M"), else None."""
+    kind, *rest = stage.split()
+    return rest[0] if kind in ("export", "check") and rest else None
 
 
 def memory_shortfalls(peaks: dict[str, int], budget: int) -> dict[str, str]:
     """Stage -> why it cannot run within `budget` bytes, for every stage estimated to need more on its own."""
     def leave_out(stage: str) -> str:
-        fmt = stage.split()[1] if stage.split()[0] in ("export", "check") else None
+        fmt = stage_format(stage)
         return f", or leave {fmt} out of --formats" if fmt else ""
     return {s: (f"the {s} stage of this model needs about {need / 1e9:.1f} GB of memory at its peak, more than the "
                 f"build's --max-memory {budget / 1e9:.1f} GB (default: {MEMORY_SHARE:.0%} of the memory available): "

@@ -694,7 +694,7 @@ def too_big_here(m: dict, plan: dict[str, str]) -> dict[str, str]:
     model = source.resolve(m["model"], kind="model")
     peaks = build.stage_peaks({f: [p] for f, p in plan.items()}, source.param_count(model), m["config"], docs=True)
     short = build.memory_shortfalls(peaks, cli.MemorySize().convert(MAX_MEMORY, None, None))
-    return {stage.split()[1]: why for stage, why in short.items() if stage.split()[0] in ("export", "check")}
+    return {build.stage_format(stage): why for stage, why in short.items() if build.stage_format(stage)}
 
 
 def _cpu_name() -> str:

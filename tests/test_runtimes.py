@@ -263,11 +263,9 @@ def _whole_head(fmt: str, rt, ids: list[int]):
     """The same prefill with the LM head over every row, by the runtime's own means (no slice)."""
     import numpy as np
     if fmt == "openvino":
-        from phiedge.runtimes.openvino import IR
+        from phiedge.runtimes.openvino import IR, prefill_inputs
         req = rt.core.compile_model(str(rt.path / IR), rt.device, rt.properties).create_infer_request()
-        n = len(ids)
-        req.infer({"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64),
-                   "position_ids": np.arange(n, dtype=np.int64)[None], "beam_idx": np.zeros(1, dtype=np.int32)})
+        req.infer(prefill_inputs(ids))
         return np.asarray(req.get_tensor("logits").data)[0]
     if fmt == "mlx":
         return np.array(rt.model(rt.mx.array([ids]))[0].astype(rt.mx.float32))

@@ -36,10 +36,10 @@ MIN_WEIGHT_ELEMENTS = 4096                 # smaller constants (rope factors, no
 
 
 def checkpoint_dtype(merged: Path) -> str:
-    """The dtype the checkpoint's weights are stored in (config.json's `dtype`, `torch_dtype` before
-    transformers 5); float32 when it says nothing."""
-    config = json.loads((merged / "config.json").read_text())
-    return str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    """The dtype the checkpoint's weights are stored in, as the reference reads it (float32 when config.json
+    says nothing)."""
+    from phiedge.checks.reference import dtype_name
+    return dtype_name(json.loads((merged / "config.json").read_text()))
 
 
 def export_base(merged: Path, dest: Path) -> None:
@@ -140,10 +140,8 @@ def calibration_samples(merged: Path, texts: list[str], seq_len: int, n_samples:
     while len(picked) < n_samples and any(depth < len(w) for w in windows):
         picked += [w[depth] for w in windows if depth < len(w)]
         depth += 1
-    picked = picked[:n_samples]
-    return [{"input_ids": np.asarray([w], dtype=np.int64), "attention_mask": np.ones((1, len(w)), dtype=np.int64),
-             "position_ids": np.arange(len(w), dtype=np.int64)[None], "beam_idx": np.zeros(1, dtype=np.int32)}
-            for w in picked]
+    from phiedge.runtimes.openvino import prefill_inputs
+    return [prefill_inputs(w) for w in picked[:n_samples]]
 
 
 def compress_nncf(model, plan: dict, merged: Path, texts: list[str]) -> dict:
@@ -185,8 +183,8 @@ def build_one(core, base: Path, out: Path, plan: dict, merged: Path, texts: list
     tmp.mkdir(parents=True)
     model = core.read_model(str(base / "openvino_model.xml"))
     if plan["base"] == "fp32":
-        info: dict = {"mode": "fp32" if checkpoint_dtype(merged) == "float32" else
-                      f"the checkpoint's {checkpoint_dtype(merged)} weights, computed in fp32"}
+        dtype = checkpoint_dtype(merged)
+        info: dict = {"mode": "fp32" if dtype == "float32" else f"the checkpoint's {dtype} weights, computed in fp32"}
     elif plan["base"] == "fp16":
         info = {"mode": "fp16 weights, fp32 rope and activations", "weights": compress_fp16(model)}
     else:

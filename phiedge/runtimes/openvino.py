@@ -70,6 +70,13 @@ def resolve_device(requested: str, available: list[str], fallback: str | None = 
 ROWS_FROM = "phiedge_rows_from"        # the Parameter slice_before_lm_head adds: the first row kept
 
 
+def prefill_inputs(ids: list[int], start: int = 0) -> dict[str, np.ndarray]:
+    """The stateful IR's inputs for one prefill of `ids` at positions start.. on a fresh request."""
+    n = len(ids)
+    return {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64),
+            "position_ids": np.arange(start, start + n, dtype=np.int64)[None], "beam_idx": np.zeros(1, dtype=np.int32)}
+
+
 def slice_before_lm_head(ov, model) -> bool:
     """Make `model`'s LM head read only hidden-state rows ROWS_FROM.. (a new i64 [1] input), in place.
 
@@ -90,7 +97,7 @@ def slice_before_lm_head(ov, model) -> bool:
     else:
         return False
     hidden = node.input_value(0)
-    if node.get_type_name() != "MatMul" or hidden.get_partial_shape().rank.get_length() != 3:
+    if hidden.get_partial_shape().rank.get_length() != 3:
         return False
     start = ops.parameter([1], ov.Type.i64, name=ROWS_FROM)
     start.output(0).get_tensor().set_names({ROWS_FROM})
@@ -149,9 +156,9 @@ class OpenVINORuntime(Runtime):
     # -- the two engines, compiled on first use
     def _request(self):
         if self._compiled is None:
-            model = self.core.read_model(str(self.path / IR))
-            self._sliced = slice_before_lm_head(self.ov, model)
             try:
+                model = self.core.read_model(str(self.path / IR))
+                self._sliced = slice_before_lm_head(self.ov, model)
                 self._compiled = self.core.compile_model(model, self.device, self.properties)
             except Exception as e:     # openvino raises plain RuntimeError for a bad IR or property
                 raise ToolchainError(f"OpenVINO could not compile {self.path / IR} on {self.device}: {e}") from None
@@ -170,9 +177,7 @@ class OpenVINORuntime(Runtime):
         self.check_length(start + len(ids))
         req = self._request()
         n = len(ids)
-        inputs = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64),
-                  "position_ids": np.arange(start, start + n, dtype=np.int64)[None],
-                  "beam_idx": np.zeros(1, dtype=np.int32)}
+        inputs = prefill_inputs(ids, start)
         keep = min(last_n, n) if self._sliced else n
         if self._sliced:
             inputs[ROWS_FROM] = np.asarray([n - keep], dtype=np.int64)

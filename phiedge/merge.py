@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .checks import probes as probes_mod
-from .checks.reference import dtype_name, last_logits
+from .checks.reference import last_logits
 from .errors import MergeProofError
-from .source import Source
+from .source import Source, config_dtype
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def merge(model: Source, adapter: Source | None, config: dict, out_dir: Path, *,
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype_str = dtype_name(config)
+    dtype_str = config_dtype(config)
     dtype = getattr(torch, dtype_str)
     probe = probes_mod.make(model.path, None)[0].ids
     log.info("loading %s (%s)", model.ref, dtype_str)

@@ -148,6 +148,17 @@ def model_tensors(model: Source) -> dict[str, list[int]]:
     return shapes
 
 
+def config_dtype(config: dict) -> str:
+    """The dtype a checkpoint's weights are stored in: transformers 5 writes `dtype`, earlier releases (and
+    Phi-4-mini's published config) `torch_dtype`; float32 when the config says neither."""
+    return str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
+
+
+def checkpoint_dtype(folder: Path) -> str:
+    """config_dtype of the checkpoint in `folder` (its config.json)."""
+    return config_dtype(json.loads((Path(folder) / "config.json").read_text()))
+
+
 def read_config(model: Source) -> dict:
     cfg = model.path / "config.json"
     if not cfg.exists():

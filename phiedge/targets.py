@@ -1,7 +1,7 @@
 """Device target profiles: `targets/*.toml` loaded into frozen dataclasses, validated, unknown keys refused.
 
 A profile names the artifacts (format + precision) a device takes, the runtime settings it runs them
-with, and optional parity thresholds it holds (tighter or looser than phiedge.parity.THRESHOLDS, per
+with, and optional parity thresholds it holds (tighter or looser than phiedge.checks.metrics.THRESHOLDS, per
 precision, as [top1_min, kl_max] or [top1_min, kl_max, max_abs_max]).
 """
 from __future__ import annotations

@@ -65,17 +65,22 @@ def _weight_types(ir_xml) -> set[str]:
             and n.get_output_shape(0) and len(n.get_output_shape(0)) == 2 and min(n.get_output_shape(0)) >= 64}
 
 
+@pytest.mark.gguf
 def test_a_bf16_checkpoint_is_exported_from_bf16_and_keeps_both_regimes(tiny, tiny_bf16, tmp_path):
     """Phi-4-mini is published in bf16: optimum loads it in bf16 (not an fp32 copy: 15.3 GB at full size) and
     traces in fp32, so the weights stay bf16 constants (the fp32 artifact keeps them: the same values) and the
     rope computes in f32. fp32, fp16 (exact from bf16 in their range) and int4 pass both LongRoPE regimes as the
-    fp32 fixture's do. The build runs two stages at a time (its three checks side by side in pairs)."""
+    fp32 fixture's do. GGUF's Q4_K_M is quantized from a bf16 conversion (exact; an f32 one is twice the bytes).
+    The build runs two stages at a time (its checks side by side in pairs)."""
     out = tmp_path / "bundle"
     r = run_cli("build", "--model", str(tiny_bf16), "--adapter", str(tiny / "adapters" / "lora"),
-                "--formats", "openvino", "--ov-weights", "fp32,fp16,int4", "--out", str(out),
-                "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--jobs", "2")
+                "--formats", "openvino,gguf", "--ov-weights", "fp32,fp16,int4", "--gguf-quant", "Q4_K_M",
+                "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--jobs", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = {a["precision"]: a for a in json.loads((out / "report.json").read_text())["artifacts"]}
+    arts = json.loads((out / "report.json").read_text())["artifacts"]
+    gguf = next(a for a in arts if a["format"] == "gguf")
+    assert gguf["passed"] and gguf["meta"]["converted_as"] == "bf16", gguf["meta"]
+    rows = {a["precision"]: a for a in arts if a["format"] == "openvino"}
     for regime in ("short", "long"):
         assert rows["fp32"]["parity"][regime]["max_abs"] < 1e-3, rows["fp32"]["parity"]
         fp16 = rows["fp16"]["parity"][regime]

@@ -93,7 +93,7 @@ def thresholds_for(precision: str, overrides: dict | None = None) -> tuple[float
             return tuple(overrides[key])  # type: ignore[return-value]
         if key in THRESHOLDS:
             return THRESHOLDS[key]
-    raise KeyError(f"no parity thresholds for precision {precision!r}: add it to phiedge.parity.THRESHOLDS")
+    raise KeyError(f"no parity thresholds for precision {precision!r}: add it to phiedge.checks.metrics.THRESHOLDS")
 
 
 @dataclass(frozen=True)

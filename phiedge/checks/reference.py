@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..source import config_dtype
 from . import probes as probes_mod
 
 log = logging.getLogger("phiedge")
@@ -23,10 +24,6 @@ GREEDY_TOKENS = 16
 # fp32_compute upcasts a half-precision weight in slices of at most this many bytes: Phi-4-mini's tied
 # embedding / LM head is 2.4 GB in fp32, a transient copy the merge stage's peak does not need.
 UPCAST_SLICE_BYTES = 256 * 2**20
-
-
-def dtype_name(config: dict) -> str:
-    return str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
 
 
 @contextmanager
@@ -71,7 +68,7 @@ def load(model_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype_name(config)),
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, config_dtype(config)),
                                                  low_cpu_mem_usage=True)
     model.eval()
     return model

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from phiedge.source import checkpoint_dtype
+
 log = logging.getLogger("phiedge.exporters.openvino")
 
 # Files of optimum's export that every precision folder keeps (the IR itself is rewritten per precision).
@@ -33,13 +35,6 @@ SIDE_FILES = ("openvino_tokenizer.xml", "openvino_tokenizer.bin", "openvino_deto
               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 WEIGHT_CONSUMERS = {"MatMul", "Gather"}    # ops whose constant inputs are weights (linear layers, embedding)
 MIN_WEIGHT_ELEMENTS = 4096                 # smaller constants (rope factors, norms' shapes) are never touched
-
-
-def checkpoint_dtype(merged: Path) -> str:
-    """The dtype the checkpoint's weights are stored in, as the reference reads it (float32 when config.json
-    says nothing)."""
-    from phiedge.checks.reference import dtype_name
-    return dtype_name(json.loads((merged / "config.json").read_text()))
 
 
 def export_base(merged: Path, dest: Path) -> None:
@@ -165,12 +160,15 @@ def compress_nncf(model, plan: dict, merged: Path, texts: list[str]) -> dict:
         raise SystemExit("data-aware int4 needs calibration text: the documents gave no token windows")
     dataset = nncf.Dataset(samples) if samples else None
     mode = nncf.CompressWeightsMode.INT4_SYM if o["sym"] else nncf.CompressWeightsMode.INT4_ASYM
+    from nncf.quantization.advanced_parameters import AdvancedAWQParameters, AdvancedCompressionParameters
+    advanced = AdvancedCompressionParameters(awq_params=AdvancedAWQParameters(steps=o["awq_steps"]))
     nncf.compress_weights(model, mode=mode, group_size=group, ratio=o["ratio"], dataset=dataset,
                           awq=awq if dataset else None, scale_estimation=se if dataset else None,
-                          subset_size=len(samples) or 128)
+                          subset_size=len(samples) or 128, advanced_parameters=advanced)
     return {"mode": mode.value, "group_size_requested": o["group_size"], "group_size": group,
             "layer_widths": widths, "ratio": o["ratio"], "awq": bool(awq and dataset),
-            "scale_estimation": bool(se and dataset), "calibration_samples": len(samples),
+            "scale_estimation": bool(se and dataset), "awq_steps": o["awq_steps"] if awq and dataset else None,
+            "calibration_samples": len(samples),
             "calibration_seq_len": o["seq_len"] if samples else None,
             "mixed_precision": "data-aware" if (dataset and o["ratio"] < 1) else
             ("weight-based" if o["ratio"] < 1 else None)}

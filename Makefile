@@ -31,7 +31,8 @@ demo: $(STAMP)
 browser:
 	command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
-# Two workers (pytest-xdist): the session build's tests on one, every other module on whichever is free, in
+# Two workers (pytest-xdist): the session build's tests (and modules marked session_worker, to even the two out)
+# on one, every other module on whichever is free, in
 # file order (the benchmark harness first, not last); each build then takes one thread (tests/conftest.py), so
 # the two share the machine's cores without oversubscribing them.
 test: $(STAMP) browser

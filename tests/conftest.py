@@ -96,8 +96,10 @@ def installed(fmt: str) -> bool:
 
 def pytest_itemcollected(item):
     """For pytest-xdist (`--dist loadgroup`, read when the collection is modified): every test that reads the
-    session build runs on one worker, and each other module on one worker, so no module fixture is built twice."""
-    item.add_marker(pytest.mark.xdist_group("session" if "session" in item.fixturenames else item.module.__name__))
+    session build runs on one worker, and each other module on one worker, so no module fixture is built twice.
+    A module marked `session_worker` joins the session build's worker, to even out the two workers' time."""
+    shared = "session" in item.fixturenames or item.get_closest_marker("session_worker")
+    item.add_marker(pytest.mark.xdist_group("session" if shared else item.module.__name__))
 
 
 def pytest_collection_modifyitems(config, items):

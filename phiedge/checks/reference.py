@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..source import config_dtype
+from ..source import checkpoint_dtype
 from . import probes as probes_mod
 
 log = logging.getLogger("phiedge")
@@ -67,8 +67,7 @@ def load(model_dir: Path):
     """The checkpoint in its own dtype, for inference."""
     import torch
     from transformers import AutoModelForCausalLM
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, config_dtype(config)),
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, checkpoint_dtype(model_dir)),
                                                  low_cpu_mem_usage=True)
     model.eval()
     return model

@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..errors import ToolchainError
+from ..source import config_dtype
 from .base import Artifact, CliModifier, Exporter, register, run_tool
 from .grammar import Grammar, Precision
 
@@ -139,7 +140,7 @@ class MLXExporter(Exporter):
             config_file.write_text(json.dumps(config, indent=4))
         dtype, _, recipe = BASES[plan.base]
         meta = {"mlx_lm": version, "mlx": metadata.version("mlx"),
-                "dtype": dtype or config.get("torch_dtype") or config.get("dtype"),
+                "dtype": dtype or (config_dtype(config) if config else None),
                 "quantization": config.get("quantization"), "recipe": recipe, "embedding_bits": plan.value("embed"),
                 "export_seconds": cost["seconds"], "export_peak_rss_mb": cost["peak_rss_mb"]}
         return self.finish(tmp, dest, plan.name, ARTIFACT_FILES, meta, f"mlx-lm convert ({plan.name})")

@@ -101,6 +101,7 @@ def test_format_specific_records(session):
             assert a["meta"]["export_seconds"] > 0
         c = session.row("openvino", "int4")["meta"]["compression"]   # plain int4 with --docs: AWQ + scale estimation
         assert c["awq"] and c["scale_estimation"] and c["calibration_samples"] > 0 and c["group_size"] == 128
+        assert c["scale_estimation_samples"] == min(8, c["calibration_samples"]) and c["calibration_samples"] <= 12
         assert session.row("openvino", "int8")["meta"]["compression"]["mode"] == "int8_asym"
     if installed("mlx"):
         q4 = session.row("mlx", "4bit")

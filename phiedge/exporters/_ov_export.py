@@ -160,14 +160,18 @@ def compress_nncf(model, plan: dict, merged: Path, texts: list[str]) -> dict:
         raise SystemExit("data-aware int4 needs calibration text: the documents gave no token windows")
     dataset = nncf.Dataset(samples) if samples else None
     mode = nncf.CompressWeightsMode.INT4_SYM if o["sym"] else nncf.CompressWeightsMode.INT4_ASYM
-    from nncf.quantization.advanced_parameters import AdvancedAWQParameters, AdvancedCompressionParameters
-    advanced = AdvancedCompressionParameters(awq_params=AdvancedAWQParameters(steps=o["awq_steps"]))
+    from nncf.quantization.advanced_parameters import (AdvancedAWQParameters, AdvancedCompressionParameters,
+                                                       AdvancedScaleEstimationParameters)
+    advanced = AdvancedCompressionParameters(
+        awq_params=AdvancedAWQParameters(steps=o["awq_steps"]),
+        scale_estimation_params=AdvancedScaleEstimationParameters(subset_size=o["se_subset"]))
     nncf.compress_weights(model, mode=mode, group_size=group, ratio=o["ratio"], dataset=dataset,
                           awq=awq if dataset else None, scale_estimation=se if dataset else None,
                           subset_size=len(samples) or 128, advanced_parameters=advanced)
     return {"mode": mode.value, "group_size_requested": o["group_size"], "group_size": group,
             "layer_widths": widths, "ratio": o["ratio"], "awq": bool(awq and dataset),
             "scale_estimation": bool(se and dataset), "awq_steps": o["awq_steps"] if awq and dataset else None,
+            "scale_estimation_samples": min(o["se_subset"], len(samples)) if se and dataset else None,
             "calibration_samples": len(samples),
             "calibration_seq_len": o["seq_len"] if samples else None,
             "mixed_precision": "data-aware" if (dataset and o["ratio"] < 1) else

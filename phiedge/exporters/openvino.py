@@ -47,11 +47,14 @@ INT4_TOKENS: dict[str, tuple[str, dict]] = {
     "se": ("se", {"data": "explicit", "scale_estimation": True}),  # scale estimation: needs --docs
     "rtn": ("awq", {"data": "none"}),              # data-free even when calibration text is there
 }
-# AWQ's grid search in 20 steps, not NNCF's 100: on SmolLM2 (int4 g64, AWQ + scale estimation on the demo
-# documents) mean KL 0.185 against 0.187, compression 58 s against 83 s; scale estimation keeps NNCF's steps (its
-# grid is what it gains: KL 0.213 without it).
-INT4_BASE = {"data": "auto", "awq": False, "scale_estimation": False, "seq_len": 128, "num_samples": 32,
-             "awq_steps": 20}
+# Data-aware int4's cost knobs, chosen on SmolLM2 (int4 g64 on the demo documents, mean KL against PyTorch fp32 on
+# held-out text / compression time): NNCF's defaults (32 windows, AWQ grid 100 steps, scale estimation over 32 of
+# them) 0.187 / 83 s; AWQ's grid in 20 steps 0.185 / 58 s; and scale estimation over 8 windows, statistics over 12:
+# 0.157 / 38 s (8 windows: 0.170; 20: 0.156). Scale estimation keeps NNCF's steps: its grid is what it gains (KL
+# 0.213 without). At full size the statistics pass is a whole-model forward per window and scale estimation's cost
+# per weight grows with its windows, so both counts are what decide its time.
+INT4_BASE = {"data": "auto", "awq": False, "scale_estimation": False, "seq_len": 128, "num_samples": 12,
+             "awq_steps": 20, "se_subset": 8}
 
 
 def _ratio(m) -> dict:

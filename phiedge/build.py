@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__, bundle, exporters, report, source
 from .cache import StageCache, default_root
-from .checks import ArtifactResult, Limits, Measurement
+from .checks import ArtifactResult, Limits
 from .errors import InvalidCheckpointError, MemoryShortError, ParityError, RetrieverError, UsageError
 from .exporters.base import TOOL_BYTES
 from .memory import available_bytes, isolated
@@ -310,22 +310,28 @@ def long_span(formats: dict[str, list[str]], fmt: str, precision: str) -> bool:
 
 
 def _check_key(ctx: Context, fmt: str, precision: str) -> dict:
+    from .worker import exact_retry
     smoke = ctx.outputs.get("smoke reference")
+    retry = exact_retry(artifact(ctx, fmt, precision))     # whether it is measured again depends on the limits
     return {"export": ctx[f"export {fmt}"].name, "precision": precision,
             "smoke": smoke.parent.name if smoke else None, "reference": ctx["merge"].name,
-            "long_span": long_span(ctx.req.formats, fmt, precision)}
+            "long_span": long_span(ctx.req.formats, fmt, precision),
+            "retry_limits": _limits(ctx, precision).as_dict() if retry else None}
+
+
+def _limits(ctx: Context, precision: str) -> Limits:
+    return Limits.for_precision(precision, ctx.req.thresholds)
 
 
 def _measure(ctx: Context, d: Path, fmt: str, precision: str) -> None:
-    from .worker import measure_in_child
-    measure_in_child(artifact(ctx, fmt, precision), ctx["merge"] / "reference.npz",
-                     ctx.outputs.get("smoke reference"), ctx.req.threads, d / "measurement.json",
-                     long_span=long_span(ctx.req.formats, fmt, precision))
+    from .worker import measure_files
+    measure_files(artifact(ctx, fmt, precision), ctx["merge"] / "reference.npz", ctx.outputs.get("smoke reference"),
+                  ctx.req.threads, d, _limits(ctx, precision), long_span=long_span(ctx.req.formats, fmt, precision))
 
 
 def _result(ctx: Context, d: Path, fmt: str, precision: str) -> ArtifactResult:
-    r = ArtifactResult.of(artifact(ctx, fmt, precision), Limits.for_precision(precision, ctx.req.thresholds),
-                          Measurement.from_json(json.loads((d / "measurement.json").read_text())))
+    from .worker import result_of
+    r = result_of(artifact(ctx, fmt, precision), _limits(ctx, precision), d)
     _log_result(r)
     return r
 
@@ -431,12 +437,12 @@ def _check_docs(docs: Path, follow_links: bool) -> None:
 
 def check_artifact(a: exporters.Artifact, reference: Path, threads: int, overrides: dict | None,
                    workdir: Path, *, long_span: bool = False) -> ArtifactResult:
-    """Parity of one artifact outside a build (no cache): measure in a child process, judge."""
-    from .worker import measure_in_child
-    workdir.mkdir(parents=True, exist_ok=True)
-    out = workdir / f"measurement-{a.format}-{a.precision}.json"
-    m = measure_in_child(a, reference, None, threads, out, long_span=long_span)
-    return ArtifactResult.of(a, Limits.for_precision(a.precision, overrides), m)
+    """Parity of one artifact outside a build (no cache): measure in a child process (again with its runtime's
+    exact settings if it fails with its own), judge."""
+    from .worker import measure_files, result_of
+    folder, limits = workdir / f"check-{a.format}-{a.precision}", Limits.for_precision(a.precision, overrides)
+    measure_files(a, reference, None, threads, folder, limits, long_span=long_span)
+    return result_of(a, limits, folder)
 
 
 def _log_result(r: ArtifactResult) -> None:
@@ -446,4 +452,8 @@ def _log_result(r: ArtifactResult) -> None:
     m = r.measurement
     log.info("  %s %-7s short: %s | long: %s  %s", r.artifact.format, r.artifact.precision, fmt(m.regime("short")),
              fmt(m.regime("long")), "PASS" if r.passed else "FAIL: " + "; ".join(r.verdict.failures))
+    if r.own_settings_failures:
+        log.warning("  %s %s failed with the settings it was exported with (%s) and passed with its runtime's "
+                    "exact ones %s: it ships with those", r.artifact.format, r.artifact.precision,
+                    "; ".join(r.own_settings_failures), json.dumps(r.settings))
 

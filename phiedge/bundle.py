@@ -100,6 +100,10 @@ class BundleWriter:
         (self.folder / MANIFEST).write_text(json.dumps({"schema": SCHEMA, **info, "files": files}, indent=2) + "\n")
 
 
+# Each artifact's row in the manifest: runtime_settings are what `ask` / `validate` run it with (phiedge.device).
+MANIFEST_ROW = ("format", "precision", "path", "size_bytes", "passed", "parity", "smoke", "failures", "runtime_settings")
+
+
 def assemble(work: Path, *, results: list, reference: Path, retriever: Path | None, report: dict,
              source_info: dict, target: dict | None, sign_key: Path | None = None) -> None:
     """The whole bundle in `work`, in the writer's order; `report` already holds every result's row."""
@@ -111,8 +115,7 @@ def assemble(work: Path, *, results: list, reference: Path, retriever: Path | No
     w.add_reports(report, report_mod.readme(report))
     w.add_manifest({"created": report["created"], "source": source_info, "target": target,
                     "versions": report["versions"], "passed": report["passed"],
-                    "artifacts": [{k: r.get(k) for k in ("format", "precision", "path", "size_bytes", "passed",
-                                                         "parity", "smoke", "failures")} for r in report["artifacts"]],
+                    "artifacts": [{k: r.get(k) for k in MANIFEST_ROW} for r in report["artifacts"]],
                     "retriever": "retriever" if retriever is not None else None})
     if sign_key is not None:
         sign(work, sign_key)

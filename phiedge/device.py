@@ -29,10 +29,14 @@ class Answer:
     decode_tps: float
 
 
-def _settings(manifest: dict, threads: int | None, *, cap_context: bool) -> RuntimeSettings:
-    """The profile's runtime settings; ask is held to the device's context size, validation probes are not."""
+def _settings(manifest: dict, art: dict, threads: int | None, *, cap_context: bool) -> RuntimeSettings:
+    """The profile's runtime settings and those the artifact passed its check with (runtime_settings: its
+    runtime's exact ones when its own failed); ask is held to the device's context size, validation probes
+    are not."""
     rt = (manifest.get("target") or {}).get("runtime", {})
-    extra = {"max_ctx": rt.get("n_ctx")} if cap_context and rt.get("n_ctx") else {}
+    extra = dict(art.get("runtime_settings") or {})
+    if cap_context and rt.get("n_ctx"):
+        extra["max_ctx"] = rt["n_ctx"]
     if rt.get("fallback"):               # device to use (and record) when the profile's device is absent
         extra["fallback"] = rt["fallback"]
     return RuntimeSettings(threads=threads or rt.get("threads", 2), device=rt.get("device", "CPU"), extra=extra)
@@ -62,7 +66,7 @@ def ask(folder: Path, question: str, *, runtime: str | None = None, k: int = 3, 
     with Retriever.open(folder / manifest["retriever"]) as r:
         hits = r.search(question, k=k)
     art = _pick(manifest, runtime)
-    rt = get(art["format"]).load(folder / art["path"], _settings(manifest, threads, cap_context=True))
+    rt = get(art["format"]).load(folder / art["path"], _settings(manifest, art, threads, cap_context=True))
     try:
         gen = rt.generate(rag.messages(question, hits), max_new_tokens=max_new_tokens)
     finally:
@@ -110,12 +114,13 @@ def _validate_one(folder: Path, manifest: dict, art: dict, probes: ProbeSet, ove
     files = tuple(sorted(f[len(prefix):] for f in manifest["files"] if f.startswith(prefix)))
     artifact = Artifact(format=art["format"], precision=art["precision"], path=folder / art["path"], files=files)
     t0 = time.perf_counter()
-    rt = cls.load(artifact.path, _settings(manifest, threads, cap_context=False))
+    rt = cls.load(artifact.path, _settings(manifest, art, threads, cap_context=False))
     try:
         m = measure(rt, probes)
     finally:
         rt.close()
-    r = ArtifactResult.of(artifact, Limits.for_precision(art["precision"], overrides), m)
+    r = ArtifactResult.of(artifact, Limits.for_precision(art["precision"], overrides), m,
+                          settings=art.get("runtime_settings"))
     row = r.to_json()
     greedy = row.get("greedy") or {}
     row.update(status="passed" if r.passed else "failed", ttft_s=greedy.get("ttft_s"),

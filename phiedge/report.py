@@ -274,6 +274,9 @@ def readme(rep: dict) -> str:
              "## Artifacts", ""]
     for r in rep["artifacts"]:
         lines.append(f"- `{r['path']}/` — {r['format']} {r['precision']}, {r['size_bytes'] / 1e6:.1f} MB")
+        if r.get("runtime_settings"):
+            lines.append(f"  (checked and run with {json.dumps(r['runtime_settings'])}: it failed the gate with the "
+                         f"runtime's own defaults; `phiedge ask` / `validate` apply these from manifest.json)")
         if r["format"] == "gguf":
             lines.append("  (llama.cpp: keep n_ctx ≤ 4096 unless the prompt needs more — llama.cpp picks Phi-4-mini's "
                          "LongRoPE factors from n_ctx, not from the prompt length)")

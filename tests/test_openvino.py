@@ -4,10 +4,11 @@ tests/test_runtimes.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
-from phiedge import errors, exporters
+from phiedge import build, device, errors, exporters
 from phiedge.checks import Limits, probes
 from phiedge.checks.metrics import compare, failures
 from phiedge.exporters import _ov_export
@@ -34,7 +35,7 @@ def test_device_fallback_is_recorded(session):
     rt.close()
     from phiedge import device, targets   # the device path passes the profile's fallback through
     profile = {"target": targets.load("intel-npu").as_dict()}
-    rt = get("openvino").load(path, device._settings(profile, 2, cap_context=False))
+    rt = get("openvino").load(path, device._settings(profile, {}, 2, cap_context=False))
     assert (rt.device, rt.fallback_from) == ("CPU", "NPU")
     rt.close()
     with pytest.raises(errors.ToolchainError, match="device 'NPU' is not on this machine"):
@@ -116,3 +117,31 @@ def test_gate_catches_openvinos_own_fp16_ir(session, tmp_path):
     # precision keeps the whole long prompt (phiedge.build.long_span).
     assert not failures("long", span, limits) and span.max_abs < long.max_abs / 5, (span, long)
     assert ours["passed"]
+
+
+def test_defaults_that_fail_the_gate_fall_back_to_exact_settings(session, tmp_path):
+    """int4 is checked and shipped with the CPU plugin's own defaults (its fast path). One whose shipped settings
+    fail its check is measured again with the exact f32 properties and, passing so, ships with them: the result,
+    the manifest row and the device path carry them. The shipped settings here are ones this CPU plugin refuses
+    (as a newer OpenVINO's property would be on an older one): the same path as defaults that lose accuracy."""
+    row = session.row("openvino", "int4")
+    assert row["runtime_settings"] == {} and row["own_settings_failures"] == []    # its defaults passed
+    folder = tmp_path / "int4"
+    shutil.copytree(session.artifact("openvino", "int4"), folder)
+    meta = json.loads((folder / "phiedge_openvino.json").read_text())
+    meta["cpu_properties"] = {"KV_CACHE_PRECISION": "no-such-precision"}
+    (folder / "phiedge_openvino.json").write_text(json.dumps(meta))
+    art = exporters.Artifact(format="openvino", precision="int4", path=folder, files=tuple(row["files"]), meta=meta)
+    r = build.check_artifact(art, session.merged / "reference.npz", int(THREADS), None, tmp_path / "work")
+    assert r.passed, r.verdict.failures
+    assert r.settings == {"ov_cpu_properties": EXACT_CPU}
+    assert r.own_settings_failures and "runtime failed" in r.own_settings_failures[0]
+    out = r.to_json()
+    assert out["runtime_settings"] == r.settings and out["parity"]["long"]["kl"] < 0.35
+    rt = get("openvino").load(folder, device._settings({}, out, 2, cap_context=False))
+    assert {k: rt.properties[k] for k in EXACT_CPU} == EXACT_CPU
+    rt.close()
+    # Exact settings that fail too: the artifact's own failure is what is reported.
+    strict = build.check_artifact(art, session.merged / "reference.npz", int(THREADS),
+                                  {"INT4": (1.01, 0.0, 0.0)}, tmp_path / "strict")
+    assert not strict.passed and strict.settings == {} and "runtime failed" in strict.verdict.failures[0]

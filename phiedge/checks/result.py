@@ -6,7 +6,7 @@ report.json's "artifacts"; `from_json` reads it back (the verdict is re-derived 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,10 +24,16 @@ class ArtifactResult:
     limits: Limits
     measurement: Measurement
     verdict: Verdict
+    # RuntimeSettings.extra it was measured and ships with beyond its own (empty: as exported), and, when those
+    # are its runtime's exact settings, why its own failed (phiedge.worker.result_of).
+    settings: dict = field(default_factory=dict)
+    own_settings_failures: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, artifact, limits: Limits, measurement: Measurement) -> "ArtifactResult":
-        return cls(artifact, limits, measurement, judge(measurement, limits))
+    def of(cls, artifact, limits: Limits, measurement: Measurement, *, settings: dict | None = None,
+           own_settings_failures: tuple[str, ...] | list[str] = ()) -> "ArtifactResult":
+        return cls(artifact, limits, measurement, judge(measurement, limits), dict(settings or {}),
+                   tuple(own_settings_failures))
 
     @property
     def name(self) -> str:
@@ -54,6 +60,7 @@ class ArtifactResult:
             "smoke": _smoke_row(m.smoke, v),
             "device": {"used": m.device[0], "requested": m.device[1]} if m.device else None,
             "failures": list(v.failures), "passed": v.passed,
+            "runtime_settings": self.settings, "own_settings_failures": list(self.own_settings_failures),
             "measurement": m.to_json(),
         }
 
@@ -65,7 +72,8 @@ class ArtifactResult:
                        files=tuple(d["files"]), meta=d.get("meta") or {})
         t = d["thresholds"]
         limits = Limits(t["top1_min"], t["kl_max"], t["max_abs_max"], bool(d.get("full_precision")))
-        return cls.of(art, limits, Measurement.from_json(d["measurement"]))
+        return cls.of(art, limits, Measurement.from_json(d["measurement"]), settings=d.get("runtime_settings"),
+                      own_settings_failures=d.get("own_settings_failures") or ())
 
 
 def _answer_row(a: Answer | None, agreement: TokenAgreement | None) -> dict | None:

@@ -78,6 +78,14 @@ class Runtime:
         return int(1.2 * artifact_bytes) + logits + 400 * 2**20
 
     @classmethod
+    def exact_settings(cls, meta: dict) -> dict | None:
+        """RuntimeSettings.extra that run an artifact with `meta` exactly, when the settings it ships with trade
+        exactness for speed (OpenVINO's own CPU defaults for int8/int4); None when it already runs exactly. An
+        artifact that fails its check with what it ships is checked again with these, and ships with them when
+        it passes so (phiedge.worker.check_files)."""
+        return None
+
+    @classmethod
     def load(cls, artifact_dir: Path, settings: RuntimeSettings | None = None) -> "Runtime":
         raise NotImplementedError
 

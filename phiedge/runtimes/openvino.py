@@ -11,8 +11,9 @@
   probe and after the 4200-token long probe with both backends; time to first token on the long probe
   2.7 s (paged) vs 6.5 s (SDPA), so the default stays.
 - CPU properties come from the artifact's phiedge_openvino.json (chosen at export, see
-  phiedge.exporters.openvino.CPU_PROPERTIES: exact f32 settings for full precision, the runtime's own defaults
-  for int8/int4), overridable with RuntimeSettings.extra["ov_properties"].
+  phiedge.exporters.openvino.CPU_PROPERTIES: EXACT_CPU for full precision, the runtime's own defaults for
+  int8/int4), then RuntimeSettings.extra["ov_cpu_properties"] (what a bundle ships an artifact with when its
+  defaults failed the check and EXACT_CPU passed: exact_settings), then extra["ov_properties"] (any device).
 - Device: RuntimeSettings.device CPU / GPU / NPU (or GPU.1 style). One this machine lacks falls back to
   extra["fallback"] (default CPU) with a warning; `fallback_from` records it. Other names are a UsageError.
 
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 DEVICES = ("CPU", "GPU", "NPU")       # OpenVINO device families phiedge targets (targets/intel-*.toml)
 META_FILE = "phiedge_openvino.json"
 IR = "openvino_model.xml"
+# The CPU plugin computing as PyTorch's reference does: f32 inference (an AMX CPU's default is bf16), an f32 KV
+# cache (the default is u8) and no dynamic 8-bit quantization of activations.
+EXACT_CPU = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
 
 
 def _import_ov():
@@ -140,10 +144,15 @@ class OpenVINORuntime(Runtime):
         props: dict = {}
         if self.device == "CPU":
             props.update(self.meta.get("cpu_properties") or {})
+            props.update(self.settings.extra.get("ov_cpu_properties") or {})
             if self.settings.threads:
                 props["INFERENCE_NUM_THREADS"] = int(self.settings.threads)
         props.update(self.settings.extra.get("ov_properties") or {})
         return props
+
+    @classmethod
+    def exact_settings(cls, meta: dict) -> dict | None:
+        return None if (meta.get("cpu_properties") or {}) == EXACT_CPU else {"ov_cpu_properties": dict(EXACT_CPU)}
 
     @classmethod
     def load(cls, artifact_dir: Path, settings: RuntimeSettings | None = None) -> "OpenVINORuntime":

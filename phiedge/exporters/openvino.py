@@ -52,8 +52,8 @@ INT4_TOKENS: dict[str, tuple[str, dict]] = {
 # held-out text / compression time): NNCF's defaults (32 windows, AWQ grid 100 steps, scale estimation over 32 of
 # them) 0.187 / 83 s; AWQ's grid in 20 steps 0.185 / 58 s; and scale estimation over 8 windows, statistics over 12:
 # 0.157 / 38 s (8 windows: 0.170; 20: 0.156). Scale estimation keeps NNCF's steps: its grid is what it gains (KL
-# 0.213 without). At full size the statistics pass is a whole-model forward per window and scale estimation's cost
-# per weight grows with its windows, so both counts are what decide its time.
+# 0.213 without). At full size the cap does not make it cheap: scale estimation's grid search runs per weight on one
+# core whatever the windows (3.84 B bench model: > 2170 s, unfinished, against 112 s data-free; README Benchmark).
 INT4_BASE = {"data": "auto", "awq": False, "scale_estimation": False, "seq_len": 128, "num_samples": 12,
              "awq_steps": 20, "se_subset": 8}
 

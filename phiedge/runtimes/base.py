@@ -82,7 +82,7 @@ class Runtime:
         """RuntimeSettings.extra that run an artifact with `meta` exactly, when the settings it ships with trade
         exactness for speed (OpenVINO's own CPU defaults for int8/int4); None when it already runs exactly. An
         artifact that fails its check with what it ships is checked again with these, and ships with them when
-        it passes so (phiedge.worker.check_files)."""
+        it passes so (phiedge.worker.measure_files / result_of)."""
         return None
 
     @classmethod

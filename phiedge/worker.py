@@ -65,7 +65,6 @@ def measure_files(artifact, reference: Path, smoke: Path | None, threads: int, f
     extra = exact_retry(artifact)
     if extra and not judge(m, limits).passed:
         measure_in_child(artifact, reference, smoke, threads, folder / EXACT, long_span=long_span, extra=extra)
-        (folder / "exact-settings.json").write_text(json.dumps(extra, indent=1))
 
 
 def result_of(artifact, limits: Limits, folder: Path) -> ArtifactResult:
@@ -74,8 +73,7 @@ def result_of(artifact, limits: Limits, folder: Path) -> ArtifactResult:
     first = ArtifactResult.of(artifact, limits, _read(folder / FIRST))
     if first.passed or not (folder / EXACT).is_file():
         return first
-    exact = ArtifactResult.of(artifact, limits, _read(folder / EXACT),
-                              settings=json.loads((folder / "exact-settings.json").read_text()),
+    exact = ArtifactResult.of(artifact, limits, _read(folder / EXACT), settings=exact_retry(artifact),
                               own_settings_failures=first.verdict.failures)
     if not exact.passed:
         log.info("  %s %s fails with its runtime's exact settings too: %s", artifact.format, artifact.precision,

@@ -258,19 +258,19 @@ def _smoke_reference(ctx: Context, d: Path) -> None:
 
 def _export_key(ctx: Context, fmt: str, precs: list[str]) -> dict:
     key = {"merge": ctx["merge"].name, "format": fmt, "precisions": precs, "v": __version__}
-    if _calibration(ctx, fmt) is not None:
+    if _calibration(ctx, fmt, precs) is not None:
         key["calibration"] = docs_digest(ctx.cache, Path(ctx.req.docs), ctx.req.follow_links)
     return key
 
 
-def _calibration(ctx: Context, fmt: str) -> Path | None:
-    """Data-aware quantization (OpenVINO int4) calibrates on the build's own documents."""
-    return ctx.req.docs if ctx.req.docs is not None and exporters.get(fmt).USES_CALIBRATION else None
+def _calibration(ctx: Context, fmt: str, precs: list[str]) -> Path | None:
+    """Data-aware quantization (OpenVINO int4-awq / -se) calibrates on the build's own documents."""
+    return ctx.req.docs if ctx.req.docs is not None and exporters.get(fmt).calibrates(precs) else None
 
 
 def _export(ctx: Context, d: Path, fmt: str, precs: list[str]) -> None:
     settings: dict = {"threads": ctx.req.threads}
-    if _calibration(ctx, fmt) is not None:
+    if _calibration(ctx, fmt, precs) is not None:
         settings["calibration_text"] = calibration_text(Path(ctx.req.docs), ctx.req.follow_links)
     arts = exporters.get(fmt).export(ctx["merge"] / "merged", d, precs, settings)
     (d / "artifacts.json").write_text(json.dumps(

@@ -68,7 +68,8 @@ def test_every_format_exports_a_checkpoint_saved_either_way(tiny, tmp_path, fmt,
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([short.ids])).logits[0, -probes.COMPARE_LAST:].numpy()
-    assert (ref.argmax(-1) == got[:, :ref.shape[-1]].argmax(-1)).mean() == 1.0
+    # A wrong vocabulary or template path agrees on almost nothing; MLX on some CPUs flips one near-tie of 64.
+    assert (ref.argmax(-1) == got[:, :ref.shape[-1]].argmax(-1)).mean() >= 0.95
 
 
 def test_vocabulary_path_is_read_from_tokenizer_json(tiny, tmp_path):

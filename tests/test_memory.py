@@ -70,8 +70,10 @@ def test_every_stage_has_a_peak_estimate_and_all_fit_in_10_gb_at_full_size():
                           *(f"check {f} {p[0]}" for f, p in ALL_4BIT.items())}
     assert max(peaks.values()) <= 10 * 2**30, peaks
     assert peaks["export onnx"] < 8e9
-    # llama.cpp computes only the compared rows' logits; the others hand back all 4200 rows (3.4 GB at 200,064).
-    assert peaks["check onnx int4-k_quant-mixed8"] - peaks["check gguf Q4_K_M"] > 3e9
+    # Every runtime's LM head runs on the compared rows only (4200 rows' logits would be 3.4 GB at 200,064); the
+    # ONNX check holds its weights twice (onnxruntime-genai's model and onnxruntime's sliced session).
+    assert peaks["check onnx int4-k_quant-mixed8"] - peaks["check gguf Q4_K_M"] < 3.4e9
+    assert peaks["check onnx int4-k_quant-mixed8"] > 1.8 * peaks["check gguf Q4_K_M"]
     assert build.memory_shortfalls(peaks, 10 * 2**30) == {}
     tiny = build.stage_peaks(ALL_4BIT, 2_000_000, {**PHI4_MINI, "vocab_size": 2048}, docs=False)
     assert build.memory_shortfalls(tiny, 2 * 2**30) == {}
@@ -87,7 +89,7 @@ def test_a_stage_over_max_memory_is_refused_up_front_with_every_other_problem():
         build.preflight(formats, peaks, budget, calibration=False)
     msg = str(e.value)
     assert "\n" not in msg
-    assert "(1) openvino int4-awq: AWQ / scale estimation need calibration text: pass --docs" in msg
+    assert "(1) openvino int4-awq: data-aware AWQ / scale estimation need calibration text: pass --docs" in msg
     over = [s for s, n in peaks.items() if n > budget]
     assert msg.startswith(f"{1 + len(over)} problems: ") and "export onnx" in over
     assert (f"the export onnx stage of this model needs about {peaks['export onnx'] / 1e9:.1f} GB of memory at its "

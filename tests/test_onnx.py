@@ -58,6 +58,26 @@ def test_gate_catches_a_prefill_split_across_the_switch(session):
     rt.close()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int4-k_quant-mixed8"])
+def test_prompt_logits_are_the_sliced_graphs_and_equal_genais_rows(session, precision):
+    """Prompt logits come from onnxruntime on a copy of the decoder whose LM head (MatMul, or MatMulNBits with
+    its int8 head) reads only the compared rows: the same numbers as onnxruntime-genai's every-row logits, for
+    both LongRoPE regimes, and the shipped model.onnx is untouched."""
+    path = session.artifact("onnx", precision)
+    before = (path / "model.onnx").read_bytes()
+    rt = get("onnx").load(path, RuntimeSettings(threads=1))
+    ref = session.reference
+    for regime in ("short", "long"):
+        ids = ref[f"{regime}_ids"].tolist()
+        sliced = rt.logits(ids, probes.COMPARE_LAST)
+        assert rt._rows_session, "the LM head was not found: every row went through it"
+        every = rt.logits(ids, len(ids))[-probes.COMPARE_LAST:]          # onnxruntime-genai, every row
+        assert sliced.shape == every.shape == (probes.COMPARE_LAST, every.shape[1])
+        np.testing.assert_allclose(sliced, every, atol=1e-4, rtol=0, err_msg=regime)
+    rt.close()
+    assert (path / "model.onnx").read_bytes() == before
+
+
 def test_unknown_execution_providers(session, tmp_path):
     exp = exporters.get("onnx")
     merged = session.merged / "merged"

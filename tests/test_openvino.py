@@ -14,7 +14,7 @@ from phiedge.checks.metrics import compare, failures
 from phiedge.exporters import _ov_export
 from phiedge.exporters.openvino import EXACT_CPU
 from phiedge.runtimes import RuntimeSettings, get
-from conftest import THREADS, assert_pytorch_tokens, run_cli
+from conftest import DEMO_DOCS, THREADS, assert_pytorch_tokens, run_cli
 
 pytestmark = pytest.mark.openvino
 
@@ -51,6 +51,24 @@ def test_data_aware_options_need_documents(tmp_path):
     exp = exporters.get("openvino")
     assert exp.preflight(["int4-se"], calibration=False)
     assert exp.preflight(["int4-se", "int4"], calibration=True) == []
+
+
+def test_docs_calibrated_int4_runs_awq_and_scale_estimation_on_them(session, tmp_path):
+    """Plain int4's AWQ is data-free (the session's int4: no documents read); int4-se calibrates on the build's
+    documents: data-aware AWQ, then scale estimation over a capped sample of the same windows. It passes both
+    regimes at int4's limits against the session's reference."""
+    texts = build.calibration_text(DEMO_DOCS)
+    [art] = exporters.get("openvino").export(session.merged / "merged", tmp_path / "out", ["int4-g64-se"],
+                                             {"calibration_text": texts})
+    c = art.meta["compression"]
+    assert (c["awq"], c["scale_estimation"], art.meta["calibration_documents"]) == ("data-aware", True, True), c
+    assert 0 < c["calibration_samples"] <= 12 and c["scale_estimation_samples"] == min(8, c["calibration_samples"])
+    ref, limits = session.reference, Limits.for_precision("int4")
+    rt = get("openvino").load(art.path, RuntimeSettings(threads=int(THREADS)))
+    for regime in ("short", "long"):
+        m = compare(ref[f"{regime}_logits"], rt.logits(ref[f"{regime}_ids"].tolist(), probes.COMPARE_LAST))
+        assert not failures(regime, m, limits), (regime, m)
+    rt.close()
 
 
 def test_group_size_is_lowered_to_one_that_divides():

@@ -99,9 +99,10 @@ def test_format_specific_records(session):
             exact = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
             assert a["meta"]["cpu_properties"] == (exact if a["full_precision"] else {}), a["precision"]
             assert a["meta"]["export_seconds"] > 0
-        c = session.row("openvino", "int4")["meta"]["compression"]   # plain int4 with --docs: AWQ + scale estimation
-        assert c["awq"] and c["scale_estimation"] and c["calibration_samples"] > 0 and c["group_size"] == 128
-        assert c["scale_estimation_samples"] == min(8, c["calibration_samples"]) and c["calibration_samples"] <= 12
+        c = session.row("openvino", "int4")["meta"]   # plain int4, --docs or not: data-free AWQ
+        assert c["compression"]["awq"] == "data-free" and not c["compression"]["scale_estimation"]
+        assert c["compression"]["calibration_samples"] == 0 and not c["calibration_documents"]
+        assert c["compression"]["group_size"] == 128
         assert session.row("openvino", "int8")["meta"]["compression"]["mode"] == "int8_asym"
     if installed("mlx"):
         q4 = session.row("mlx", "4bit")
@@ -238,7 +239,10 @@ def test_precision_options_reach_the_tools():
     assert thresholds_for("int4-k_quant-head8") == thresholds_for("INT4")          # variants: their base's row
     o = job_plan(exporters.get("openvino").parse("int4-g64-sym-r80-awq"))["int4"]
     assert (o["group_size"], o["sym"], o["ratio"], o["awq"], o["data"]) == (64, True, 0.8, True, "explicit")
-    assert job_plan(exporters.get("openvino").parse("int4"))["int4"]["data"] == "auto"
+    plain, rtn = (job_plan(exporters.get("openvino").parse(p))["int4"] for p in ("int4", "int4-rtn"))
+    assert (plain["awq"], plain["data"], rtn["awq"], rtn["data"]) == (True, "none", False, "none")
+    assert not exporters.get("openvino").calibrates(["int4", "int4-rtn", "fp16"])   # docs stay out of its cache key
+    assert exporters.get("openvino").calibrates(["int4", "int4-g64-se"])
     assert convert_args(exporters.get("mlx").parse("mixed_4_6-g32-embfp")) == [
         "--bits", "4", "--group-size", "32", "--embed-bits", "0", "--recipe", "mixed_4_6"]
 
@@ -277,7 +281,8 @@ def _whole_head(fmt: str, rt, ids: list[int]):
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if f in ("openvino", "mlx")])
 def test_logits_for_the_compared_rows_only_are_the_whole_heads_rows(session, fmt):
     """OpenVINO and MLX run the LM head on the rows asked for (3.4 GB of a 4200-token probe's logits at
-    Phi-4-mini's vocabulary are never made): those rows are the whole head's, bit for bit."""
+    Phi-4-mini's vocabulary are never made): those rows are the whole head's (to fp32 rounding: on some CPUs
+    OpenVINO's int4 kernels block 8 rows differently from 799, 1e-6 apart; a wrong row is O(1) away)."""
     import numpy as np
     _skip_missing(fmt)
     assert get(fmt).ALL_ROW_LOGITS is False
@@ -287,7 +292,7 @@ def test_logits_for_the_compared_rows_only_are_the_whole_heads_rows(session, fmt
         rows = rt.logits(ids, 8)
         whole = _whole_head(fmt, rt, ids)
         assert whole.shape[0] == len(ids) and rows.shape == (8, whole.shape[1])
-        assert np.array_equal(rows, whole[-8:].astype(np.float32))
+        np.testing.assert_allclose(rows, whole[-8:].astype(np.float32), rtol=0, atol=1e-4)
         if fmt == "openvino":
             assert rt._sliced
     finally:

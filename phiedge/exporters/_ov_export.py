@@ -152,11 +152,10 @@ def compress_nncf(model, plan: dict, merged: Path, texts: list[str]) -> dict:
         log.warning("openvino %s: group size %d does not divide every layer width (%s): using %d",
                     plan["name"], o["group_size"], widths, group)
     awq, se = o["awq"], o["scale_estimation"]
-    if o["data"] == "auto":
-        awq = se = bool(texts)
-    use_data = o["data"] != "none" and bool(texts)
-    samples = calibration_samples(merged, texts, o["seq_len"], o["num_samples"]) if use_data else []
-    if (awq or se) and not samples:
+    # AWQ without a dataset is NNCF's data-free AWQ (scales from the weights alone); with one, its grid search on
+    # the documents' activations, which scale estimation then refines.
+    samples = calibration_samples(merged, texts, o["seq_len"], o["num_samples"]) if o["data"] == "explicit" else []
+    if o["data"] == "explicit" and not samples:
         raise SystemExit("data-aware int4 needs calibration text: the documents gave no token windows")
     dataset = nncf.Dataset(samples) if samples else None
     mode = nncf.CompressWeightsMode.INT4_SYM if o["sym"] else nncf.CompressWeightsMode.INT4_ASYM
@@ -166,10 +165,11 @@ def compress_nncf(model, plan: dict, merged: Path, texts: list[str]) -> dict:
         awq_params=AdvancedAWQParameters(steps=o["awq_steps"]),
         scale_estimation_params=AdvancedScaleEstimationParameters(subset_size=o["se_subset"]))
     nncf.compress_weights(model, mode=mode, group_size=group, ratio=o["ratio"], dataset=dataset,
-                          awq=awq if dataset else None, scale_estimation=se if dataset else None,
+                          awq=awq or None, scale_estimation=(se and dataset is not None) or None,
                           subset_size=len(samples) or 128, advanced_parameters=advanced)
     return {"mode": mode.value, "group_size_requested": o["group_size"], "group_size": group,
-            "layer_widths": widths, "ratio": o["ratio"], "awq": bool(awq and dataset),
+            "layer_widths": widths, "ratio": o["ratio"],
+            "awq": ("data-aware" if dataset else "data-free") if awq else None,
             "scale_estimation": bool(se and dataset), "awq_steps": o["awq_steps"] if awq and dataset else None,
             "scale_estimation_samples": min(o["se_subset"], len(samples)) if se and dataset else None,
             "calibration_samples": len(samples),

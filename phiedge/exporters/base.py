@@ -54,7 +54,6 @@ class Exporter:
     CLI_FLAG: ClassVar[str]                     # the build command's precision flag, e.g. --gguf-quant
     CLI_HELP: ClassVar[str]
     CLI_MODIFIERS: ClassVar[dict[str, CliModifier]] = {}
-    USES_CALIBRATION: ClassVar[bool] = False    # export takes calibration text (the build's --docs)
     BYTES_PER_PARAM: ClassVar[dict[str, float]] = {}   # base precision -> output bytes per parameter (disk check)
     # The export's peak memory per parameter of the model, measured on the 3.84 B full-size model (bf16)
     # (phiedge.build.stage_peaks; the build's --max-memory check and its parallel executor read it).
@@ -91,6 +90,11 @@ class Exporter:
         except ToolchainError as e:
             problems.append(str(e))
         return problems + self._needs(precisions, calibration, settings or {})
+
+    def calibrates(self, precisions: list[str]) -> bool:
+        """Whether exporting these precisions reads calibration text (the build's --docs documents, passed as
+        settings["calibration_text"]); only then are the documents part of the export's cache key."""
+        return False
 
     def _needs(self, precisions: list[str], calibration: bool, settings: dict) -> list[str]:
         """Exporter-specific shortfalls of these precisions (e.g. data-aware int4 without --docs)."""

@@ -12,9 +12,9 @@
   (tiny fixture: long-probe max|Δ| 0.0084 this way, 2.31 with top-1 0.86 for OpenVINO's whole-IR fp16).
 - Precision names (phiedge.exporters.grammar): `fp32`, `fp16` (weights), `int8` (per-channel asym), `int4`, and int4 variants
   `int4-<token>-...` from INT4_TOKENS: group size, symmetry, int4 ratio `r<percent>` (the rest int8), and the
-  data-aware algorithms `awq` / `se` (scale estimation) or `rtn` (data-free). Plain `int4` is data-aware
-  (AWQ + scale estimation) when the build has calibration text (`--docs`), data-free otherwise; the artifact's
-  meta says which. A group size that does not divide every layer width is lowered to a power of two that
+  algorithms: plain `int4` is AWQ computed from the weights alone (NNCF's data-free AWQ), `awq` makes AWQ
+  data-aware and `se` adds scale estimation (both calibrate on the `--docs` documents), `rtn` is plain
+  round-to-nearest; the artifact's meta says which ran. A group size that does not divide every layer width is lowered to a power of two that
   does, and the chosen one recorded.
 """
 from __future__ import annotations
@@ -44,17 +44,24 @@ INT4_TOKENS: dict[str, tuple[str, dict]] = {
     "gpc": ("group", {"group_size": -1}),          # per output channel, no groups
     "sym": ("symmetry", {"sym": True}),            # int4 weights, no zero points
     "asym": ("symmetry", {"sym": False}),          # uint4 + zero points (optimum-cli's default)
-    "awq": ("awq", {"data": "explicit", "awq": True}),             # activation-aware scales: needs --docs
-    "se": ("se", {"data": "explicit", "scale_estimation": True}),  # scale estimation: needs --docs
-    "rtn": ("awq", {"data": "none"}),              # data-free even when calibration text is there
+    "awq": ("awq", {"data": "explicit"}),          # AWQ's scales searched on the documents' activations: needs --docs
+    "se": ("se", {"data": "explicit", "scale_estimation": True}),  # + scale estimation (with AWQ): needs --docs
+    "rtn": ("awq", {"awq": False}),                # round to nearest: no AWQ at all
 }
-# Data-aware int4's cost knobs, chosen on SmolLM2 (int4 g64 on the demo documents, mean KL against PyTorch fp32 on
-# held-out text / compression time): NNCF's defaults (32 windows, AWQ grid 100 steps, scale estimation over 32 of
-# them) 0.187 / 83 s; AWQ's grid in 20 steps 0.185 / 58 s; and scale estimation over 8 windows, statistics over 12:
-# 0.157 / 38 s (8 windows: 0.170; 20: 0.156). Scale estimation keeps NNCF's steps: its grid is what it gains (KL
-# 0.213 without). At full size the cap does not make it cheap: scale estimation's grid search runs per weight on one
-# core whatever the windows (3.84 B bench model: > 2170 s, unfinished, against 112 s data-free; README Benchmark).
-INT4_BASE = {"data": "auto", "awq": False, "scale_estimation": False, "seq_len": 128, "num_samples": 12,
+# int4's default is data-free AWQ: chosen on SmolLM2-135M + the demo LoRA (int4 g64, mean KL against PyTorch fp32 on
+# four held-out texts / NNCF's compression time) and on the 3.84 B bench model (g128, the compression alone; its
+# IR export before it takes 91 s):
+#   round to nearest                0.296 / 15.9 s    3.84 B:    58 s
+#   data-free AWQ (the default)     0.190 / 15.5 s    3.84 B:   124 s
+#   data-aware AWQ                  0.209 / 28.9 s
+#   AWQ + scale estimation          0.166 / 45.3 s    3.84 B: > 2170 s (scale estimation alone ~960 s, NNCF's steps)
+#   AWQ + one scale-estimation step 0.182 / 29.6 s    3.84 B: + ~140 s for that step
+# Scale estimation's search runs per weight in numpy whatever the calibration size (two threads over weights
+# gain 1.3x: it is bound by memory bandwidth), so at full size it cannot come within 2x of data-free int4; the
+# docs-calibrated variants stay a choice (int4-awq, int4-se). Their knobs: statistics over 12 windows of 128
+# tokens, scale estimation over 8 of them, AWQ's grid in 20 steps instead of NNCF's 100 (0.157 against NNCF's
+# defaults' 0.187 on other held-out text, 38 s against 83 s).
+INT4_BASE = {"data": "none", "awq": True, "scale_estimation": False, "seq_len": 128, "num_samples": 12,
              "awq_steps": 20, "se_subset": 8}
 
 
@@ -90,6 +97,11 @@ META_FILE = "phiedge_openvino.json"
 CPU_PROPERTIES: dict[str, dict[str, str]] = {"fp32": EXACT_CPU, "fp16": EXACT_CPU, "int8": {}, "int4": {}}
 
 
+def calibrated(plan: dict) -> bool:
+    """Whether a job plan's compression calibrates on the documents (int4-awq, int4-se)."""
+    return plan["int4"] is not None and plan["int4"]["data"] == "explicit"
+
+
 def job_plan(p: Precision) -> dict:
     """What the export child (_ov_export) needs of a precision: name, base, and int4's NNCF options."""
     if p.base != "int4":
@@ -118,9 +130,8 @@ class OpenVINOExporter(Exporter):
     DEFAULT_PRECISION = "int4"
     CLI_FLAG = "--ov-weights"
     CLI_HELP = ("OpenVINO weights: fp32, fp16, int8, int4 or int4-<options> such as int4-g64-sym-r80-awq-se "
-                "(int4 is data-aware on the --docs documents when given)")
+                "(-awq / -se calibrate on the --docs documents)")
     TOOL_MODULES = ("phiedge.exporters._ov_export",)
-    USES_CALIBRATION = True       # the build passes its documents as settings["calibration_text"]
     # fp16 weights + an fp32 rope; int4 2.3 GB for 3.84 B parameters (FIELD-NOTES; the int8 embedding is ~0.6 GB).
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.05, "int4": 0.62}
     # optimum's trace of the checkpoint in its own dtype + NNCF's compression of the saved IR: measured at 3.84 B
@@ -131,10 +142,13 @@ class OpenVINOExporter(Exporter):
     def toolchain(self) -> dict[str, str]:
         return toolchain_versions()
 
+    def calibrates(self, precisions: list[str]) -> bool:
+        return any(calibrated(job_plan(self.parse(p))) for p in precisions)
+
     def _needs(self, precisions: list[str], calibration: bool, settings: dict) -> list[str]:
-        return [f"openvino {p.name}: AWQ / scale estimation need calibration text: pass --docs (the build's "
-                f"documents are used), or drop -awq / -se" for p in map(self.parse, precisions)
-                if not calibration and p.base == "int4" and job_plan(p)["int4"]["data"] == "explicit"]
+        return [f"openvino {p}: data-aware AWQ / scale estimation need calibration text: pass --docs (the build's "
+                f"documents are used), or drop -awq / -se (plain int4's AWQ is data-free)" for p in precisions
+                if not calibration and calibrated(job_plan(self.parse(p)))]
 
     def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
         plans = [job_plan(self.parse(p)) for p in self.check_precisions(precisions)]
@@ -163,7 +177,7 @@ class OpenVINOExporter(Exporter):
                 had_text: bool) -> Artifact:
         tmp = out_dir / f"{plan['name']}.partial"
         meta = {"toolchain": versions, "weights": plan["base"], "compression": compression,
-                "cpu_properties": CPU_PROPERTIES[plan["base"]], "calibration_documents": had_text}
+                "cpu_properties": CPU_PROPERTIES[plan["base"]], "calibration_documents": had_text and calibrated(plan)}
         if tmp.is_dir():
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1))    # a function of the inputs: no times inside
         meta = {**meta, "export_seconds": cost["seconds"], "export_peak_rss_mb": cost["peak_rss_mb"]}

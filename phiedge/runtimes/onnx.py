@@ -6,7 +6,14 @@ LongRoPE: the builder's graph picks the short or long cos/sin cache with an `If`
 long prompt in pieces that cross the switch would mix the two factor sets (tests/test_onnx.py shows the
 gate failing that).
 
-Device-path module: onnxruntime_genai, numpy, json and jinja2 (phiedge.chat); never torch or transformers.
+Prompt logits on CPU come from onnxruntime itself on an in-memory copy of the same graph whose LM head reads
+only the rows asked for (`slice_before_lm_head`; the weights are the artifact's own external data file, the
+shipped model.onnx is unchanged): onnxruntime-genai returns the LM head over every position, 3.4 GB of fp32
+for a 4200-token probe at Phi-4-mini's 200,064 vocabulary (the full-size check peaked at 16.5 GB so).
+Generation stays onnxruntime-genai's.
+
+Device-path module: onnxruntime_genai, onnxruntime, onnx, numpy, json and jinja2 (phiedge.chat); never
+torch or transformers.
 """
 from __future__ import annotations
 
@@ -20,6 +27,10 @@ from ..errors import ToolchainError, UsageError
 from .base import Runtime, RuntimeSettings, register
 
 log = logging.getLogger(__name__)
+
+ROWS_FROM = "phiedge_rows_from"        # the input slice_before_lm_head adds: the first hidden-state row kept
+# Ops the LM head's input is followed up through from the `logits` output (a Cast for fp16 I/O, a softcap).
+HEAD_PASSTHROUGH = {"Cast", "Mul", "Div", "Tanh"}
 
 # RuntimeSettings.device (or extra["execution_provider"]) -> (onnxruntime-genai provider name or None for
 # its default CPU, the og.is_*_available check that must pass first or None).
@@ -42,10 +53,38 @@ def _import_og():
     return og
 
 
+def slice_before_lm_head(graph) -> bool:
+    """Make the LM head of an onnx GraphProto read only hidden-state rows ROWS_FROM.. (a new int64 [1] input),
+    in place. The `logits` output's producer is followed up through HEAD_PASSTHROUGH ops to the MatMul /
+    MatMulNBits whose first input is the hidden states; a Slice on axis 1 goes before it. False, graph
+    untouched, where it is not that shape."""
+    from onnx import TensorProto, helper, numpy_helper
+    producer = {o: n for n in graph.node for o in n.output}
+    node = producer.get("logits")
+    for _ in range(8):
+        if node is None or node.op_type in ("MatMul", "MatMulNBits"):
+            break
+        node = producer.get(node.input[0]) if node.op_type in HEAD_PASSTHROUGH else None
+    if node is None or node.op_type not in ("MatMul", "MatMulNBits"):
+        return False
+    hidden, sliced = node.input[0], "phiedge_lm_head_rows"
+    graph.initializer.extend([numpy_helper.from_array(np.asarray([np.iinfo(np.int64).max]), "phiedge_rows_end"),
+                              numpy_helper.from_array(np.asarray([1], dtype=np.int64), "phiedge_rows_axis")])
+    graph.input.append(helper.make_tensor_value_info(ROWS_FROM, TensorProto.INT64, [1]))
+    graph.node.insert(list(graph.node).index(node), helper.make_node(
+        "Slice", [hidden, ROWS_FROM, "phiedge_rows_end", "phiedge_rows_axis"], [sliced], name="phiedge_rows"))
+    node.input[0] = sliced
+    for out in graph.output:             # the logits' row count is no longer the prompt's
+        if out.name == "logits" and len(out.type.tensor_type.shape.dim) == 3:
+            out.type.tensor_type.shape.dim[1].dim_param = "phiedge_rows"
+    return True
+
+
 @register
 class ONNXRuntime(Runtime):
     format = "onnx"
     package = "onnxruntime_genai"
+    ALL_ROW_LOGITS = False            # on CPU: slice_before_lm_head (other providers: every row, as before)
 
     def __init__(self, path: Path, settings: RuntimeSettings):
         from .. import chat
@@ -65,7 +104,8 @@ class ONNXRuntime(Runtime):
             self.model = og.Model(config)
         except Exception as e:      # og raises plain RuntimeError for a bad graph or provider
             raise ToolchainError(f"onnxruntime-genai could not load {path} on {device}: {e}") from None
-        self.device = device
+        self.device, self.provider = device, provider
+        self._rows_session = None         # onnxruntime on the sliced graph, made on first use (False: none)
         self.tokenizer = og.Tokenizer(self.model)
         self.chat_template, self.specials = chat.load_template(path)
         self.context_length = int(self.genai_config["model"].get("context_length") or 0) or None
@@ -97,8 +137,63 @@ class ONNXRuntime(Runtime):
         params.set_search_options(max_length=max_length, do_sample=False)
         return self.og.Generator(self.model, params)
 
+    @classmethod
+    def check_peak_bytes(cls, artifact_bytes: int, n_vocab: int, probe_tokens: int) -> int:
+        """The check holds the weights twice: onnxruntime-genai's model (generation) and onnxruntime's session
+        on the sliced graph (prompt logits)."""
+        return super().check_peak_bytes(artifact_bytes, n_vocab, probe_tokens) + artifact_bytes
+
+    def _rows(self):
+        """An onnxruntime session on the decoder with its LM head sliced (CPU only), or None."""
+        if self._rows_session is None:
+            self._rows_session = False
+            decoder = self.genai_config["model"]["decoder"]
+            if self.provider is None and "filename" in decoder:
+                import onnx
+                import onnxruntime as ort
+                proto = onnx.load(str(self.path / decoder["filename"]), load_external_data=False)
+                if slice_before_lm_head(proto.graph):
+                    so = ort.SessionOptions()
+                    so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                str(self.path))
+                    if self.settings.threads:
+                        so.intra_op_num_threads = int(self.settings.threads)
+                    self._rows_session = ort.InferenceSession(proto.SerializeToString(), so,
+                                                              providers=["CPUExecutionProvider"])
+        return self._rows_session or None
+
+    def _rows_logits(self, session, ids: list[int], keep: int) -> np.ndarray:
+        """One prefill of every id on empty past state; the LM head over the last `keep` rows."""
+        n, feeds, decoder = len(ids), {}, self.genai_config["model"]["decoder"]
+        kinds = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+                 "tensor(float16)": np.float16}
+        for i in session.get_inputs():
+            kind = kinds[i.type]
+            if i.name == "input_ids":
+                feeds[i.name] = np.asarray([ids], dtype=kind)
+            elif i.name == "attention_mask":
+                feeds[i.name] = np.ones((1, n), dtype=kind)
+            elif i.name == "position_ids":
+                feeds[i.name] = np.arange(n, dtype=kind)[None]
+            elif i.name == ROWS_FROM:
+                feeds[i.name] = np.asarray([n - keep], dtype=np.int64)
+            elif i.name.startswith("past_key_values"):        # [batch, kv heads, past length 0, head dim]
+                _, h, _, d = i.shape
+                shape = (1, h if isinstance(h, int) else decoder["num_key_value_heads"], 0,
+                         d if isinstance(d, int) else decoder["head_size"])
+                feeds[i.name] = np.zeros(shape, dtype=kind)
+            else:
+                raise ToolchainError(f"{self.path}: the decoder has an input phiedge does not know ({i.name}): "
+                                     f"rebuild the artifact with phiedge")
+        return np.asarray(session.run(["logits"], feeds)[0])
+
     def logits(self, ids: list[int], last_n: int, start: int = 0) -> np.ndarray:
         self._check_start(start)          # the generator numbers positions itself, and switches on the mask width
+        session = self._rows() if last_n < len(ids) else None
+        if session is not None:
+            self.check_length(len(ids))
+            out = self._rows_logits(session, ids, last_n)
+            return out.reshape(-1, out.shape[-1]).astype(np.float32)
         gen = self._generator(len(ids))
         gen.append_tokens(np.asarray(ids, dtype=np.int32))        # one prefill of every id
         out = np.asarray(gen.get_output("logits"))
@@ -138,3 +233,4 @@ class ONNXRuntime(Runtime):
     def close(self) -> None:
         self.tokenizer = None
         self.model = None
+        self._rows_session = None

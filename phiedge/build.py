@@ -4,13 +4,17 @@ export and check, per format and precision → bundle.
 The build is a list of stages (phiedge.stages) handed to an executor. Every cached stage's output lives in
 the stage cache (phiedge.cache), keyed by the hashes of its inputs and settings and by the code it runs: the
 same build again does no work, new documents rebuild only the retriever and the checks, a new adapter rebuilds
-the merge and everything downstream of it but not the retriever. The bundle is assembled in `<out>.partial/`
+the merge and everything downstream of it but not the retriever. Several adapters (`--adapter NAME=PATH`, repeated)
+are several variants of the model: each has its own merge, smoke reference, exports and checks (stage names and
+bundle folders end in `@NAME`), and they share the input hashing, the retriever and the bundle; adding an adapter
+to a built bundle runs only that adapter's stages. The bundle is assembled in `<out>.partial/`
 and renamed to `<out>` only when every check passed, so an interrupted or failed build never looks complete.
 A failed gate leaves `<out>.partial/report.json` for inspection and raises ParityError listing every failure.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -22,7 +26,8 @@ from pathlib import Path
 from . import __version__, bundle, exporters, report, source
 from .cache import StageCache, default_root
 from .checks import ArtifactResult, Limits
-from .errors import InvalidCheckpointError, MemoryShortError, ParityError, RetrieverError, UsageError
+from .errors import (InvalidCheckpointError, MemoryShortError, ParityError, RetrieverError, UnsupportedAdapterError,
+                     UsageError)
 from .exporters.base import TOOL_BYTES
 from .memory import available_bytes, isolated
 from .stages import Clock, Context, Hit, ParallelExecutor, Stage
@@ -43,10 +48,51 @@ SMOKE_CODE = ("phiedge.checks.smoke",)
 CHECK_CODE = ("phiedge.worker", "phiedge.checks.measure", "phiedge.runtimes.base")
 
 
+ADAPTER_MODES = ("merged", "separate", "both")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model the build proves: the base with one adapter (`adapter` is its name), or the base alone (None).
+    Its merge stage holds its PyTorch reference. `suffix` ends its stage names, merged artifacts' bundle folders
+    and golden references: "" when that cannot be ambiguous (one adapter, or none, and no base artifacts beside its
+    merged ones), else "@<adapter>"."""
+    adapter: str | None
+    suffix: str = ""
+
+    def stage(self, name: str) -> str:
+        return name + self.suffix
+
+
+def variants(adapters: dict[str, str], mode: str = "merged") -> list[Variant]:
+    if len(adapters) <= 1 and mode != "both":
+        return [Variant(next(iter(adapters), None))]
+    return [Variant(n, f"@{n}") for n in adapters]
+
+
+BASE = Variant(None)        # the base artifacts of --adapter-mode separate / both: stages "export <format>"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check stage: an artifact (from `export`, a stage name) held to variant `v`'s references, with, in
+    separate mode, that adapter's runtime file (from the stage `adapter`) applied by the runtime."""
+    fmt: str
+    precision: str
+    v: Variant
+    export: str
+    adapter: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"check {self.fmt} {self.precision}" + (f"+{self.v.adapter}" if self.adapter else self.v.suffix)
+
+
 @dataclass
 class BuildRequest:
     model: str = source.DEFAULT_MODEL
-    adapter: str | None = None
+    adapters: dict[str, str] = field(default_factory=dict)   # name -> local folder or Hub id (source.name_adapters)
+    adapter_mode: str = "merged"            # merged | separate (base artifacts + each adapter's runtime file) | both
     formats: dict[str, list[str]] = field(default_factory=lambda: {"gguf": ["Q4_K_M"]})
     out: Path = Path("dist")
     revision: str | None = None
@@ -92,7 +138,7 @@ def build(req: BuildRequest) -> dict:
     finally:
         clock.close()
     work = out.with_name(out.name + ".partial")
-    failures = [f"{r.artifact.format} {r.artifact.precision}: {f}" for r in _results(ctx) for f in r.verdict.failures]
+    failures = [f"{r.label}: {f}" for r in _results(ctx) for f in r.verdict.failures]
     if failures:
         raise ParityError(f"parity failed for {len(failures)} check(s): {'; '.join(failures)} "
                           f"(report: {work / 'report.json'})")
@@ -156,68 +202,112 @@ def stage_peaks(formats: dict[str, list[str]], n_params: int, config: dict, *, d
 
 
 def graph(ctx: Context) -> list[Stage]:
-    """Every stage of this build, as data."""
-    req, n_params, peaks = ctx.req, ctx.inputs["n_params"], ctx.inputs["peaks"]
-    weights = sum(v for k, v in ctx.inputs["model"].files.items() if k.endswith(".safetensors"))
-    stages = [Stage("hash inputs", run=_hash_inputs),
-              Stage("merge", needs=("hash inputs",), cache_name="merge", key=_merge_key, make=_merge,
-                    modules=MERGE_CODE, disk_bytes=weights, peak_bytes=peaks["merge"])]
-    if req.docs is not None:
-        stages += [Stage("retriever", cache_name="retriever", key=_retriever_key, make=_retriever,
-                         result=lambda c, d: d / "retriever", modules=RETRIEVER_CODE, peak_bytes=peaks["retriever"]),
-                   Stage("smoke reference", needs=("merge", "retriever"), cache_name="smoke-ref", key=_smoke_key,
-                         make=_smoke_reference, result=lambda c, d: d / "smoke.json", modules=SMOKE_CODE,
-                         peak_bytes=peaks["smoke reference"])]
-    for fmt, precs in req.formats.items():
-        exp = exporters.get(fmt)
-        stages.append(Stage(f"export {fmt}", needs=("merge",), cache_name=f"export-{fmt}",
-                            key=lambda c, fmt=fmt, precs=precs: _export_key(c, fmt, precs),
-                            make=lambda c, d, fmt=fmt, precs=precs: _export(c, d, fmt, precs),
-                            modules=(type(exp).__module__, *exp.TOOL_MODULES),
-                            peak_bytes=peaks[f"export {fmt}"],
-                            disk_bytes=exp.estimate_bytes(n_params, precs)))
-        for p in precs:
-            needs = ("merge", f"export {fmt}") + (("smoke reference",) if req.docs is not None else ())
-            stages.append(Stage(f"check {fmt} {p}", needs=needs, cache_name=f"check-{fmt}-{p}",
-                                key=lambda c, fmt=fmt, p=p: _check_key(c, fmt, p),
-                                make=lambda c, d, fmt=fmt, p=p: _measure(c, d, fmt, p),
-                                result=lambda c, d, fmt=fmt, p=p: _result(c, d, fmt, p),
-                                modules=(*CHECK_CODE, f"phiedge.runtimes.{fmt}"), peak_bytes=peaks[f"check {fmt} {p}"]))
+    """Every stage of this build, as data: the input hashing, each variant's stages (the retriever after the first
+    merge), the separate-mode stages, the bundle."""
+    req, n_params = ctx.req, ctx.inputs["n_params"]
+    stages = [Stage("hash inputs", run=_hash_inputs)]
+    merged, separate = req.adapter_mode != "separate", req.adapter_mode != "merged"
+    for v in ctx.inputs["variants"]:
+        stages += variant_graph(ctx, v, merged=merged)
+    if req.docs is not None:            # listed after the first merge: the order a build has always run in
+        stages.insert(2, Stage("retriever", cache_name="retriever", key=_retriever_key, make=_retriever,
+                               result=lambda c, d: d / "retriever", modules=RETRIEVER_CODE,
+                               peak_bytes=ctx.inputs["peaks"]["retriever"]))
+    if separate:
+        stages += separate_graph(ctx)
+    per_set = sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())
+    sets = (len(ctx.inputs["variants"]) if merged else 0) + separate
     stages.append(Stage("bundle", run=_bundle, needs=tuple(s.name for s in stages),
-                        where=ctx.inputs["out"].parent,
-                        disk_bytes=sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())))
+                        where=ctx.inputs["out"].parent, disk_bytes=per_set * sets))
     return stages
+
+
+def variant_graph(ctx: Context, v: Variant, *, merged: bool = True) -> list[Stage]:
+    """One variant's merge (its reference), smoke reference and, when its artifacts are merged, exports and
+    checks (phiedge.stages: the functions read the stages they need by `v.stage(name)`)."""
+    req, peaks = ctx.req, ctx.inputs["peaks"]
+    weights = sum(n for k, n in ctx.inputs["model"].files.items() if k.endswith(".safetensors"))
+    merge = v.stage("merge")
+    stages = [Stage(merge, needs=("hash inputs",), cache_name="merge", key=lambda c: _merge_key(c, v),
+                    make=lambda c, d: _merge(c, d, v), modules=MERGE_CODE, disk_bytes=weights,
+                    peak_bytes=peaks["merge"])]
+    if req.docs is not None:
+        stages.append(Stage(v.stage("smoke reference"), needs=(merge, "retriever"), cache_name="smoke-ref",
+                            key=lambda c: _smoke_key(c, v), make=lambda c, d: _smoke_reference(c, d, v),
+                            result=lambda c, d: d / "smoke.json", modules=SMOKE_CODE,
+                            peak_bytes=peaks["smoke reference"]))
+    if not merged:
+        return stages
+    for fmt, precs in req.formats.items():
+        stages.append(_export_stage(ctx, fmt, precs, v, needs=(merge,)))
+        stages += [_check_stage(ctx, Check(fmt, p, v, v.stage(f"export {fmt}"))) for p in precs]
+    return stages
+
+
+def separate_graph(ctx: Context) -> list[Stage]:
+    """--adapter-mode separate / both: each format's base artifacts exported once from the base model, each
+    adapter's runtime file per format, and a check of every (base artifact, adapter) pair against that adapter's
+    merged PyTorch model."""
+    stages = []
+    for fmt, precs in ctx.req.formats.items():
+        exp = exporters.get(fmt)
+        stages.append(_export_stage(ctx, fmt, precs, BASE, needs=("hash inputs",)))
+        for v in ctx.inputs["variants"]:
+            name = v.stage(f"adapter {fmt}")
+            stages.append(Stage(name, needs=("hash inputs",), cache_name=f"adapter-{fmt}",
+                                key=lambda c, fmt=fmt, v=v: _adapter_key(c, fmt, v),
+                                make=lambda c, d, fmt=fmt, v=v: _export_adapter(c, d, fmt, v),
+                                modules=(type(exp).__module__, *exp.TOOL_MODULES), peak_bytes=TOOL_BYTES))
+            stages += [_check_stage(ctx, Check(fmt, p, v, BASE.stage(f"export {fmt}"), name)) for p in precs]
+    return stages
+
+
+def _export_stage(ctx: Context, fmt: str, precs: list[str], v: Variant, needs: tuple[str, ...]) -> Stage:
+    exp, n_params = exporters.get(fmt), ctx.inputs["n_params"]
+    return Stage(v.stage(f"export {fmt}"), needs=needs, cache_name=f"export-{fmt}",
+                 key=lambda c: _export_key(c, fmt, precs, v), make=lambda c, d: _export(c, d, fmt, precs, v),
+                 modules=(type(exp).__module__, *exp.TOOL_MODULES), peak_bytes=ctx.inputs["peaks"][f"export {fmt}"],
+                 disk_bytes=exp.estimate_bytes(n_params, precs))
+
+
+def _check_stage(ctx: Context, c: Check) -> Stage:
+    needs = (c.v.stage("merge"), c.export, *([c.adapter] if c.adapter else []),
+             *([c.v.stage("smoke reference")] if ctx.req.docs is not None else []))
+    return Stage(c.name, needs=needs, cache_name=f"check-{c.fmt}-{c.precision}", key=lambda x: _check_key(x, c),
+                 make=lambda x, d: _measure(x, d, c), result=lambda x, d: _result(x, d, c),
+                 modules=(*CHECK_CODE, f"phiedge.runtimes.{c.fmt}"),
+                 peak_bytes=ctx.inputs["peaks"][f"check {c.fmt} {c.precision}"])
 
 
 def _hash_inputs(ctx: Context) -> Hit:
     """sha256 of every input file (7.7 GB at full size), remembered across builds by path, size and mtime; the
     same read checks every safetensors tensor for NaN/inf. Cached when every digest came from that memo."""
-    cache, found = ctx.cache, {}
+    cache = ctx.cache
     before = cache.files_hashed
-    for kind in ("model", "adapter"):
-        src = ctx.inputs[kind]
-        if src is None:
-            found[kind] = None
-            continue
+
+    def digests(kind: str, src: source.Source) -> dict[str, str]:
         facts = {n: cache.file_facts(src.path / n) for n in sorted(src.files)}
         bad = next(((n, f["nonfinite"]) for n, f in facts.items() if f["nonfinite"]), None)
         if bad:
             raise InvalidCheckpointError(f"{kind} {src.ref}: tensor '{bad[1]}' in {bad[0]} holds NaN or inf "
                                          f"values: the checkpoint is damaged or diverged in training; download or "
                                          f"save it again (or pass the last good checkpoint)")
-        found[kind] = {n: f["sha256"] for n, f in facts.items()}
+        return {n: f["sha256"] for n, f in facts.items()}
+    found = {"model": digests("model", ctx.inputs["model"]),
+             "adapters": {n: digests("adapter", a) for n, a in ctx.inputs["adapters"].items()}}
     return Hit(found, cache.files_hashed == before)
 
 
-def _merge_key(ctx: Context) -> dict:
+def _merge_key(ctx: Context, v: Variant) -> dict:
     d = ctx["hash inputs"]
-    return {"v": __version__, "model": d["model"], "adapter": d["adapter"], "allow_noop": ctx.req.allow_noop_adapter}
+    return {"v": __version__, "model": d["model"], "adapter": d["adapters"].get(v.adapter),
+            "allow_noop": ctx.req.allow_noop_adapter}
 
 
-def _merge(ctx: Context, d: Path) -> None:
+def _merge(ctx: Context, d: Path, v: Variant) -> None:
     from . import merge
     from .checks import reference
-    model, adapter, config = ctx.inputs["model"], ctx.inputs["adapter"], ctx.inputs["config"]
+    model, adapter, config = ctx.inputs["model"], ctx.inputs["adapters"].get(v.adapter), ctx.inputs["config"]
     # Each in its own process: the merge's model copy is gone before the reference loads the merged one.
     proof = isolated(merge.merge, model, adapter, config, d / "merged", allow_noop=ctx.req.allow_noop_adapter)
     (d / "proof.json").write_text(json.dumps(merge.proof_dict(proof), indent=2))
@@ -243,21 +333,27 @@ def _retriever(ctx: Context, d: Path) -> None:
     build_index(Path(ctx.req.docs), d / "retriever", threads=ctx.req.threads, follow_links=ctx.req.follow_links)
 
 
-def _smoke_key(ctx: Context) -> dict:
+def _smoke_key(ctx: Context, v: Variant) -> dict:
     r = ctx.req
-    return {"merge": ctx["merge"].name, "retriever": ctx["retriever"].parent.name, "q": r.smoke_question,
+    return {"merge": ctx[v.stage("merge")].name, "retriever": ctx["retriever"].parent.name, "q": r.smoke_question,
             "needle": r.smoke_needle, "answer": r.smoke_answer, "n": SMOKE_TOKENS}
 
 
-def _smoke_reference(ctx: Context, d: Path) -> None:
+def _smoke_reference(ctx: Context, d: Path, v: Variant) -> None:
     from .checks.smoke import smoke_reference
     r = ctx.req
-    smoke_reference(ctx["merge"] / "merged", ctx["retriever"], d / "smoke.json", question=r.smoke_question,
+    smoke_reference(ctx[v.stage("merge")] / "merged", ctx["retriever"], d / "smoke.json", question=r.smoke_question,
                     needle=r.smoke_needle, fact=r.smoke_answer, n_tokens=SMOKE_TOKENS)
 
 
-def _export_key(ctx: Context, fmt: str, precs: list[str]) -> dict:
-    key = {"merge": ctx["merge"].name, "format": fmt, "precisions": precs, "v": __version__}
+def _checkpoint(ctx: Context, v: Variant) -> Path:
+    """What a variant's artifacts are exported from: its merged checkpoint; the base artifacts, from the model."""
+    return ctx.inputs["model"].path if v is BASE else ctx[v.stage("merge")] / "merged"
+
+
+def _export_key(ctx: Context, fmt: str, precs: list[str], v: Variant) -> dict:
+    source_key = {"model": ctx["hash inputs"]["model"]} if v is BASE else {"merge": ctx[v.stage("merge")].name}
+    key = {**source_key, "format": fmt, "precisions": precs, "v": __version__}
     if _calibration(ctx, fmt, precs) is not None:
         key["calibration"] = docs_digest(ctx.cache, Path(ctx.req.docs), ctx.req.follow_links)
     return key
@@ -268,14 +364,33 @@ def _calibration(ctx: Context, fmt: str, precs: list[str]) -> Path | None:
     return ctx.req.docs if ctx.req.docs is not None and exporters.get(fmt).calibrates(precs) else None
 
 
-def _export(ctx: Context, d: Path, fmt: str, precs: list[str]) -> None:
+def _export(ctx: Context, d: Path, fmt: str, precs: list[str], v: Variant) -> None:
     settings: dict = {"threads": ctx.req.threads}
     if _calibration(ctx, fmt, precs) is not None:
         settings["calibration_text"] = calibration_text(Path(ctx.req.docs), ctx.req.follow_links)
-    arts = exporters.get(fmt).export(ctx["merge"] / "merged", d, precs, settings)
+    arts = exporters.get(fmt).export(_checkpoint(ctx, v), d, precs, settings)
     (d / "artifacts.json").write_text(json.dumps(
         [{"format": a.format, "precision": a.precision, "path": str(a.path.relative_to(d)), "files": list(a.files),
           "meta": a.meta} for a in arts], indent=2))
+
+
+def _adapter_key(ctx: Context, fmt: str, v: Variant) -> dict:
+    d = ctx["hash inputs"]
+    return {"model": d["model"], "adapter": d["adapters"][v.adapter], "format": fmt, "v": __version__}
+
+
+def _export_adapter(ctx: Context, d: Path, fmt: str, v: Variant) -> None:
+    """The adapter as its runtime loads it beside a base artifact of this format (Exporter.export_adapter)."""
+    files = exporters.get(fmt).export_adapter(ctx.inputs["model"].path, ctx.inputs["adapters"][v.adapter].path, d)
+    (d / "files.json").write_text(json.dumps(list(files)))
+
+
+def adapter_artifact(ctx: Context, c: Check) -> exporters.Artifact | None:
+    if c.adapter is None:
+        return None
+    folder = ctx[c.adapter]
+    return exporters.Artifact(format=c.fmt, precision="adapter", path=folder,
+                              files=tuple(json.loads((folder / "files.json").read_text())))
 
 
 def calibration_text(docs: Path, follow_links: bool = False) -> list[str]:
@@ -291,8 +406,9 @@ def calibration_text(docs: Path, follow_links: bool = False) -> list[str]:
     return out
 
 
-def artifact(ctx: Context, fmt: str, precision: str) -> exporters.Artifact:
-    folder = ctx[f"export {fmt}"]
+def artifact(ctx: Context, fmt: str, precision: str, export: str) -> exporters.Artifact:
+    """One precision's artifact of the export stage `export`."""
+    folder = ctx[export]
     for a in json.loads((folder / "artifacts.json").read_text()):
         if a["precision"] == precision:
             return exporters.Artifact(format=a["format"], precision=a["precision"], path=folder / a["path"],
@@ -309,29 +425,36 @@ def long_span(formats: dict[str, list[str]], fmt: str, precision: str) -> bool:
     return precision != formats[fmt][0] and runtimes.get(fmt).POSITION_SPANS
 
 
-def _check_key(ctx: Context, fmt: str, precision: str) -> dict:
+def _check_key(ctx: Context, c: Check) -> dict:
     from .worker import exact_retry
-    smoke = ctx.outputs.get("smoke reference")
-    retry = exact_retry(artifact(ctx, fmt, precision))     # whether it is measured again depends on the limits
-    return {"export": ctx[f"export {fmt}"].name, "precision": precision,
-            "smoke": smoke.parent.name if smoke else None, "reference": ctx["merge"].name,
-            "long_span": long_span(ctx.req.formats, fmt, precision),
-            "retry_limits": _limits(ctx, precision).as_dict() if retry else None}
+    smoke = ctx.outputs.get(c.v.stage("smoke reference"))
+    retry = exact_retry(artifact(ctx, c.fmt, c.precision, c.export))  # re-measured or not depends on the limits
+    key = {"export": ctx[c.export].name, "precision": c.precision,
+           "smoke": smoke.parent.name if smoke else None, "reference": ctx[c.v.stage("merge")].name,
+           "long_span": long_span(ctx.req.formats, c.fmt, c.precision),
+           "retry_limits": _limits(ctx, c.precision).as_dict() if retry else None}
+    if c.adapter:
+        key["adapter"] = ctx[c.adapter].name
+    return key
 
 
 def _limits(ctx: Context, precision: str) -> Limits:
     return Limits.for_precision(precision, ctx.req.thresholds)
 
 
-def _measure(ctx: Context, d: Path, fmt: str, precision: str) -> None:
+def _measure(ctx: Context, d: Path, c: Check) -> None:
     from .worker import measure_files
-    measure_files(artifact(ctx, fmt, precision), ctx["merge"] / "reference.npz", ctx.outputs.get("smoke reference"),
-                  ctx.req.threads, d, _limits(ctx, precision), long_span=long_span(ctx.req.formats, fmt, precision))
+    adapter = adapter_artifact(ctx, c)
+    measure_files(artifact(ctx, c.fmt, c.precision, c.export), ctx[c.v.stage("merge")] / "reference.npz",
+                  ctx.outputs.get(c.v.stage("smoke reference")), ctx.req.threads, d, _limits(ctx, c.precision),
+                  long_span=long_span(ctx.req.formats, c.fmt, c.precision),
+                  settings={"adapter": str(adapter.path)} if adapter else None)
 
 
-def _result(ctx: Context, d: Path, fmt: str, precision: str) -> ArtifactResult:
+def _result(ctx: Context, d: Path, c: Check) -> ArtifactResult:
     from .worker import result_of
-    r = result_of(artifact(ctx, fmt, precision), _limits(ctx, precision), d)
+    r = dataclasses.replace(result_of(artifact(ctx, c.fmt, c.precision, c.export), _limits(ctx, c.precision), d),
+                            adapter=c.v.adapter, suffix=c.v.suffix, adapter_files=adapter_artifact(ctx, c))
     _log_result(r)
     return r
 
@@ -339,20 +462,26 @@ def _result(ctx: Context, d: Path, fmt: str, precision: str) -> ArtifactResult:
 def _bundle(ctx: Context) -> dict:
     """Assemble `<out>.partial/`: artifacts, retriever, golden references, reports, manifest (signed when the
     gate passed and a key was given). Returns the report."""
-    req, model, adapter = ctx.req, ctx.inputs["model"], ctx.inputs["adapter"]
-    out, clock = ctx.inputs["out"], ctx.inputs["clock"]
+    req, model, adapters = ctx.req, ctx.inputs["model"], ctx.inputs["adapters"]
+    out, clock, variants_ = ctx.inputs["out"], ctx.inputs["clock"], ctx.inputs["variants"]
     work = out.with_name(out.name + ".partial")
-    results, digests, smoke = _results(ctx), ctx["hash inputs"], ctx.outputs.get("smoke reference")
-    rep = report.build_report(model=model, adapter=adapter, proof=json.loads((ctx["merge"] / "proof.json").read_text()),
-                              results=results, timings=clock.timings, peaks_mb=clock.peaks_mb,
+    results, digests = _results(ctx), ctx["hash inputs"]
+    smoke = ctx.outputs.get(variants_[0].stage("smoke reference"))
+    question = json.loads(smoke.read_text()) if smoke else None       # the same question and chunks for every variant
+    if question and len(variants_) > 1:
+        question.pop("reference_answer", None)                             # each artifact's row holds its own reference
+    proofs = {v.adapter: json.loads((ctx[v.stage("merge")] / "proof.json").read_text()) for v in variants_}
+    rep = report.build_report(model=model, adapters=adapters, proofs=proofs, results=results,
+                              timings=clock.timings, peaks_mb=clock.peaks_mb,
                               config=ctx.inputs["config"], target=req.target,
-                              smoke_question=json.loads(smoke.read_text()) if smoke else None,
+                              smoke_question=question,
                               cache={"hits": ctx.cache.hits, "ran": ctx.cache.ran, "rebuilt": ctx.cache.rebuilt})
+    named = {n: {"ref": a.ref, "revision": a.revision, "files": digests["adapters"][n]} for n, a in adapters.items()}
     sources = {"model": {"ref": model.ref, "revision": model.revision, "files": digests["model"]},
-               "adapter": None if adapter is None else
-               {"ref": adapter.ref, "revision": adapter.revision, "files": digests["adapter"]}}
+               "adapter": next(iter(named.values())) if len(named) == 1 else None, "adapters": named}
     try:
-        bundle.assemble(work, results=results, reference=ctx["merge"] / "reference.npz",
+        bundle.assemble(work, results=results,
+                        references={v.suffix: ctx[v.stage("merge")] / "reference.npz" for v in variants_},
                         retriever=ctx.outputs.get("retriever"), report=rep, source_info=sources, target=req.target,
                         sign_key=req.sign_key if rep["passed"] else None)
     except OSError as e:
@@ -366,7 +495,8 @@ def _bundle(ctx: Context) -> dict:
 
 def _cheap_checks(req: BuildRequest, out: Path) -> dict:
     """Nothing heavy runs before all of these pass; every shortfall of the exports is listed at once. What they
-    found, for the build's context: model, adapter, config, n_params, each stage's peak estimate, the budget."""
+    found, for the build's context: model, adapters (name -> Source), variants, config, n_params, each stage's peak
+    estimate, the budget."""
     if not bundle.is_bundle(out):          # rebuilding our own bundle in place is allowed
         source.prepare_out(out, force=req.force)
     if req.docs is not None:
@@ -375,22 +505,58 @@ def _cheap_checks(req: BuildRequest, out: Path) -> dict:
         bundle.load_key(req.sign_key, private=True)
     model = source.resolve(req.model, revision=req.revision, kind="model")
     config = source.check_model(model)
-    adapter = None
-    if req.adapter:
-        adapter = source.resolve(req.adapter, revision=req.adapter_revision, kind="adapter")
-        source.check_adapter(adapter, model, config)
+    _check_adapter_mode(req)
+    if req.adapter_revision and len(req.adapters) != 1:
+        raise UsageError(f"--adapter-revision names the revision of one adapter, and this build has "
+                         f"{len(req.adapters)}: pass it with a single --adapter")
+    adapters = {}
+    for name, ref in req.adapters.items():
+        adapters[name] = source.resolve(ref, revision=req.adapter_revision, kind="adapter")
+        source.check_adapter(adapters[name], model, config)
+        if req.adapter_mode != "merged":
+            _check_separable(adapters[name], name, req.formats)
     n_params = source.param_count(model)
     peaks, budget = stage_peaks(req.formats, n_params, config, docs=req.docs is not None), memory_budget(req)
     preflight(req.formats, peaks, budget, calibration=req.docs is not None)
     weight_bytes = sum(v for k, v in model.files.items() if k.endswith(".safetensors"))
-    exports = sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())
+    copies = max(1, len(req.adapters))    # a merged checkpoint and an artifact set per adapter
+    exports = copies * sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())
     cache_root = Path(req.cache_dir) if req.cache_dir else default_root()
     # The cache holds the merged checkpoint and the exporters' intermediates (a 16-bit GGUF, OpenVINO's IR) beside
     # the artifacts; the bundle copies the artifacts.
-    source.check_disk([(cache_root, 2 * weight_bytes + exports), (out.parent if not out.exists() else out,
-                                                                  int(exports * 1.05))])
-    return {"model": model, "adapter": adapter, "config": config, "n_params": n_params, "peaks": peaks,
-            "budget": budget}
+    source.check_disk([(cache_root, (1 + copies) * weight_bytes + exports),
+                       (out.parent if not out.exists() else out, int(exports * 1.05))])
+    return {"model": model, "adapters": adapters, "variants": variants(req.adapters, req.adapter_mode),
+            "config": config,
+            "n_params": n_params, "peaks": peaks, "budget": budget}
+
+
+def _check_adapter_mode(req: BuildRequest) -> None:
+    if req.adapter_mode not in ADAPTER_MODES:
+        raise UsageError(f"--adapter-mode {req.adapter_mode!r} is not one of {', '.join(ADAPTER_MODES)}")
+    if req.adapter_mode == "merged":
+        return
+    if not req.adapters:
+        raise UsageError(f"--adapter-mode {req.adapter_mode} keeps adapters separate from the base, and no --adapter "
+                         f"was given: pass --adapter NAME=PATH")
+    cannot = [f for f in req.formats if exporters.get(f).ADAPTER_RUNTIME is None]
+    if cannot:
+        can = [n for n, cls in sorted(exporters.REGISTRY.items()) if cls.ADAPTER_RUNTIME]
+        raise UsageError(f"--adapter-mode {req.adapter_mode}: {', '.join(cannot)} cannot keep an adapter separate from "
+                         f"its base yet (only {', '.join(can)} can): leave {', '.join(cannot)} out of --formats, or "
+                         f"build with --adapter-mode merged")
+
+
+def _check_separable(adapter: source.Source, name: str, formats: dict) -> None:
+    """What a runtime's LoRA file cannot hold (DoRA, LoRA biases, saved modules), refused from the headers."""
+    from .adapters import refuse_unfoldable
+    acfg = json.loads((adapter.path / "adapter_config.json").read_text())
+    names = list(source.safetensors_header(adapter.path / "adapter_model.safetensors"))
+    for fmt in formats:
+        try:
+            refuse_unfoldable(acfg, [n for n in names if n != "__metadata__"], exporters.get(fmt).ADAPTER_RUNTIME)
+        except UnsupportedAdapterError as e:
+            raise UnsupportedAdapterError(f"adapter {name} ({adapter.ref}): {e}") from None
 
 
 def stage_format(stage: str) -> str | None:
@@ -450,7 +616,7 @@ def _log_result(r: ArtifactResult) -> None:
         return "n/a" if m is None else f"top1 {m.top1:.3f} kl {m.kl:.2g} max|Δ| " + \
             ("-" if m.max_abs is None else f"{m.max_abs:.3g}")
     m = r.measurement
-    log.info("  %s %-7s short: %s | long: %s  %s", r.artifact.format, r.artifact.precision, fmt(m.regime("short")),
+    log.info("  %-16s short: %s | long: %s  %s", r.label, fmt(m.regime("short")),
              fmt(m.regime("long")), "PASS" if r.passed else "FAIL: " + "; ".join(r.verdict.failures))
     if r.own_settings_failures:
         log.warning("  %s %s failed with the settings it was exported with (%s) and passed with its runtime's "

@@ -1,9 +1,14 @@
 """The bundle a user ships: one folder per artifact, the retriever, golden references, manifest, report.
 
 Layout:
-    <format>-<precision>/   the artifact's files, as its runtime loads them
+    <format>-<precision>/   the artifact's files, as its runtime loads them (<format>-<precision>@<adapter>/ when
+                            the bundle holds several adapters' merged artifacts, or base artifacts beside them)
+    adapters/<adapter>/<format>/   an adapter kept separate (--adapter-mode separate / both), as that format's
+                            runtime applies it to any of the bundle's <format>-<precision>/ base artifacts
     retriever/              SQLite + FAISS + ONNX embedder (when built with --docs)
-    golden.npz              probe ids, top-k reference log-probs, greedy tokens and margins (phiedge.checks.golden)
+    golden.npz              probe ids, top-k reference log-probs, greedy tokens and margins (phiedge.checks.golden);
+                            golden@<adapter>.npz per adapter when there are several (each artifact's manifest row
+                            names its own)
     manifest.json           every file's sha256 and size, sources, versions, target, results
     manifest.json.sig       (signed bundles) a detached Ed25519 signature of manifest.json
     report.json, report.html, README.md
@@ -29,7 +34,6 @@ from .errors import BundleError, SignatureError, UsageError
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.json.sig"
-GOLDEN = "golden.npz"
 SCHEMA = 1
 
 
@@ -67,22 +71,30 @@ class BundleWriter:
         self.state = to
 
     def add_artifacts(self, results) -> None:
-        """Each checked artifact's files into its folder (ArtifactResult.name), read, never changed."""
+        """Each checked artifact's files into its folder (ArtifactResult.name), and a separate adapter's runtime
+        files into theirs (ArtifactResult.adapter_path), each once: read, never changed."""
         self._advance(_State.ARTIFACTS)
+        copied = set()
         for r in results:
-            for f in r.artifact.files:
-                (self.folder / r.name / f).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(r.artifact.path / f, self.folder / r.name / f)
+            for art, where in ((r.artifact, r.name), (r.adapter_files, r.adapter_path)):
+                if art is None or where in copied:
+                    continue
+                copied.add(where)
+                for f in art.files:
+                    (self.folder / where / f).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(art.path / f, self.folder / where / f)
 
     def add_retriever(self, retriever: Path | None) -> None:
         self._advance(_State.RETRIEVER)
         if retriever is not None:
             shutil.copytree(retriever, self.folder / "retriever")
 
-    def add_golden(self, reference: Path) -> None:
-        from .checks.golden import write_golden
+    def add_golden(self, references: dict[str, Path]) -> None:
+        """{suffix: reference.npz} -> golden<suffix>.npz each."""
+        from .checks.golden import golden_name, write_golden
         self._advance(_State.GOLDEN)
-        write_golden(reference, self.folder / GOLDEN)
+        for suffix, reference in references.items():
+            write_golden(reference, self.folder / golden_name(suffix))
 
     def add_reports(self, rep: dict, readme: str) -> None:
         from . import report
@@ -101,17 +113,21 @@ class BundleWriter:
 
 
 # Each artifact's row in the manifest: runtime_settings are what `ask` / `validate` run it with (phiedge.device).
-MANIFEST_ROW = ("format", "precision", "path", "size_bytes", "passed", "parity", "smoke", "failures", "runtime_settings")
+# `golden`: the golden references it is validated against; `adapter_path`: the separate adapter's runtime files
+# that `ask` / `validate` apply to the artifact in `path` (None: merged, or no adapter).
+MANIFEST_ROW = ("format", "precision", "adapter", "path", "adapter_path", "golden", "label", "size_bytes", "passed",
+                "parity", "smoke", "failures", "runtime_settings")
 
 
-def assemble(work: Path, *, results: list, reference: Path, retriever: Path | None, report: dict,
+def assemble(work: Path, *, results: list, references: dict[str, Path], retriever: Path | None, report: dict,
              source_info: dict, target: dict | None, sign_key: Path | None = None) -> None:
-    """The whole bundle in `work`, in the writer's order; `report` already holds every result's row."""
+    """The whole bundle in `work`, in the writer's order; `report` already holds every result's row;
+    `references`: each variant's reference.npz by its suffix (phiedge.build.Variant)."""
     from . import report as report_mod
     w = BundleWriter(work)
     w.add_artifacts(results)
     w.add_retriever(retriever)
-    w.add_golden(reference)
+    w.add_golden(references)
     w.add_reports(report, report_mod.readme(report))
     w.add_manifest({"created": report["created"], "source": source_info, "target": target,
                     "versions": report["versions"], "passed": report["passed"],

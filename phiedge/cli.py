@@ -61,8 +61,13 @@ class MemorySize(click.ParamType):
 @click.option("--model", default="microsoft/Phi-4-mini-instruct", show_default=True,
               help="Base model: a local Hugging Face directory or a Hub repo id.")
 @click.option("--revision", default=None, help="Hub commit, branch or tag of --model.")
-@click.option("--adapter", default=None, help="PEFT LoRA adapter: a local directory or a Hub repo id (none: export the base).")
-@click.option("--adapter-revision", default=None, help="Hub commit, branch or tag of --adapter.")
+@click.option("--adapter", "adapters", multiple=True,
+              help="PEFT LoRA adapter: a local directory or a Hub repo id, as NAME=PATH or PATH (named after its "
+                   "folder); repeat for several, each merged into its own artifacts (none: export the base).")
+@click.option("--adapter-revision", default=None, help="Hub commit, branch or tag of --adapter (one adapter).")
+@click.option("--adapter-mode", type=click.Choice(["merged", "separate", "both"]), default="merged", show_default=True,
+              help="merged: each adapter merged into its own artifacts; separate: the base's artifacts once plus each "
+                   "adapter as its runtime applies it (adapters/<name>/<format>/; GGUF so far); both: both.")
 @click.option("--target", default=None,
               help="Device profile from targets/ (`phiedge targets`) or a .toml file; chooses formats and precisions "
                    "(a precision flag replaces the profile's precisions of that format).")
@@ -94,17 +99,18 @@ class MemorySize(click.ParamType):
               help="Also read what symbolic links out of --docs point to (skipped and reported by default).")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
               help="Ed25519 private key (`phiedge keygen`): sign the bundle's manifest.")
-def build(model, revision, adapter, adapter_revision, target, formats, docs, smoke_question, smoke_needle,
+def build(model, revision, adapters, adapter_revision, adapter_mode, target, formats, docs, smoke_question, smoke_needle,
           smoke_answer, out, force, cache_dir, threads, max_memory, jobs, allow_noop_adapter, verify_cache,
           follow_links, sign_key, **precision_flags):
     """Merge, export, check parity in both LongRoPE regimes, smoke-test RAG, and write the bundle."""
     from .build import BuildRequest, build as run_build
     from .report import table
+    from .source import name_adapters
     from .targets import resolve_plan
     plan, profile = resolve_plan(target, _split(formats), _precision_flags(precision_flags))
-    rep = run_build(BuildRequest(model=model, adapter=adapter, formats=plan, out=out, revision=revision,
-                                 adapter_revision=adapter_revision, force=force, threads=threads,
-                                 allow_noop_adapter=allow_noop_adapter,
+    rep = run_build(BuildRequest(model=model, adapters=name_adapters(adapters), adapter_mode=adapter_mode,
+                                 formats=plan, out=out, revision=revision, adapter_revision=adapter_revision,
+                                 force=force, threads=threads, allow_noop_adapter=allow_noop_adapter,
                                  thresholds=profile.threshold_overrides() if profile else None,
                                  target=profile.as_dict() if profile else None, docs=docs,
                                  smoke_question=smoke_question, smoke_needle=smoke_needle,
@@ -186,15 +192,17 @@ def sign(bundle_dir, key):
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.argument("question")
 @click.option("--runtime", default=None, help="Which artifact answers: gguf, onnx, openvino, mlx (default: first installed).")
+@click.option("--adapter", default=None,
+              help="Whose artifact answers, in a bundle built with several adapters (their --adapter names).")
 @click.option("-k", "k", type=click.IntRange(min=1), default=3, show_default=True, help="Chunks to retrieve.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Longest answer in tokens.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: the target profile's).")
 @KEY_OPTION
-def ask(bundle_dir, question, runtime, k, max_tokens, threads, key):
+def ask(bundle_dir, question, runtime, adapter, k, max_tokens, threads, key):
     """Answer a question from the bundle's documents on the device (verifies the bundle first)."""
     from .device import ask as run_ask
-    a = run_ask(bundle_dir, question, runtime=runtime, k=k, max_new_tokens=max_tokens, threads=threads, key=key)
+    a = run_ask(bundle_dir, question, runtime=runtime, adapter=adapter, k=k, max_new_tokens=max_tokens, threads=threads, key=key)
     click.echo(a.text)
     click.echo("\nsources:\n  " + "\n  ".join(a.sources))
     click.echo(f"({a.runtime}: first token {a.ttft_s:.2f} s, {a.decode_tps:.1f} tok/s)", err=True)
@@ -205,11 +213,12 @@ def ask(bundle_dir, question, runtime, k, max_tokens, threads, key):
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: the target profile's).")
 @click.option("--artifact", "artifacts", multiple=True,
               help="Validate only this artifact folder (e.g. gguf-Q4_K_M; repeat for several; default: all).")
+@click.option("--adapter", default=None, help="Validate only this adapter's artifacts (default: every adapter's).")
 @KEY_OPTION
-def validate(bundle_dir, threads, artifacts, key):
+def validate(bundle_dir, threads, artifacts, adapter, key):
     """On the device: check every artifact whose runtime is installed against the golden references."""
     from .device import validate as run_validate
-    rep = run_validate(bundle_dir, threads=threads, key=key, only=list(artifacts) or None)
+    rep = run_validate(bundle_dir, threads=threads, key=key, only=list(artifacts) or None, adapter=adapter)
     for r in rep["artifacts"]:
         if r["status"] == "not validated":
             click.echo(f"{r['path']:16} not validated: {r['reason']}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import bundle, rag
 from .checks import ArtifactResult, Limits, ProbeSet, measure
+from .checks.golden import GOLDEN, golden_suffix
 from .errors import BundleError, UsageError
 from .runtimes import RuntimeSettings, get
 
@@ -29,12 +30,15 @@ class Answer:
     decode_tps: float
 
 
-def _settings(manifest: dict, art: dict, threads: int | None, *, cap_context: bool) -> RuntimeSettings:
+def _settings(manifest: dict, art: dict, threads: int | None, *, cap_context: bool,
+              folder: Path | None = None) -> RuntimeSettings:
     """The profile's runtime settings and those the artifact passed its check with (runtime_settings: its
-    runtime's exact ones when its own failed); ask is held to the device's context size, validation probes
-    are not."""
+    runtime's exact ones when its own failed), with its separate adapter applied; ask is held to the device's
+    context size, validation probes are not."""
     rt = (manifest.get("target") or {}).get("runtime", {})
     extra = dict(art.get("runtime_settings") or {})
+    if art.get("adapter_path") and folder is not None:
+        extra["adapter"] = str(Path(folder) / art["adapter_path"])
     if cap_context and rt.get("n_ctx"):
         extra["max_ctx"] = rt["n_ctx"]
     if rt.get("fallback"):               # device to use (and record) when the profile's device is absent
@@ -42,8 +46,33 @@ def _settings(manifest: dict, art: dict, threads: int | None, *, cap_context: bo
     return RuntimeSettings(threads=threads or rt.get("threads", 2), device=rt.get("device", "CPU"), extra=extra)
 
 
-def _pick(manifest: dict, runtime: str | None) -> dict:
+def adapter_rows(manifest: dict, adapter: str | None) -> list[dict]:
+    """The artifacts of one adapter. Without a name, every artifact of a bundle built with one adapter (or none);
+    a bundle of several adapters needs the name."""
     arts = manifest["artifacts"]
+    names = list(dict.fromkeys(a.get("adapter") for a in arts))
+    if adapter is None:
+        if len(names) > 1:
+            raise UsageError(f"this bundle holds artifacts of {len(names)} adapters ({_names(names)}): pass "
+                             f"--adapter NAME")
+        return arts
+    want = [a for a in arts if a.get("adapter") == adapter]
+    if not want:
+        raise UsageError(f"this bundle has no adapter '{adapter}': it has {_names(names)}")
+    return want
+
+
+def _label(art: dict) -> str:
+    """What answered: "gguf Q4_K_M", "gguf Q4_K_M@legal" (merged) or "gguf Q4_K_M+legal" (separate)."""
+    return art.get("label") or f"{art['format']} {art['precision']}"
+
+
+def _names(names: list) -> str:
+    return ", ".join("none (the base)" if n is None else n for n in names)
+
+
+def _pick(manifest: dict, runtime: str | None, adapter: str | None = None) -> dict:
+    arts = adapter_rows(manifest, adapter)
     if runtime:
         want = [a for a in arts if a["format"] == runtime or a["path"] == runtime]
         if not want:
@@ -56,42 +85,56 @@ def _pick(manifest: dict, runtime: str | None) -> dict:
                       f"pip install 'phiedge[{arts[0]['format']}]'")
 
 
-def ask(folder: Path, question: str, *, runtime: str | None = None, k: int = 3, max_new_tokens: int = 256,
-        threads: int | None = None, key: Path | None = None) -> Answer:
+def ask(folder: Path, question: str, *, runtime: str | None = None, adapter: str | None = None, k: int = 3,
+        max_new_tokens: int = 256, threads: int | None = None, key: Path | None = None) -> Answer:
     folder = Path(folder)
     manifest = bundle.verify(folder, key)
+    art = _pick(manifest, runtime, adapter)          # a wrong --runtime / --adapter before the retriever loads
     if not manifest.get("retriever"):
         raise BundleError(f"bundle {folder} has no retriever: rebuild it with --docs")
     from .retriever import Retriever
     with Retriever.open(folder / manifest["retriever"]) as r:
         hits = r.search(question, k=k)
-    art = _pick(manifest, runtime)
-    rt = get(art["format"]).load(folder / art["path"], _settings(manifest, art, threads, cap_context=True))
+    rt = get(art["format"]).load(folder / art["path"], _settings(manifest, art, threads, cap_context=True,
+                                                                             folder=folder))
     try:
         gen = rt.generate(rag.messages(question, hits), max_new_tokens=max_new_tokens)
     finally:
         rt.close()
-    return Answer(text=gen.text.strip(), sources=rag.sources(hits), runtime=f"{art['format']} {art['precision']}",
+    return Answer(text=gen.text.strip(), sources=rag.sources(hits), runtime=_label(art),
                   ttft_s=gen.ttft_s, decode_tps=gen.decode_tps)
 
 
 def validate(folder: Path, *, threads: int | None = None, key: Path | None = None,
-             only: list[str] | None = None) -> dict:
-    """Check every artifact whose runtime this machine has against the golden references (the same measure and
-    judge as the build, on top-k references); write a device report beside the bundle. Artifacts whose runtime
-    is missing are listed as not validated."""
+             only: list[str] | None = None, adapter: str | None = None) -> dict:
+    """Check every artifact whose runtime this machine has (of every adapter, or of `adapter`) against its
+    golden references (the same measure and judge as the build, on top-k references); write a device report
+    beside the bundle. Artifacts whose runtime is missing are listed as not validated."""
     folder = Path(folder)
     manifest = bundle.verify(folder, key)
-    probes = ProbeSet.from_golden(folder / bundle.GOLDEN)
     overrides = {p.upper(): (*v, None)[:3] for p, v in ((manifest.get("target") or {}).get("thresholds") or {}).items()}
-    names = [a["path"] for a in manifest["artifacts"]]
+    arts = manifest["artifacts"]
+    names = list(dict.fromkeys(a["path"] for a in arts))
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
         raise UsageError(f"bundle {folder} has no artifact '{unknown[0]}': it has {', '.join(names)}")
-    results = [_validate_one(folder, manifest, art, probes, overrides, threads) if not only or art["path"] in only
-               else {"format": art["format"], "precision": art["precision"], "path": art["path"],
-                     "status": "not validated", "reason": "not selected (--artifact)"}
-               for art in manifest["artifacts"]]
+    mine = adapter_rows(manifest, adapter) if adapter is not None else arts
+
+    def skipped(art: dict) -> str | None:
+        if not any(art is a for a in mine):
+            return "not selected (--adapter)"
+        return "not selected (--artifact)" if only and art["path"] not in only else None
+    probes: dict[str, ProbeSet] = {}
+    results = []
+    for art in arts:
+        why = skipped(art)
+        if why:
+            results.append({**_row_id(art), "status": "not validated", "reason": why})
+            continue
+        golden = art.get("golden") or GOLDEN
+        if golden not in probes:
+            probes[golden] = ProbeSet.from_golden(folder / golden)
+        results.append(_validate_one(folder, manifest, art, probes[golden], overrides, threads))
     report = {"bundle": str(folder.resolve()), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "machine": platform.machine(),
                           "processor": platform.processor(), "python": platform.python_version()},
@@ -108,24 +151,33 @@ def _validate_one(folder: Path, manifest: dict, art: dict, probes: ProbeSet, ove
     from .exporters.base import Artifact
     cls = get(art["format"])
     if importlib.util.find_spec(cls.package) is None:
-        return {"format": art["format"], "precision": art["precision"], "path": art["path"],
-                "status": "not validated", "reason": f"runtime package '{cls.package}' is not installed here"}
-    prefix = art["path"] + "/"
-    files = tuple(sorted(f[len(prefix):] for f in manifest["files"] if f.startswith(prefix)))
-    artifact = Artifact(format=art["format"], precision=art["precision"], path=folder / art["path"], files=files)
+        return {**_row_id(art), "status": "not validated",
+                "reason": f"runtime package '{cls.package}' is not installed here"}
+
+    def files_of(path: str, precision: str) -> Artifact:
+        prefix = path + "/"
+        return Artifact(format=art["format"], precision=precision, path=folder / path,
+                        files=tuple(sorted(f[len(prefix):] for f in manifest["files"] if f.startswith(prefix))))
+    artifact = files_of(art["path"], art["precision"])
     t0 = time.perf_counter()
-    rt = cls.load(artifact.path, _settings(manifest, art, threads, cap_context=False))
+    rt = cls.load(artifact.path, _settings(manifest, art, threads, cap_context=False, folder=folder))
     try:
         m = measure(rt, probes)
     finally:
         rt.close()
     r = ArtifactResult.of(artifact, Limits.for_precision(art["precision"], overrides), m,
-                          settings=art.get("runtime_settings"))
+                          settings=art.get("runtime_settings"), adapter=art.get("adapter"),
+                          suffix=golden_suffix(art.get("golden")),
+                          adapter_files=files_of(art["adapter_path"], "adapter") if art.get("adapter_path") else None)
     row = r.to_json()
     greedy = row.get("greedy") or {}
     row.update(status="passed" if r.passed else "failed", ttft_s=greedy.get("ttft_s"),
                decode_tps=greedy.get("decode_tps"), seconds=round(time.perf_counter() - t0, 2))
     return row
+
+
+def _row_id(art: dict) -> dict:
+    return {k: art.get(k) for k in ("format", "precision", "adapter", "path", "adapter_path", "label")}
 
 
 def _runtime_versions() -> dict:

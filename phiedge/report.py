@@ -30,17 +30,31 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def build_report(*, model: Source, adapter: Source | None, proof: dict, results: list, timings: dict,
-                 config: dict, peaks_mb: dict | None = None, target: dict | None = None,
+def build_report(*, model: Source, adapters: dict[str, Source], proofs: dict[str | None, dict], results: list,
+                 timings: dict, config: dict, peaks_mb: dict | None = None, target: dict | None = None,
                  smoke_question: dict | None = None, cache: dict | None = None) -> dict:
+    """`proofs`: each variant's merge proof, by adapter name (None: the base alone, no adapter). One variant's
+    adapter and proof are also "adapter" and "merge" (None when the bundle holds several)."""
     rows = [r.to_json() for r in results]
+    named = [{"name": n, "ref": adapters[n].ref if n else None, "revision": adapters[n].revision if n else None,
+              "merge": proof} for n, proof in proofs.items()]
+    one = named[0] if len(named) == 1 else None
+    pairs = [r for r in rows if r.get("adapter_path")]
     return {
         "schema": 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"ref": model.ref, "revision": model.revision, "architecture": (config.get("architectures") or [None])[0]},
-        "adapter": None if adapter is None else {"ref": adapter.ref, "revision": adapter.revision},
+        "adapter": {"ref": one["ref"], "revision": one["revision"]} if one and one["name"] else None,
+        "adapters": named,
         "target": target["name"] if target else None,
-        "merge": proof,
+        "merge": one["merge"] if one else None,
+        # --adapter-mode separate: the base artifacts once and each adapter's files, against a merged copy of the
+        # base artifacts per adapter (a merged artifact is the size of its base).
+        "separate": None if not pairs else {
+            "base_bytes": sum({r["path"]: r["size_bytes"] for r in pairs}.values()),
+            "adapter_bytes": sum({r["adapter_path"]: r["adapter_size_bytes"] for r in pairs}.values()),
+            "merged_copies_bytes": sum({r["path"]: r["size_bytes"] for r in pairs}.values())
+            * len({r["adapter"] for r in pairs})},
         "probes": {"compare_last": probes.COMPARE_LAST, "longrope_switch": probes.switch_point(config)},
         "smoke": None if smoke_question is None else {k: smoke_question.get(k) for k in (
             "question", "needle", "fact", "reference_answer", "retrieved", "retrieved_has_needle")},
@@ -70,24 +84,43 @@ def cell(row: dict, regime: str, key: str, fmt: str) -> str:
     return "-" if m.get(key) is None else format(m[key], fmt)
 
 
+def variant(row: dict) -> str:
+    """A row's precision and which adapter where the bundle has several or keeps them separate: "Q4_K_M",
+    "Q4_K_M@legal" (merged) or "Q4_K_M+legal" (the base artifact with the adapter applied at run time)."""
+    return row["label"].split(" ", 1)[1]
+
+
 def table(rep: dict) -> str:
     """The parity table as plain text, for the terminal."""
-    pw = max([9] + [len(r["precision"]) for r in rep["artifacts"]])
+    pw = max([9] + [len(variant(r)) for r in rep["artifacts"]])
     lines = [f"{'format':8} {'precision':{pw}} {'size':>9}  {'short top1':>10} {'short KL':>9}  {'long top1':>16} "
              f"{'long KL':>16}  {'smoke':>7}  result"]
     for r in rep["artifacts"]:
         sm = r.get("smoke")
         smoke = "-" if not sm else ("fact" if sm.get("has_fact") else "no fact") if "has_fact" in sm \
             else f"{sm['token_agreement']['agree']}/{sm['of']}"
-        lines.append(f"{r['format']:8} {r['precision']:{pw}} {r['size_bytes'] / 1e6:8.1f}M  "
+        lines.append(f"{r['format']:8} {variant(r):{pw}} {r['size_bytes'] / 1e6:8.1f}M  "
                      f"{cell(r, 'short', 'top1', '.3f'):>10} {cell(r, 'short', 'kl', '.2g'):>9}  "
                      f"{cell(r, 'long', 'top1', '.3f'):>16} {cell(r, 'long', 'kl', '.2g'):>16}  {smoke:>7}  "
                      f"{'PASS' if r['passed'] else 'FAIL'}")
-    m = rep["merge"]
-    if m.get("max_abs_vs_peft") is not None:
-        lines.append(f"merge proof: |merged - peft| {m['max_abs_vs_peft']:.2g} (tol {m['tolerance']:.2g}), "
-                     f"|merged - base| {m['max_abs_vs_base']:.3g}")
+    if rep.get("separate"):
+        sep = rep["separate"]
+        lines.append(f"adapters kept separate: base {sep['base_bytes'] / 1e6:.1f} MB once + adapters "
+                     f"{sep['adapter_bytes'] / 1e6:.1f} MB, against {sep['merged_copies_bytes'] / 1e6:.1f} MB merged")
+    for a in rep["adapters"]:
+        if a["merge"].get("max_abs_vs_peft") is not None:
+            lines.append(f"merge proof{' of ' + a['name'] if len(rep['adapters']) > 1 else ''}: "
+                         f"{merge_line(a['merge'], plain=True)}")
     return "\n".join(lines)
+
+
+def merge_line(m: dict, *, plain: bool = False) -> str:
+    """One merge proof as a sentence."""
+    if m.get("max_abs_vs_peft") is None:
+        return "no adapter"
+    minus = "-" if plain else "−"
+    return (f"|merged {minus} PEFT| {m['max_abs_vs_peft']:.2g} (tolerance {m['tolerance']:.2g}), "
+            f"|merged {minus} base| {m['max_abs_vs_base']:.3g}")
 
 
 # ------------------------------------------------------------------------------------------------ HTML
@@ -149,14 +182,14 @@ def size_vs_kl(rep: dict) -> str | None:
     for r, regime, x, y in pts:
         c = COLOURS.get(r["format"], "#555")
         ax.scatter([x], [max(y, 1e-12)], s=36, facecolors=c if regime == "short" else "white", edgecolors=c,
-                   linewidths=1.5, zorder=3, gid=f"point-{r['path']}-{regime}")
+                   linewidths=1.5, zorder=3, gid=f"point-{r['label'].replace(' ', '-')}-{regime}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("artifact size (MB)")
     ax.set_ylabel("mean KL vs PyTorch (nats)")
     ax.grid(True, which="major", alpha=0.3)
     ax.margins(0.25)
-    _place_labels(ax, [(x, max(y, 1e-12), f"{r['format']} {r['precision']}") for r, regime, x, y in pts
+    _place_labels(ax, [(x, max(y, 1e-12), f"{r['format']} {variant(r)}") for r, regime, x, y in pts
                        if regime == "short"])
     ax.set_title("● short probe   ○ long probe", fontsize=9, loc="right")
     return _svg(fig)
@@ -183,7 +216,7 @@ def bar_chart(pairs: list[tuple[str, float | None]], unit: str, title: str) -> s
 
 def timing_bars(rep: dict, key: str, unit: str, title: str) -> str:
     """One timing of every artifact (from its smoke answer, else its greedy one)."""
-    return bar_chart([(f"{r['format']} {r['precision']}", (r.get("smoke") or r.get("greedy") or {}).get(key))
+    return bar_chart([(f"{r['format']} {variant(r)}", (r.get("smoke") or r.get("greedy") or {}).get(key))
                       for r in rep["artifacts"]], unit, title)
 
 
@@ -207,12 +240,20 @@ def _probes_line(p: dict) -> str:
             f"there is no long regime to check).")
 
 
+def adapter_refs(rep: dict) -> str:
+    """The bundle's adapters as text: "org/lora", or "support (./lora-support), legal (org/lora-legal)"."""
+    named = [a for a in rep["adapters"] if a["name"]]
+    if len(named) == 1:
+        return named[0]["ref"]
+    return ", ".join(f"{a['name']} ({a['ref']})" for a in named)
+
+
 def write_html(rep: dict, folder: Path) -> Path:
     esc = html.escape
     rows = []
     for r in rep["artifacts"]:
         sm = r.get("smoke")
-        cells = [r["format"], r["precision"], f"{r['size_bytes'] / 1e6:.1f} MB",
+        cells = [r["format"], variant(r), f"{r['size_bytes'] / 1e6:.1f} MB",
                  cell(r, "short", "top1", ".3f"), cell(r, "short", "kl", ".3g"), cell(r, "short", "max_abs", ".3g"),
                  cell(r, "long", "top1", ".3f"), cell(r, "long", "kl", ".3g"), cell(r, "long", "max_abs", ".3g"),
                  _smoke_cell(sm),
@@ -221,10 +262,8 @@ def write_html(rep: dict, folder: Path) -> Path:
         cls = "pass" if r["passed"] else "fail"
         rows.append(f'<tr class="{cls}">' + "".join(f"<td>{c if i == 10 else esc(str(c))}</td>"
                                                      for i, c in enumerate(cells)) + "</tr>")
-    m = rep["merge"]
-    merge_line = ("no adapter" if m.get("max_abs_vs_peft") is None else
-                  f"|merged − PEFT| = {m['max_abs_vs_peft']:.2g} (tolerance {m['tolerance']:.2g}); "
-                  f"|merged − base| = {m['max_abs_vs_base']:.3g}")
+    merges = "; ".join((f"{a['name']}: " if len(rep["adapters"]) > 1 else "") + merge_line(a["merge"])
+                       for a in rep["adapters"])
     smoke = rep.get("smoke")
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>phiedge report — {esc(rep['model']['ref'])}</title>
@@ -236,9 +275,9 @@ th {{ background: #f3f3f3; }} tr.fail td {{ background: #fde8e8; }} tr.pass td:l
 </style></head><body>
 <h1>phiedge report</h1>
 <p><b>{'PASSED' if rep['passed'] else 'FAILED'}</b> · model {esc(rep['model']['ref'])}
- ({esc(str(rep['model']['architecture']))}) · adapter {esc(str((rep['adapter'] or {}).get('ref')))}
+ ({esc(str(rep['model']['architecture']))}) · adapter {esc(adapter_refs(rep) or 'none')}
  · target {esc(str(rep.get('target')))} · {esc(rep['created'])}</p>
-<p>Merge proof: {esc(merge_line)}</p>
+<p>Merge proof: {esc(merges)}</p>
 <p>{esc(_probes_line(rep['probes']))}</p>
 <table id="parity"><thead><tr><th>format</th><th>precision</th><th>size</th>
 <th>short top-1</th><th>short KL</th><th>short max|Δ|</th><th>long top-1</th><th>long KL</th><th>long max|Δ|</th>
@@ -263,17 +302,32 @@ def readme(rep: dict) -> str:
     """The bundle's README: a function of what was built, not of when (the date is in the manifest and report)."""
     target = rep.get("target")           # the profile's name (build_report)
     extras = ",".join(sorted({r["format"] for r in rep["artifacts"]}) + ["retriever"])
-    lines = [f"# phiedge bundle: {rep['model']['ref']}" + (f" + {rep['adapter']['ref']}" if rep["adapter"] else ""), "",
+    names = [a["name"] for a in rep["adapters"] if a["name"]]
+    ask = ("phiedge ask . \"your question\"              # retrieve, answer, cite sources" if len(names) < 2 else
+           f"phiedge ask . \"your question\" --adapter {names[0]}  # retrieve, answer, cite sources "
+           f"(adapters: {', '.join(names)})")
+    lines = [f"# phiedge bundle: {rep['model']['ref']}" + (f" + {adapter_refs(rep)}" if adapter_refs(rep) else ""), "",
              (f"Built for target `{target}`." if target else "Built without a target profile.") +
              " Every artifact below passed the parity gate",
              "against the PyTorch merged model (see report.html).", "", "## Run it on the device", "",
              "```", f"pip install 'phiedge[{extras}]'     # the device path: no torch",
              "phiedge verify .                           # re-hash every file against manifest.json",
              "phiedge validate .                         # golden references, TTFT and tokens/s on this machine",
-             "phiedge ask . \"your question\"              # retrieve, answer, cite sources", "```", "",
+             ask, "```", "",
              "## Artifacts", ""]
+    listed = set()
     for r in rep["artifacts"]:
-        lines.append(f"- `{r['path']}/` — {r['format']} {r['precision']}, {r['size_bytes'] / 1e6:.1f} MB")
+        if r.get("adapter_path"):           # a separate adapter: its base artifact once, each adapter file once
+            for path, what, size in ((r["path"], f"{r['format']} {r['precision']}, the base model", r["size_bytes"]),
+                                     (r["adapter_path"], f"adapter `{r['adapter']}` for every {r['format']} base "
+                                      f"artifact (`phiedge ask . … --adapter {r['adapter']}`)", r["adapter_size_bytes"])):
+                if path not in listed:
+                    listed.add(path)
+                    lines.append(f"- `{path}/` — {what}, {size / 1e6:.1f} MB")
+            continue
+        lines.append(f"- `{r['path']}/` — {r['format']} {r['precision']}"
+                     + (f" with adapter `{r['adapter']}` merged" if r.get("adapter") else "")
+                     + f", {r['size_bytes'] / 1e6:.1f} MB")
         if r.get("runtime_settings"):
             lines.append(f"  (checked and run with {json.dumps(r['runtime_settings'])}: it failed the gate with the "
                          f"runtime's own defaults; `phiedge ask` / `validate` apply these from manifest.json)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import (AdapterMismatchError, DiskSpaceError, InvalidCheckpointError, ModelNotFoundError,
-                     OutputExistsError, UnsupportedAdapterError)
+                     OutputExistsError, UnsupportedAdapterError, UsageError)
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,31 @@ def _as_list(v) -> list[str]:
     if v is None:
         return []
     return [v] if isinstance(v, str) else list(v)
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def name_adapters(values: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """`--adapter` values, each NAME=PATH (a local folder or a Hub id) or a bare PATH named after its last path
+    part, -> {name: ref} in the order given. A value that is itself an existing path is a path even if it holds
+    an '='; a name repeated is refused."""
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, ref = v.partition("=")
+        if not sep or not ADAPTER_NAME.fullmatch(name) or Path(v).expanduser().exists():
+            ref = v
+            name = Path(v.rstrip("/")).name or v
+        if not ref.strip():
+            raise UsageError(f"--adapter {v!r} names no adapter: pass NAME=PATH or PATH")
+        if not ADAPTER_NAME.fullmatch(name):
+            raise UsageError(f"--adapter {v!r}: '{name}' cannot name an adapter (letters, digits, '_', '.', '-'; "
+                             f"it becomes a folder name in the bundle): pass NAME=PATH with such a name")
+        if name in out:
+            raise UsageError(f"--adapter: two adapters are named '{name}' ({out[name]} and {ref}): give each its own "
+                             f"name with NAME=PATH")
+        out[name] = ref
+    return out
 
 
 # ---------------------------------------------------------------- outputs

@@ -57,14 +57,16 @@ def exact_retry(artifact) -> dict | None:
 
 
 def measure_files(artifact, reference: Path, smoke: Path | None, threads: int, folder: Path, limits: Limits, *,
-                  long_span: bool = False) -> None:
+                  long_span: bool = False, settings: dict | None = None) -> None:
     """The artifact's measurement with its own settings in `folder`, and with its runtime's exact settings beside
-    it when the first misses `limits` (a stage's cache key must then hold the limits: build._check_key)."""
+    it when the first misses `limits` (a stage's cache key must then hold the limits: build._check_key).
+    `settings`: RuntimeSettings.extra for both (a separate adapter applied to the artifact)."""
     folder.mkdir(parents=True, exist_ok=True)
-    m = measure_in_child(artifact, reference, smoke, threads, folder / FIRST, long_span=long_span)
+    m = measure_in_child(artifact, reference, smoke, threads, folder / FIRST, long_span=long_span, extra=settings)
     extra = exact_retry(artifact)
     if extra and not judge(m, limits).passed:
-        measure_in_child(artifact, reference, smoke, threads, folder / EXACT, long_span=long_span, extra=extra)
+        measure_in_child(artifact, reference, smoke, threads, folder / EXACT, long_span=long_span,
+                         extra={**(settings or {}), **extra})
 
 
 def result_of(artifact, limits: Limits, folder: Path) -> ArtifactResult:

@@ -45,8 +45,9 @@ def main() -> int:
     missing = sorted(set(wanted) - set(plan))
     if missing:
         logging.info("the `all` profile also names %s, not available in this phiedge", ", ".join(missing))
-    rep = build(BuildRequest(model=str(demo / "model"), adapter=str(demo / "adapter"), formats=plan, out=OUT,
-                             force=True, docs=DOCS, smoke_question=QUESTION, smoke_needle=NEEDLE, smoke_answer=FACT,
+    rep = build(BuildRequest(model=str(demo / "model"), adapters={"adapter": str(demo / "adapter")}, formats=plan,
+                             out=OUT, force=True, docs=DOCS, smoke_question=QUESTION, smoke_needle=NEEDLE,
+                             smoke_answer=FACT,
                              target=profile.as_dict(), thresholds=profile.threshold_overrides()))
     print("\n" + table(rep) + "\n")
     print(f"bundle: {OUT} (report: {OUT / 'report.html'})\n")

@@ -222,6 +222,54 @@ def test_new_adapter_rebuilds_merge_and_exports_not_retriever(tiny, session, tmp
     assert not s["merge"] and not s["export gguf"] and s["retriever"]
 
 
+def test_several_adapters_each_get_their_artifacts_golden_and_answers(tiny, session, tmp_path):
+    """`--adapter` twice (a bare path, named after its folder, and NAME=PATH): each adapter is merged into its own
+    artifact set (`<format>-<precision>@<adapter>/`) with its own golden references; the session adapter's stages
+    all come from the cache (adding an adapter runs only that adapter's stages); ask and validate pick by
+    --adapter, and a bundle of several refuses to guess."""
+    out = tmp_path / "two"
+    r = run_cli(*_session_args(tiny, out, session, formats={"gguf": SESSION["gguf"]}),
+                "--adapter", f"rs={tiny / 'adapters' / 'rslora'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = _stage_lines(r.stderr)
+    ours = [n for n in s if n.endswith("@lora")]
+    assert ours and all(s[n] for n in ours), s                    # the session's adapter: nothing ran again
+    assert s["export gguf@rs"] is False and not any(k in s for k in ("merge", "export gguf", "golden"))
+    m = json.loads((out / "manifest.json").read_text())
+    want = [f"gguf-{p}@{a}" for a in ("lora", "rs") for p in SESSION["gguf"]]
+    assert [a["path"] for a in m["artifacts"]] == want and all(a["passed"] for a in m["artifacts"])
+    assert {a["adapter"] for a in m["artifacts"]} == {"lora", "rs"}
+    assert {a["golden"] for a in m["artifacts"]} == {"golden@lora.npz", "golden@rs.npz"}
+    assert "golden.npz" not in m["files"] and set(m["source"]["adapters"]) == {"lora", "rs"}
+    assert m["source"]["adapter"] is None
+    # The session's lora artifacts, byte for byte; the other adapter's differ from them.
+    for p in SESSION["gguf"]:
+        mine = {f: v["sha256"] for f, v in m["files"].items() if f.startswith(f"gguf-{p}@lora/")}
+        theirs = json.loads((session.bundle / "manifest.json").read_text())["files"]
+        assert mine and all(theirs[f.replace("@lora", "", 1)]["sha256"] == h for f, h in mine.items())
+        assert m["files"][f"gguf-{p}@rs/model.gguf"]["sha256"] != m["files"][f"gguf-{p}@lora/model.gguf"]["sha256"]
+    rep = json.loads((out / "report.json").read_text())
+    assert [a["name"] for a in rep["adapters"]] == ["lora", "rs"] and rep["merge"] is None
+    assert all(a["merge"]["max_abs_vs_base"] > a["merge"]["tolerance"] for a in rep["adapters"])
+    assert "--adapter lora" in (out / "README.md").read_text()
+    # ask: refuses to guess, names the adapters; answers with the one named; an unknown name is one line.
+    guess = run_cli("ask", str(out), QUESTION, "--max-tokens", "4")
+    assert guess.returncode == 1 and "--adapter NAME" in guess.stderr and "lora, rs" in guess.stderr
+    wrong = run_cli("ask", str(out), QUESTION, "--adapter", "nope")
+    assert wrong.returncode == 1 and "no adapter 'nope'" in wrong.stderr and len(wrong.stderr.splitlines()) == 1
+    ok = run_cli("ask", str(out), QUESTION, "--max-tokens", "4", "--adapter", "rs", "--runtime", "gguf")
+    assert ok.returncode == 0 and "(gguf F32@rs:" in ok.stderr, ok.stderr
+    # validate: the chosen adapter's artifact against its own golden references, the rest not selected.
+    v = run_cli("validate", str(out), "--adapter", "rs", "--artifact", "gguf-Q8_0@rs")
+    assert v.returncode == 0, v.stderr
+    dev = json.loads(out.with_name("two.device-report.json").read_text())
+    (done,) = [a for a in dev["artifacts"] if a["status"] != "not validated"]
+    assert done["path"] == "gguf-Q8_0@rs" and done["status"] == "passed" and done["adapter"] == "rs"
+    assert {a["path"]: a["reason"] for a in dev["artifacts"] if a is not done} == {
+        **{f"gguf-{p}@lora": "not selected (--adapter)" for p in SESSION["gguf"]},
+        **{f"gguf-{p}@rs": "not selected (--artifact)" for p in SESSION["gguf"] if p != "Q8_0"}}
+
+
 # Measures, in the page, whether any two labels of the size-vs-KL plot overlap (their rendered boxes).
 OVERLAP_JS = """<script>
 window.addEventListener('load', () => {

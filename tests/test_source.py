@@ -249,6 +249,18 @@ CLI_CASES = [
     ("unknown-quant", ["--gguf-quant", "Q3_XS"], "known are"),
     # a smoke fact without documents to ask about
     ("smoke-without-docs", ["--smoke-answer", "3.8"], "pass them with --docs"),
+    # two adapters under one name (a bare path is named after its folder)
+    ("adapter-name-twice", ["--adapter", "lora=./a", "--adapter", "./b/lora"], "two adapters are named 'lora'"),
+    # a name that cannot be a bundle folder
+    ("adapter-bad-name", ["--adapter", "./x/my lora"], "cannot name an adapter"),
+    # one revision for several adapters
+    ("adapter-revision-of-two", ["--adapter", "a=./a", "--adapter", "b=./b", "--adapter-revision", "main"],
+     "revision of one adapter"),
+    # adapters kept separate, with none given
+    ("separate-without-adapter", ["--adapter-mode", "separate"], "no --adapter was given"),
+    # a format whose runtime cannot apply a separate adapter yet
+    ("separate-onnx", ["--formats", "onnx", "--adapter", "a=./a", "--adapter-mode", "separate"],
+     "onnx cannot keep an adapter separate"),
 ]
 
 

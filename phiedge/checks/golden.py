@@ -9,6 +9,17 @@ import numpy as np
 from ..files import save_npz
 
 TOPK = 32
+GOLDEN = "golden.npz"
+
+
+def golden_name(suffix: str) -> str:
+    """The golden references of a variant (phiedge.build.Variant.suffix: "" or "@<adapter>")."""
+    return f"golden{suffix}.npz"
+
+
+def golden_suffix(name: str | None) -> str:
+    """golden_name's inverse (a manifest row without one: the bundle's only golden.npz)."""
+    return (name or GOLDEN)[len("golden"):-len(".npz")]
 
 
 def write_golden(reference: Path, out: Path) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .golden import golden_name, golden_suffix
 from .judge import Verdict, judge
 from .measure import Answer, Measurement
 from .metrics import Limits, TokenAgreement
@@ -28,17 +29,35 @@ class ArtifactResult:
     # are its runtime's exact settings, why its own failed (phiedge.worker.result_of).
     settings: dict = field(default_factory=dict)
     own_settings_failures: tuple[str, ...] = ()
+    # The adapter it was proven with (its --adapter name; None: the base alone) and that variant's suffix
+    # (phiedge.build.Variant: "" or "@<adapter>"), which names its golden references and, merged, its folder;
+    # separate (--adapter-mode separate), the adapter's runtime file applied to the base artifact at run time.
+    adapter: str | None = None
+    suffix: str = ""
+    adapter_files: "Artifact | None" = None
 
     @classmethod
     def of(cls, artifact, limits: Limits, measurement: Measurement, *, settings: dict | None = None,
-           own_settings_failures: tuple[str, ...] | list[str] = ()) -> "ArtifactResult":
+           own_settings_failures: tuple[str, ...] | list[str] = (), adapter: str | None = None,
+           suffix: str = "", adapter_files=None) -> "ArtifactResult":
         return cls(artifact, limits, measurement, judge(measurement, limits), dict(settings or {}),
-                   tuple(own_settings_failures))
+                   tuple(own_settings_failures), adapter, suffix, adapter_files)
 
     @property
     def name(self) -> str:
-        """The artifact's folder in a bundle."""
-        return f"{self.artifact.format}-{self.artifact.precision}"
+        """The artifact's folder in a bundle (a separate adapter's pair: its base artifact's)."""
+        return f"{self.artifact.format}-{self.artifact.precision}" + ("" if self.adapter_files else self.suffix)
+
+    @property
+    def adapter_path(self) -> str | None:
+        """The adapter's runtime files' folder in a bundle, when it is kept separate."""
+        return f"adapters/{self.adapter}/{self.artifact.format}" if self.adapter_files else None
+
+    @property
+    def label(self) -> str:
+        """"gguf Q4_K_M", "gguf Q4_K_M@legal" (merged) or "gguf Q4_K_M+legal" (base + the separate adapter)."""
+        return (f"{self.artifact.format} {self.artifact.precision}" +
+                (f"+{self.adapter}" if self.adapter_files else self.suffix))
 
     @property
     def passed(self) -> bool:
@@ -51,7 +70,11 @@ class ArtifactResult:
     def to_json(self) -> dict:
         m, v = self.measurement, self.verdict
         return {
-            "format": self.artifact.format, "precision": self.artifact.precision, "path": self.name,
+            "format": self.artifact.format, "precision": self.artifact.precision, "adapter": self.adapter,
+            "path": self.name, "adapter_path": self.adapter_path, "golden": golden_name(self.suffix),
+            "label": self.label,
+            **({"adapter_files": list(self.adapter_files.files), "adapter_size_bytes": self.adapter_files.size_bytes}
+               if self.adapter_files else {}),
             "files": list(self.artifact.files), "size_bytes": self.size_bytes, "meta": self.artifact.meta,
             "thresholds": self.limits.as_dict(), "full_precision": self.limits.full_precision,
             "parity": {n: (None if m.regime(n) is None else m.regime(n).as_dict()) for n in ("short", "long")},
@@ -72,8 +95,11 @@ class ArtifactResult:
                        files=tuple(d["files"]), meta=d.get("meta") or {})
         t = d["thresholds"]
         limits = Limits(t["top1_min"], t["kl_max"], t["max_abs_max"], bool(d.get("full_precision")))
+        pair = Artifact(format=d["format"], precision="adapter", path=Path(root) / d["adapter_path"],
+                        files=tuple(d.get("adapter_files") or ())) if d.get("adapter_path") else None
         return cls.of(art, limits, Measurement.from_json(d["measurement"]), settings=d.get("runtime_settings"),
-                      own_settings_failures=d.get("own_settings_failures") or ())
+                      own_settings_failures=d.get("own_settings_failures") or (), adapter=d.get("adapter"),
+                      suffix=golden_suffix(d.get("golden")), adapter_files=pair)
 
 
 def _answer_row(a: Answer | None, agreement: TokenAgreement | None) -> dict | None:

@@ -91,6 +91,16 @@ class Exporter:
             problems.append(str(e))
         return problems + self._needs(precisions, calibration, settings or {})
 
+    # Who applies a LoRA kept separate from this format's base artifacts (--adapter-mode separate), in words for
+    # messages; None: this format's adapters cannot be kept separate yet (the build refuses up front).
+    ADAPTER_RUNTIME: ClassVar[str | None] = None
+
+    def export_adapter(self, base_dir: Path, adapter_dir: Path, out_dir: Path) -> tuple[str, ...]:
+        """The PEFT adapter in `adapter_dir` as this format's runtime loads it beside a base artifact exported from
+        `base_dir`, written into `out_dir`; returns the files written."""
+        raise UsageError(f"{self.name} cannot keep an adapter separate from its base yet: build it with "
+                         f"--adapter-mode merged")
+
     def calibrates(self, precisions: list[str]) -> bool:
         """Whether exporting these precisions reads calibration text (the build's --docs documents, passed as
         settings["calibration_text"]); only then are the documents part of the export's cache key."""

@@ -51,7 +51,8 @@ PRECISION_PLAN = {
 }
 # The converter's outtype for the quantizer's source, by the checkpoint's stored dtype (others: f16).
 SOURCE_TYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
-CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py")
+ADAPTER_FILE = "adapter.gguf"
 
 
 def _tokenizer(model_dir: Path) -> tuple[dict, list[dict]]:
@@ -135,7 +136,9 @@ class GGUFExporter(Exporter):
     DEFAULT_PRECISION = "Q4_K_M"
     CLI_FLAG = "--gguf-quant"
     CLI_HELP = "GGUF levels, e.g. F16,Q8_0,Q4_K_M"
-    TOOL_MODULES = ("phiedge.exporters._llama_convert", "phiedge.exporters._llama_quantize")
+    ADAPTER_RUNTIME = "llama.cpp"
+    TOOL_MODULES = ("phiedge.exporters._llama_convert", "phiedge.exporters._llama_quantize",
+                    "phiedge.exporters._llama_lora", "phiedge.adapters")
     # At 3.84 B, Q4_K_M, one tool at a time (max RSS of the largest child): from a bf16 conversion 5.29 GB in
     # 228 s; from f16 4.29 GB / 217 s, from f32 4.29 GB / 207 s (and a 15.3 GB intermediate on disk).
     PEAK_BYTES_PER_PARAM = 1.4
@@ -177,6 +180,25 @@ class GGUFExporter(Exporter):
                                           "llama_cpp_python": llama_cpp_version()}, f"llama.cpp ({prec})"))
         shutil.rmtree(work, ignore_errors=True)
         return artifacts
+
+    def export_adapter(self, base_dir: Path, adapter_dir: Path, out_dir: Path) -> tuple[str, ...]:
+        """The PEFT adapter as llama.cpp's LoRA file (ADAPTER_FILE in `out_dir`), for any GGUF of this base:
+        llama.cpp's own convert_lora_to_gguf.py (same sdist as the model converter), on a copy of the adapter whose
+        per-module scaling is folded into lora_B (phiedge.adapters), fp32. Returns the files written."""
+        from ..adapters import fold_scales
+        conv = converter_dir()
+        work = out_dir / ".work"
+        shutil.rmtree(work, ignore_errors=True)
+        fold_scales(adapter_dir, work / "peft", "llama.cpp")
+        # The converter reads the base's config only, but indexes any weight files beside it: give it the config.
+        (work / "base").mkdir()
+        shutil.copyfile(base_dir / "config.json", work / "base" / "config.json")
+        tmp = out_dir / f"{ADAPTER_FILE}.partial"
+        run_tool([sys.executable, "-m", "phiedge.exporters._llama_lora", str(conv), "--base", str(work / "base"),
+                  "--outtype", "f32", "--outfile", str(tmp), str(work / "peft")], "llama.cpp LoRA converter")
+        tmp.rename(out_dir / ADAPTER_FILE)
+        shutil.rmtree(work, ignore_errors=True)
+        return (ADAPTER_FILE,)
 
     @staticmethod
     def _convert(conv: Path, merged_dir: Path, out: Path, outtype: str, vocab: str | None, pre: str | None) -> Path:

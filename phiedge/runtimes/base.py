@@ -93,6 +93,13 @@ class Runtime:
     def logits(self, ids: list[int], last_n: int, start: int = 0) -> np.ndarray:
         raise NotImplementedError
 
+    def use_adapter(self, adapter_dir: Path | None) -> None:
+        """Apply a LoRA kept separate (its runtime file, phiedge.exporters Exporter.export_adapter) from the next
+        evaluation on, or none: in place, the base stays loaded. Loading with RuntimeSettings.extra["adapter"]
+        applies one from the start."""
+        raise UsageError(f"the {self.format} runtime cannot apply an adapter kept separate yet: build the bundle "
+                         f"with --adapter-mode merged")
+
     def _check_start(self, start: int) -> None:
         if start and not self.POSITION_SPANS:
             raise UsageError(f"the {self.format} runtime prefills whole prompts only (start {start} asked)")

@@ -70,6 +70,10 @@ class GGUFRuntime(Runtime):
         self.n_vocab = self.model.n_vocab()
         self._ctx = None
         self._ctx_size = None
+        self._loras: dict[Path, object] = {}        # adapter file -> llama.cpp's adapter, loaded once per model
+        self._lora = None                           # the one applied (None: the base alone)
+        if settings.extra.get("adapter"):
+            self.use_adapter(Path(settings.extra["adapter"]))
 
     @classmethod
     def load(cls, artifact_dir: Path, settings: RuntimeSettings | None = None) -> "GGUFRuntime":
@@ -77,6 +81,36 @@ class GGUFRuntime(Runtime):
         if not files:
             raise ToolchainError(f"no .gguf file in {artifact_dir}: rebuild the artifact")
         return cls(files[0], settings or RuntimeSettings())
+
+    def use_adapter(self, adapter_dir: Path | None) -> None:
+        """Apply the LoRA file in `adapter_dir` (phiedge.exporters.gguf.ADAPTER_FILE) from the next evaluation on,
+        or none (the base alone): in place, the base stays loaded and each adapter is read once."""
+        if adapter_dir is None:
+            self._lora = None
+        else:
+            files = sorted(Path(adapter_dir).glob("*.gguf"))
+            if not files:
+                raise ToolchainError(f"no .gguf adapter file in {adapter_dir}: rebuild the bundle's adapters")
+            path = files[0].resolve()
+            if path not in self._loras:
+                lora = self._lc.llama_adapter_lora_init(self.model.model, str(path).encode())
+                if not lora:
+                    raise ToolchainError(f"llama.cpp could not load the adapter {path} on this base (another "
+                                         f"architecture or shape?): rebuild it from this bundle's base")
+                self._loras[path] = lora
+            self._lora = self._loras[path]
+        if self._ctx is not None:
+            self._apply_adapter(self._ctx)
+
+    def _apply_adapter(self, ctx) -> None:
+        """Adapters are set per context: on every new one (a regime switch makes one) and on every switch."""
+        if not self._loras:                         # never given one: llama.cpp's context as it comes
+            return
+        if self._lora is None:
+            self._lc.llama_set_adapters_lora(ctx.ctx, None, 0, None)
+            return
+        loras = (self._lc.llama_adapter_lora_p_ctypes * 1)(self._lora)
+        self._lc.llama_set_adapters_lora(ctx.ctx, loras, 1, (ctypes.c_float * 1)(1.0))  # the scale is in the file
 
     # -- context sizing: the heart of LongRoPE parity on llama.cpp
     def context_size(self, n_tokens: int) -> int:
@@ -103,6 +137,7 @@ class GGUFRuntime(Runtime):
             self._ctx = None
             self._ctx = self._int.LlamaContext(model=self.model, params=cp, verbose=False)
             self._ctx_size = size
+            self._apply_adapter(self._ctx)
         else:
             self._ctx.kv_cache_clear()
         return self._ctx
@@ -163,4 +198,6 @@ class GGUFRuntime(Runtime):
 
     def close(self) -> None:
         self._ctx = None
+        self._lora = None
+        self._loras.clear()                         # llama.cpp frees a model's adapters with the model
         self.model.close()

@@ -7,8 +7,8 @@ Layout:
                             runtime applies it to any of the bundle's <format>-<precision>/ base artifacts
     retriever/              SQLite + FAISS + ONNX embedder (when built with --docs)
     golden.npz              probe ids, top-k reference log-probs, greedy tokens and margins (phiedge.checks.golden);
-                            golden@<adapter>.npz per adapter when there are several (each artifact's manifest row
-                            names its own)
+                            golden@<adapter>.npz per adapter when there are several, or with --adapter-mode both
+                            (each artifact's manifest row names its own)
     manifest.json           every file's sha256 and size, sources, versions, target, results
     manifest.json.sig       (signed bundles) a detached Ed25519 signature of manifest.json
     report.json, report.html, README.md

@@ -220,10 +220,11 @@ def validate(bundle_dir, threads, artifacts, adapter, key):
     from .device import validate as run_validate
     rep = run_validate(bundle_dir, threads=threads, key=key, only=list(artifacts) or None, adapter=adapter)
     for r in rep["artifacts"]:
+        name = r["path"] + (f" + {r['adapter_path']}" if r.get("adapter_path") else "")
         if r["status"] == "not validated":
-            click.echo(f"{r['path']:16} not validated: {r['reason']}")
+            click.echo(f"{name:16} not validated: {r['reason']}")
         else:
-            click.echo(f"{r['path']:16} {r['status']}: short top1 {r['parity']['short']['top1']:.3f}"
+            click.echo(f"{name:16} {r['status']}: short top1 {r['parity']['short']['top1']:.3f}"
                        + (f", long top1 {r['parity']['long']['top1']:.3f}" if r["parity"].get("long") else "")
                        + f"; {r['decode_tps']:.1f} tok/s, first token {r['ttft_s']:.2f} s"
                        + ("" if not r["failures"] else "; " + "; ".join(r["failures"])))

@@ -512,9 +512,9 @@ def _cheap_checks(req: BuildRequest, out: Path) -> dict:
     adapters = {}
     for name, ref in req.adapters.items():
         adapters[name] = source.resolve(ref, revision=req.adapter_revision, kind="adapter")
-        source.check_adapter(adapters[name], model, config)
+        acfg = source.check_adapter(adapters[name], model, config)
         if req.adapter_mode != "merged":
-            _check_separable(adapters[name], name, req.formats)
+            _check_separable(adapters[name], acfg, name, req.formats)
     n_params = source.param_count(model)
     peaks, budget = stage_peaks(req.formats, n_params, config, docs=req.docs is not None), memory_budget(req)
     preflight(req.formats, peaks, budget, calibration=req.docs is not None)
@@ -547,14 +547,14 @@ def _check_adapter_mode(req: BuildRequest) -> None:
                          f"build with --adapter-mode merged")
 
 
-def _check_separable(adapter: source.Source, name: str, formats: dict) -> None:
-    """What a runtime's LoRA file cannot hold (DoRA, LoRA biases, saved modules), refused from the headers."""
+def _check_separable(adapter: source.Source, acfg: dict, name: str, formats: dict) -> None:
+    """What a runtime's LoRA file cannot hold (DoRA, LoRA biases, saved modules), refused from the headers and
+    `acfg` (its adapter_config.json, as source.check_adapter read it)."""
     from .adapters import refuse_unfoldable
-    acfg = json.loads((adapter.path / "adapter_config.json").read_text())
     names = list(source.safetensors_header(adapter.path / "adapter_model.safetensors"))
     for fmt in formats:
         try:
-            refuse_unfoldable(acfg, [n for n in names if n != "__metadata__"], exporters.get(fmt).ADAPTER_RUNTIME)
+            refuse_unfoldable(acfg, names, exporters.get(fmt).ADAPTER_RUNTIME)
         except UnsupportedAdapterError as e:
             raise UnsupportedAdapterError(f"adapter {name} ({adapter.ref}): {e}") from None
 

@@ -40,6 +40,7 @@ def build_report(*, model: Source, adapters: dict[str, Source], proofs: dict[str
               "merge": proof} for n, proof in proofs.items()]
     one = named[0] if len(named) == 1 else None
     pairs = [r for r in rows if r.get("adapter_path")]
+    base_bytes = sum({r["path"]: r["size_bytes"] for r in pairs}.values())
     return {
         "schema": 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -51,10 +52,9 @@ def build_report(*, model: Source, adapters: dict[str, Source], proofs: dict[str
         # --adapter-mode separate: the base artifacts once and each adapter's files, against a merged copy of the
         # base artifacts per adapter (a merged artifact is the size of its base).
         "separate": None if not pairs else {
-            "base_bytes": sum({r["path"]: r["size_bytes"] for r in pairs}.values()),
+            "base_bytes": base_bytes,
             "adapter_bytes": sum({r["adapter_path"]: r["adapter_size_bytes"] for r in pairs}.values()),
-            "merged_copies_bytes": sum({r["path"]: r["size_bytes"] for r in pairs}.values())
-            * len({r["adapter"] for r in pairs})},
+            "merged_copies_bytes": base_bytes * len({r["adapter"] for r in pairs})},
         "probes": {"compare_last": probes.COMPARE_LAST, "longrope_switch": probes.switch_point(config)},
         "smoke": None if smoke_question is None else {k: smoke_question.get(k) for k in (
             "question", "needle", "fact", "reference_answer", "retrieved", "retrieved_has_needle")},
@@ -189,7 +189,7 @@ def size_vs_kl(rep: dict) -> str | None:
     ax.set_ylabel("mean KL vs PyTorch (nats)")
     ax.grid(True, which="major", alpha=0.3)
     ax.margins(0.25)
-    _place_labels(ax, [(x, max(y, 1e-12), f"{r['format']} {variant(r)}") for r, regime, x, y in pts
+    _place_labels(ax, [(x, max(y, 1e-12), r["label"]) for r, regime, x, y in pts
                        if regime == "short"])
     ax.set_title("● short probe   ○ long probe", fontsize=9, loc="right")
     return _svg(fig)
@@ -216,7 +216,7 @@ def bar_chart(pairs: list[tuple[str, float | None]], unit: str, title: str) -> s
 
 def timing_bars(rep: dict, key: str, unit: str, title: str) -> str:
     """One timing of every artifact (from its smoke answer, else its greedy one)."""
-    return bar_chart([(f"{r['format']} {variant(r)}", (r.get("smoke") or r.get("greedy") or {}).get(key))
+    return bar_chart([(r["label"], (r.get("smoke") or r.get("greedy") or {}).get(key))
                       for r in rep["artifacts"]], unit, title)
 
 

@@ -91,4 +91,3 @@ def test_teacher_forcing_reuses_the_greedy_steps_that_agree(session):
             agree = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), len(want))
             assert whole[:agree] == tuple(want[:agree])      # an agreeing step is PyTorch's token, teacher-forced
         rt.close()
-

@@ -352,7 +352,8 @@ def _checkpoint(ctx: Context, v: Variant) -> Path:
 
 
 def _export_key(ctx: Context, fmt: str, precs: list[str], v: Variant) -> dict:
-    source_key = {"model": ctx["hash inputs"]["model"]} if v is BASE else {"merge": ctx[v.stage("merge")].name}
+    source_key = {"model": ctx["hash inputs"]["model"], "settings": exporters.get(fmt).BASE_SETTINGS} if v is BASE \
+        else {"merge": ctx[v.stage("merge")].name}
     key = {**source_key, "format": fmt, "precisions": precs, "v": __version__}
     if _calibration(ctx, fmt, precs) is not None:
         key["calibration"] = docs_digest(ctx.cache, Path(ctx.req.docs), ctx.req.follow_links)
@@ -365,7 +366,7 @@ def _calibration(ctx: Context, fmt: str, precs: list[str]) -> Path | None:
 
 
 def _export(ctx: Context, d: Path, fmt: str, precs: list[str], v: Variant) -> None:
-    settings: dict = {"threads": ctx.req.threads}
+    settings: dict = {"threads": ctx.req.threads, **(exporters.get(fmt).BASE_SETTINGS if v is BASE else {})}
     if _calibration(ctx, fmt, precs) is not None:
         settings["calibration_text"] = calibration_text(Path(ctx.req.docs), ctx.req.follow_links)
     arts = exporters.get(fmt).export(_checkpoint(ctx, v), d, precs, settings)
@@ -554,7 +555,8 @@ def _check_separable(adapter: source.Source, acfg: dict, name: str, formats: dic
     names = list(source.safetensors_header(adapter.path / "adapter_model.safetensors"))
     for fmt in formats:
         try:
-            refuse_unfoldable(acfg, names, exporters.get(fmt).ADAPTER_RUNTIME)
+            cls = exporters.get(fmt)
+            refuse_unfoldable(acfg, names, cls.ADAPTER_RUNTIME, dora=cls.ADAPTER_DORA)
         except UnsupportedAdapterError as e:
             raise UnsupportedAdapterError(f"adapter {name} ({adapter.ref}): {e}") from None
 

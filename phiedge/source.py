@@ -117,6 +117,26 @@ def safetensors_header(path: Path) -> dict[str, dict]:
     return header
 
 
+SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4"}
+
+
+def read_safetensors(path: Path) -> dict:
+    """{tensor name: numpy array} of a small safetensors file (an adapter), with numpy alone: the device path has
+    no torch and no safetensors package. bf16 is not read here (fp32 adapters are what phiedge writes)."""
+    import numpy as np
+    header = safetensors_header(path)
+    n = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    data = path.read_bytes()[8 + n:]
+    out = {}
+    for name, t in header.items():
+        if t["dtype"] not in SAFETENSORS_DTYPES:
+            raise InvalidCheckpointError(f"{path}: tensor {name} is {t['dtype']}, which phiedge reads only as "
+                                         f"{', '.join(SAFETENSORS_DTYPES)}: rebuild the adapter")
+        a, b = t["data_offsets"]
+        out[name] = np.frombuffer(data[a:b], dtype=SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
+    return out
+
+
 def param_count(model: Source) -> int:
     """Parameters of a checkpoint, from its safetensors headers (no weights read)."""
     n = 0

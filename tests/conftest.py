@@ -190,6 +190,16 @@ def assert_pytorch_tokens(record: dict) -> None:
     assert record["prefix_match"] >= ta["first_tie"], (record["prefix_match"], ta)
 
 
+def stage_lines(stderr: str) -> dict[str, bool]:
+    """A build's checklist: stage name -> whether it came from the cache."""
+    out = {}
+    for line in stderr.splitlines():
+        if line.startswith("✓ "):
+            name = line[2:].split("  ")[0].strip()
+            out[name] = "(cached)" in line
+    return out
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The installed console script, in a child process, as a user runs it."""
     exe = Path(sys.executable).with_name("phiedge")

@@ -12,9 +12,7 @@ import pytest
 from phiedge import errors
 from phiedge.checks import probes
 from phiedge.runtimes import RuntimeSettings, get
-from conftest import DEMO, build_args, run_cli
-
-pytestmark = pytest.mark.gguf
+from conftest import DEMO, build_args, installed, run_cli, stage_lines
 
 
 def test_peft_scaling_is_folded_per_module_as_peft_computes_it(tiny, tmp_path):
@@ -40,6 +38,7 @@ def test_peft_scaling_is_folded_per_module_as_peft_computes_it(tiny, tmp_path):
         torch.testing.assert_close(after[PREFIX + k + A_SUFFIX], before[PREFIX + k + A_SUFFIX].float())
 
 
+@pytest.mark.gguf
 def test_dora_cannot_be_kept_separate_on_llama_cpp(tiny, tmp_path):
     from phiedge.exporters.gguf import GGUFExporter
     with pytest.raises(errors.UnsupportedAdapterError, match="DoRA.*--adapter-mode merged"):
@@ -47,38 +46,49 @@ def test_dora_cannot_be_kept_separate_on_llama_cpp(tiny, tmp_path):
     assert not list(tmp_path.glob("*.gguf"))
 
 
+# The separate build's precision per format: the cheapest quantized level of each (a quantized base with an fp32
+# adapter is the case users ship).
+SEPARATE = {"gguf": ["Q8_0"], "onnx": ["int4"], "openvino": ["int4"], "mlx": ["4bit"]}
+ADAPTER_FILES = {"gguf": "adapter.gguf", "onnx": "adapter.onnx_adapter", "openvino": "adapter_model.safetensors",
+                 "mlx": "adapters.safetensors"}
+
+
 @pytest.fixture(scope="module")
-def separate(tiny, tmp_path_factory):
+def separate(tiny, session, tmp_path_factory):
     """--adapter-mode separate with two adapters (plain LoRA, and rsLoRA with rank and alpha patterns: the scaling
-    folded into each lora_B must be PEFT's per module), GGUF Q8_0: (bundle, the build's stderr)."""
-    root = tmp_path_factory.mktemp("separate")
-    out = root / "sep"
-    r = run_cli(*build_args(tiny, out, root / "cache", {"gguf": ["Q8_0"]}, "--adapter",
-                            f"rs={tiny / 'adapters' / 'rslora'}", "--adapter-mode", "separate"))
+    folded into each lora_B must be PEFT's per module) on every installed runtime, in the session build's cache
+    (the lora merge, its reference and the retriever come from there): (bundle, the build's stderr, formats)."""
+    formats = {f: p for f, p in SEPARATE.items() if installed(f)}
+    out = tmp_path_factory.mktemp("separate") / "sep"
+    r = run_cli(*build_args(tiny, out, session.cache, formats, "--adapter", f"rs={tiny / 'adapters' / 'rslora'}",
+                            "--adapter-mode", "separate"))
     assert r.returncode == 0, r.stderr[-3000:]
-    return out, r.stderr
+    return out, r.stderr, formats
 
 
 def test_separate_adapters_build_proves_every_pair_and_ask_and_validate_pick_them(separate):
-    """One base GGUF per precision, each adapter's llama.cpp file, and every (base artifact, adapter) pair through
-    the gate in both regimes against that adapter's merged model."""
-    out, stderr = separate
+    """One base artifact per format and precision, each adapter's own runtime file per format, and every (base
+    artifact, adapter) pair through the gate in both regimes against that adapter's merged model."""
+    out, stderr, formats = separate
     m = json.loads((out / "manifest.json").read_text())
     rows = [(a["path"], a["adapter"], a["adapter_path"], a["golden"]) for a in m["artifacts"]]
-    assert rows == [("gguf-Q8_0", a, f"adapters/{a}/gguf", f"golden@{a}.npz") for a in ("lora", "rs")]
+    assert sorted(rows) == sorted((f"{f}-{p[0]}", a, f"adapters/{a}/{f}", f"golden@{a}.npz")
+                                  for f, p in formats.items() for a in ("lora", "rs"))
     assert all(a["passed"] and a["parity"]["long"]["top1"] > 0 for a in m["artifacts"])
-    for f in ("gguf-Q8_0/model.gguf", "adapters/lora/gguf/adapter.gguf",
-              "adapters/rs/gguf/adapter.gguf", "golden@lora.npz", "golden@rs.npz"):
+    for f in ("golden@lora.npz", "golden@rs.npz", *(f"adapters/{a}/{f}/{ADAPTER_FILES[f]}" for f in formats
+                                                    for a in ("lora", "rs"))):
         assert f in m["files"], f
     assert not any("@" in f.split("/")[0] and not f.startswith("golden") for f in m["files"])   # no merged copies
     rep = json.loads((out / "report.json").read_text())
     sep = rep["separate"]
     assert sep["adapter_bytes"] < sep["base_bytes"] / 4 and sep["merged_copies_bytes"] == 2 * sep["base_bytes"]
-    ran = [line.split("  ")[0][2:] for line in stderr.splitlines() if line.startswith("✓ ")]
-    assert {"merge@lora", "merge@rs", "export gguf", "adapter gguf@lora", "adapter gguf@rs",
-            "check gguf Q8_0+lora", "check gguf Q8_0+rs"} <= {n.strip() for n in ran}, ran
-    ok = run_cli("ask", str(out), DEMO["question"], "--max-tokens", "4", "--adapter", "rs", "--runtime", "gguf")
-    assert ok.returncode == 0 and "(gguf Q8_0+rs:" in ok.stderr, ok.stderr
+    stages = stage_lines(stderr)
+    assert stages["merge@lora"] and "merge@rs" in stages, stages      # the session's merge, from its cache
+    for f, (p,) in formats.items():
+        assert {f"export {f}", f"adapter {f}@lora", f"adapter {f}@rs", f"check {f} {p}+lora",
+                f"check {f} {p}+rs"} <= set(stages), (f, stages)
+        ok = run_cli("ask", str(out), DEMO["question"], "--max-tokens", "4", "--adapter", "rs", "--runtime", f)
+        assert ok.returncode == 0 and f"({f} {p}+rs:" in ok.stderr, ok.stderr
     v = run_cli("validate", str(out), "--adapter", "lora", "--artifact", "gguf-Q8_0")
     assert v.returncode == 0, v.stderr
     dev = json.loads(out.with_name("sep.device-report.json").read_text())
@@ -87,41 +97,84 @@ def test_separate_adapters_build_proves_every_pair_and_ask_and_validate_pick_the
     assert run_cli("verify", str(out)).returncode == 0
 
 
-def test_separate_adapters_switch_in_place_as_a_fresh_process_would(separate):
-    """On the bundle's base: adapter A, then B, then none, in one process, give bit for bit the logits a fresh
-    load with only that adapter gives (llama.cpp keeps adapters per context: they follow the regime switch)."""
-    out, _ = separate
+@pytest.mark.parametrize("fmt", list(SEPARATE))
+def test_separate_adapters_switch_in_place_as_a_fresh_process_would(separate, fmt):
+    """On the bundle's base: adapter A, then B, then none, in one process, give bit for bit the logits and the
+    greedy answer a fresh load with only that adapter gives (llama.cpp keeps adapters per context: they follow
+    the regime switch). mlx-lm on Linux is slow at the 4200-token probe (reference BLAS): its long regime is the
+    build's gate's, not repeated here."""
+    out, _, formats = separate
+    if fmt not in formats:
+        pytest.skip(f"{fmt} is not installed")
     golden = np.load(out / "golden@lora.npz")
-    base, ids, long_ids = out / "gguf-Q8_0", golden["short_ids"].tolist(), golden["long_ids"].tolist()
+    base = out / f"{fmt}-{formats[fmt][0]}"
+    probes_ = [golden["short_ids"].tolist()] + ([] if fmt == "mlx" else [golden["long_ids"].tolist()])
 
-    def logits(rt):
-        return rt.logits(ids, probes.COMPARE_LAST), rt.logits(long_ids, probes.COMPARE_LAST)
+    def run(rt):
+        return ([rt.logits(ids, probes.COMPARE_LAST) for ids in probes_],
+                rt.generate_ids(probes_[0][-64:], 8, set()).ids)
+
+    def folder(kind):
+        return out / "adapters" / kind / fmt if kind else None
 
     def fresh(kind):
-        rt = get("gguf").load(base, RuntimeSettings(threads=1, extra={"adapter": str(out / "adapters" / kind / "gguf")}
-                                                    if kind else {}))
+        rt = get(fmt).load(base, RuntimeSettings(threads=1, extra={"adapter": str(folder(kind))} if kind else {}))
         try:
-            return logits(rt)
+            return run(rt)
         finally:
             rt.close()
-    rt = get("gguf").load(base, RuntimeSettings(threads=1))
+    rt = get(fmt).load(base, RuntimeSettings(threads=1))
     try:
         switched = {}
         for kind in ("lora", "rs", None):
-            rt.use_adapter(out / "adapters" / kind / "gguf" if kind else None)
-            switched[kind] = logits(rt)
+            rt.use_adapter(folder(kind))
+            switched[kind] = run(rt)
     finally:
         rt.close()
-    for kind, got in switched.items():
-        want = fresh(kind)
-        assert all((g == w).all() for g, w in zip(got, want)), kind
-    assert abs(switched["lora"][0] - switched[None][0]).max() > 1e-2
-    assert abs(switched["rs"][0] - switched["lora"][0]).max() > 1e-2
+    for kind, (logits, answer) in switched.items():
+        want_logits, want_answer = fresh(kind)
+        assert all((g == w).all() for g, w in zip(logits, want_logits)), kind
+        assert answer == want_answer, kind
+    assert abs(switched["lora"][0][0] - switched[None][0][0]).max() > 1e-2
+    assert abs(switched["rs"][0][0] - switched["lora"][0][0]).max() > 1e-2
 
 
-def test_separate_dora_is_refused_up_front_in_one_line(tiny, tmp_path):
+@pytest.mark.parametrize("fmt", ["gguf", "onnx", "openvino"])
+def test_separate_dora_is_refused_up_front_in_one_line(tiny, tmp_path, fmt):
+    """DoRA's magnitude vectors: llama.cpp, onnxruntime-genai and OpenVINO GenAI apply plain LoRA only."""
     r = run_cli("build", "--model", str(tiny / "model"), "--adapter", f"d={tiny / 'adapters' / 'dora'}",
-                "--adapter-mode", "separate", "--formats", "gguf", "--out", str(tmp_path / "out"))
+                "--adapter-mode", "separate", "--formats", fmt, "--out", str(tmp_path / "out"))
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert r.returncode == 1 and len(lines) == 1 and "DoRA" in lines[0] and "--adapter-mode merged" in lines[0]
+    assert r.returncode == 1 and len(lines) == 1 and "DoRA" in lines[0] and "--adapter-mode merged" in lines[0], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.mlx
+def test_dora_kept_separate_on_mlx_is_peft_dora(tiny, tmp_path):
+    """mlx-lm applies DoRA (DoRALinear: PEFT's magnitude over the adapted weight's row norms): the converted
+    adapter on an MLX artifact of the base gives PEFT's DoRA logits (fp32: to rounding), and the base again
+    without it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from phiedge.exporters.mlx import MLXExporter
+    exp = MLXExporter()
+    (art,) = exp.export(tiny / "model", tmp_path / "base", ["fp32"], {})
+    files = exp.export_adapter(tiny / "model", tiny / "adapters" / "dora", tmp_path / "dora")
+    assert json.loads((tmp_path / "dora" / "adapter_config.json").read_text())["fine_tune_type"] == "dora"
+    ids = list(range(5, 200))
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32)
+    with torch.no_grad():
+        base_ref = model(torch.tensor([ids])).logits[0, -8:].numpy()
+        peft = PeftModel.from_pretrained(model, tiny / "adapters" / "dora").eval()
+        ref = peft(torch.tensor([ids])).logits[0, -8:].numpy()
+    rt = get("mlx").load(art.path, RuntimeSettings(threads=1, extra={"adapter": str(tmp_path / "dora")}))
+    try:
+        got = rt.logits(ids, 8)
+        rt.use_adapter(None)
+        base = rt.logits(ids, 8)
+    finally:
+        rt.close()
+    assert files == ("adapters.safetensors", "adapter_config.json")
+    assert abs(got - ref).max() < 1e-3 < abs(ref - base_ref).max(), (abs(got - ref).max(), abs(ref - base_ref).max())
+    assert abs(base - base_ref).max() < 1e-3

@@ -16,20 +16,10 @@ import pytest
 from phiedge import bundle
 from phiedge.checks import ArtifactResult, judge
 from phiedge.errors import BundleError
-from conftest import DEMO, DEMO_DOCS, ROOT, SESSION, assert_pytorch_tokens, build_args, installed, run_cli
+from conftest import DEMO, DEMO_DOCS, ROOT, SESSION, assert_pytorch_tokens, build_args, installed, run_cli, stage_lines
 
 pytestmark = pytest.mark.gguf
 QUESTION, NEEDLE = DEMO["question"], DEMO["needle"]
-
-
-def _stage_lines(stderr: str) -> dict[str, bool]:
-    """checklist line name -> was it cached"""
-    out = {}
-    for line in stderr.splitlines():
-        if line.startswith("✓ "):
-            name = line[2:].split("  ")[0].strip()
-            out[name] = "(cached)" in line
-    return out
 
 
 def _flip_byte(path: Path, at: int) -> None:
@@ -169,7 +159,7 @@ def _session_args(tiny, out, session, **kw):
 def test_same_build_again_does_no_work(tiny, session, tmp_path):
     r = run_cli(*_session_args(tiny, tmp_path / "again", session))
     assert r.returncode == 0, r.stderr[-2000:]
-    stages = _stage_lines(r.stderr)
+    stages = stage_lines(r.stderr)
     assert all(cached for name, cached in stages.items() if name not in ("resolve", "bundle")), stages
     assert [name for name, cached in stages.items() if not cached] == ["resolve", "bundle"]
 
@@ -190,7 +180,7 @@ def test_editing_the_report_reruns_no_stage(tiny, session, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                        env={**os.environ, "PHIEDGE_TARGETS": str(ROOT / "targets")})
     assert r.returncode == 0, r.stderr[-2000:]
-    stages = _stage_lines(r.stderr)
+    stages = stage_lines(r.stderr)
     assert stages["merge"] and all(c for n, c in stages.items() if n.startswith(("export", "check"))), stages
     assert "report.py" not in {p.name for p in cache.module_closure(build_mod.MERGE_CODE)}
     before = cache.code_fingerprint(build_mod.MERGE_CODE)
@@ -210,7 +200,7 @@ def test_new_docs_rebuild_only_retriever_and_checks(tiny, session, tmp_path):
     (more / "extra.md").write_text("# Deployment\n\nThe bundle ships a GGUF for llama.cpp and a retriever.\n")
     r = run_cli(*_session_args(tiny, tmp_path / "b2", session, formats={"gguf": SESSION["gguf"]}, docs=more))
     assert r.returncode == 0, r.stderr[-2000:]
-    s = _stage_lines(r.stderr)
+    s = stage_lines(r.stderr)
     assert s["merge"] and s["export gguf"]
     assert not s["retriever"] and not s["smoke reference"] and not any(s[n] for n in s if n.startswith("check"))
 
@@ -218,7 +208,7 @@ def test_new_docs_rebuild_only_retriever_and_checks(tiny, session, tmp_path):
 def test_new_adapter_rebuilds_merge_and_exports_not_retriever(tiny, session, tmp_path):
     r = run_cli(*_session_args(tiny, tmp_path / "b3", session, formats={"gguf": ["F16"]}, adapter="rslora"))
     assert r.returncode == 0, r.stderr[-2000:]
-    s = _stage_lines(r.stderr)
+    s = stage_lines(r.stderr)
     assert not s["merge"] and not s["export gguf"] and s["retriever"]
 
 
@@ -231,7 +221,7 @@ def test_several_adapters_each_get_their_artifacts_golden_and_answers(tiny, sess
     r = run_cli(*_session_args(tiny, out, session, formats={"gguf": SESSION["gguf"]}),
                 "--adapter", f"rs={tiny / 'adapters' / 'rslora'}")
     assert r.returncode == 0, r.stderr[-2000:]
-    s = _stage_lines(r.stderr)
+    s = stage_lines(r.stderr)
     ours = [n for n in s if n.endswith("@lora")]
     assert ours and all(s[n] for n in ours), s                    # the session's adapter: nothing ran again
     assert s["export gguf@rs"] is False and not any(k in s for k in ("merge", "export gguf", "golden"))

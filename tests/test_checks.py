@@ -45,3 +45,26 @@ def test_every_format_runtime_and_profile_is_exercised():
         assert (TESTS / f"test_{fmt}.py").is_file(), fmt
         assert exporters.get(fmt).CLI_FLAG.startswith("--")
     assert set(targets.available()) == {p.stem for p in (TESTS.parent / "targets").glob("*.toml")}
+
+
+def test_top1_counts_a_flip_at_a_near_tie_as_agreeing():
+    """A full-precision artifact that flips the reference's top-1 where the reference's own top-2 margin is within
+    twice its logit tolerance passes top-1 (either token is within tolerance there); the same flip at a clear
+    margin fails, in both the full-logit and the top-k (golden reference) comparisons."""
+    import numpy as np
+    from phiedge.checks.metrics import compare, compare_topk, failures
+    limits = Limits.for_precision("fp16")                     # top-1 0.97, max |Δ| 0.25: near-tie ≤ 0.5
+    ref = np.zeros((16, 8), np.float32)
+    ref[:, 0] = 2.0
+    for margin, passes in ((0.1, True), (1.5, False)):
+        ref[:2, 1] = 2.0 - margin                             # two positions where token 1 is close behind
+        cand = ref.copy()
+        cand[:2, 1] += margin + 0.05                          # ... and the artifact prefers it
+        full = compare(ref, cand)
+        lp = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+        idx = np.argsort(-ref, -1)[:, :4]
+        topk = compare_topk(idx, np.take_along_axis(lp, idx, -1), cand)
+        for m in (full, topk):
+            assert m.top1 == 14 / 16 and len(m.flip_margins) == 2
+            assert not any("top1" in f for f in failures("short", m, limits)) is passes, (margin, m)
+    assert any("top1" in f for f in failures("short", full, Limits.for_precision("Q8_0")))   # no near-ties there

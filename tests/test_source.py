@@ -258,9 +258,6 @@ CLI_CASES = [
      "revision of one adapter"),
     # adapters kept separate, with none given
     ("separate-without-adapter", ["--adapter-mode", "separate"], "no --adapter was given"),
-    # a format whose runtime cannot apply a separate adapter yet
-    ("separate-onnx", ["--formats", "onnx", "--adapter", "a=./a", "--adapter-mode", "separate"],
-     "onnx cannot keep an adapter separate"),
 ]
 
 

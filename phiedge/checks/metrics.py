@@ -18,6 +18,9 @@ THRESHOLDS: dict[str, tuple[float, float, float | None]] = {
     # Full precision, run as devices run it: llama.cpp keeps its KV cache in f16 by default, which alone
     # moves logits by ~0.01-0.03 on the tiny fixture (with an f32 cache and no flash attention the F32 GGUF
     # is within 2e-3: tests/test_gguf.py). One near-tie flip in 64 positions is allowed, no more.
+    # Top-1 counts a flip only outside near-ties (Limits.near_tie): where the reference's own top-2 margin is
+    # within what max |Δlogit| allows, either token is within tolerance (the tiny fixture, trained on another
+    # CPU, has 3 nats-thousandths margins that fp16 activations flip: MLX fp16 62/64, both at such ties).
     "F32":    (0.97, 1e-4, 0.1),
     "FP32":   (0.97, 1e-4, 0.1),
     "F16":    (0.97, 2e-3, 0.25),   # weights rounded to fp16 once; near-exact
@@ -45,17 +48,23 @@ class Metrics:
     max_abs: float | None          # None: not measured (a top-k reference)
     positions: int
     start: int = 0                 # position of the first token prefilled: > 0 for the long probe's span
+    flip_margins: tuple[float, ...] = ()   # the reference's top-2 logit margin at each position whose top-1 differs
 
     def as_dict(self) -> dict:
         finite = self.max_abs is not None and math.isfinite(self.max_abs)
         return {"top1": round(self.top1, 6), "kl": float(f"{self.kl:.6g}"),
                 "max_abs": float(f"{self.max_abs:.6g}") if finite else None, "positions": self.positions,
-                "start": self.start}
+                "start": self.start, "flip_margins": [float(f"{m:.4g}") for m in self.flip_margins]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Metrics":
         return cls(top1=d["top1"], kl=d["kl"], max_abs=d.get("max_abs"), positions=d["positions"],
-                   start=d.get("start", 0))
+                   start=d.get("start", 0), flip_margins=tuple(d.get("flip_margins", ())))
+
+    def top1_beyond_ties(self, near_tie: float) -> float:
+        """Top-1 agreement with flips at near-ties (a reference margin ≤ near_tie) counted as agreeing."""
+        ties = sum(1 for m in self.flip_margins if m <= near_tie)
+        return min(1.0, self.top1 + ties / self.positions) if self.positions else self.top1
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -70,9 +79,11 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> Metrics:
     ref, cand = reference[:, :v], candidate[:, :v]
     lp, lq = _log_softmax(ref), _log_softmax(cand)
     kl = float((np.exp(lp) * (lp - lq)).sum(-1).mean())
-    top1 = float((ref.argmax(-1) == cand.argmax(-1)).mean())
+    flips = ref.argmax(-1) != cand.argmax(-1)
+    top2 = np.sort(lp[flips], -1)[:, -2:]
     max_abs = float(np.abs(ref.astype(np.float64) - cand).max())
-    return Metrics(top1=top1, kl=max(kl, 0.0), max_abs=max_abs, positions=int(ref.shape[0]))
+    return Metrics(top1=float(1 - flips.mean()), kl=max(kl, 0.0), max_abs=max_abs, positions=int(ref.shape[0]),
+                   flip_margins=tuple(float(m) for m in top2[:, 1] - top2[:, 0]))
 
 
 def compare_topk(idx: np.ndarray, logprob: np.ndarray, candidate: np.ndarray) -> Metrics:
@@ -81,8 +92,10 @@ def compare_topk(idx: np.ndarray, logprob: np.ndarray, candidate: np.ndarray) ->
     lp_ref = logprob.astype(np.float64)
     lq_k = np.take_along_axis(_log_softmax(candidate), idx.astype(np.int64), -1)
     kl = float((np.exp(lp_ref) * (lp_ref - lq_k)).sum(-1).mean())
-    top1 = float((candidate.argmax(-1) == idx[:, 0]).mean())
-    return Metrics(top1=top1, kl=max(kl, 0.0), max_abs=None, positions=int(idx.shape[0]))
+    flips = candidate.argmax(-1) != idx[:, 0]
+    margins = lp_ref[flips, 0] - lp_ref[flips, 1]
+    return Metrics(top1=float(1 - flips.mean()), kl=max(kl, 0.0), max_abs=None, positions=int(idx.shape[0]),
+                   flip_margins=tuple(float(m) for m in margins))
 
 
 def thresholds_for(precision: str, overrides: dict | None = None) -> tuple[float, float, float | None]:
@@ -122,8 +135,10 @@ class Limits:
 def failures(regime: str, m: Metrics, limits: Limits) -> list[str]:
     """Every way these metrics miss the limits (empty list = pass)."""
     out = []
-    if m.top1 < limits.top1_min:
-        out.append(f"{regime} top1 {m.top1:.3f} < {limits.top1_min}")
+    top1 = m.top1_beyond_ties(limits.near_tie)
+    if top1 < limits.top1_min:
+        ties = f" ({top1:.3f} with near-tie flips allowed)" if top1 != m.top1 else ""
+        out.append(f"{regime} top1 {m.top1:.3f}{ties} < {limits.top1_min}")
     if m.kl > limits.kl_max:
         out.append(f"{regime} kl {m.kl:.4g} > {limits.kl_max}")
     if limits.max_abs_max is not None and m.max_abs is not None and m.max_abs > limits.max_abs_max:

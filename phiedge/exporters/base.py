@@ -93,7 +93,9 @@ class Exporter:
 
     # Who applies a LoRA kept separate from this format's base artifacts (--adapter-mode separate), in words for
     # messages; None: this format's adapters cannot be kept separate yet (the build refuses up front).
-    ADAPTER_RUNTIME: ClassVar[str | None] = None
+    ADAPTER_RUNTIME: ClassVar[str | None] = None      # the runtime that applies an adapter kept separate, if any
+    ADAPTER_DORA: ClassVar[bool] = False               # whether it applies DoRA's magnitude vectors too
+    BASE_SETTINGS: ClassVar[dict] = {}                 # export settings for a base that adapters are applied to
 
     def export_adapter(self, base_dir: Path, adapter_dir: Path, out_dir: Path) -> tuple[str, ...]:
         """The PEFT adapter in `adapter_dir` as this format's runtime loads it beside a base artifact exported from

@@ -20,12 +20,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import shutil
 import sys
 from importlib import metadata
 from pathlib import Path
 
-from ..errors import ToolchainError
+from ..errors import ToolchainError, UnsupportedAdapterError
 from ..source import config_dtype
 from .base import Artifact, CliModifier, Exporter, register, run_tool
 from .grammar import Grammar, Precision
@@ -59,6 +60,8 @@ GRAMMAR = Grammar(
     takes_options="only quantized precisions take options",
     options_hint="quantized ones take options, e.g. 4bit-g32-emb4")
 ARTIFACT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")     # what mlx_lm.load(..., adapter_path=) reads
+LAYER_MODULE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def convert_args(p: Precision) -> list[str]:
@@ -119,8 +122,49 @@ class MLXExporter(Exporter):
     PEAK_BYTES_PER_PARAM = 1.1          # mlx_lm.convert 4-bit: 4.1 GB at 3.84 B (FIELD-NOTES)
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "8bit": 1.07, "4bit": 0.66, "mixed_4_6": 0.72}
 
+    ADAPTER_RUNTIME = "mlx-lm"
+    ADAPTER_DORA = True                 # mlx-lm's DoRALinear: PEFT's DoRA, magnitude `m` per output row
+
     def toolchain(self) -> dict[str, str]:
         return {"mlx-lm": converter_version()}
+
+    def export_adapter(self, base_dir: Path, adapter_dir: Path, out_dir: Path) -> tuple[str, ...]:
+        """The PEFT adapter in mlx-lm's own format (ADAPTER_FILES), for any MLX artifact of this base: per module
+        `lora_a` = Aᵀ (in, r) and `lora_b` = (s·B)ᵀ (r, out) with PEFT's scaling s folded in (phiedge.adapters;
+        `scale` 1.0), DoRA's magnitude as `m`. mlx-lm's Phi-3 keeps Hugging Face's fused qkv_proj / gate_up_proj,
+        so module names map 1:1. mlx-lm makes every adapted module one rank: modules of a lower rank (PEFT's
+        rank_pattern) are padded with zero columns of A and zero rows of B, which add exact zeros."""
+        import numpy as np
+        from safetensors.numpy import save_file
+        from ..adapters import folded
+        config, modules = folded(adapter_dir, self.ADAPTER_RUNTIME, dora=True)
+        n_layers = int(json.loads((base_dir / "config.json").read_text())["num_hidden_layers"])
+        rank = max(int(f.a.shape[0]) for f in modules.values())
+        tensors, keys = {}, set()
+        for path, f in modules.items():
+            m = LAYER_MODULE.match(path)
+            if not m:
+                raise UnsupportedAdapterError(f"the adapter adapts {path}, outside the decoder layers, which mlx-lm "
+                                              f"cannot load beside a base: build it with --adapter-mode merged")
+            keys.add(m.group(2))
+            r = int(f.a.shape[0])
+            a = f.a.T.numpy()                                            # (in, r)
+            b = f.b.T.numpy()                                            # (r, out)
+            if r < rank:
+                a = np.concatenate([a, np.zeros((a.shape[0], rank - r), a.dtype)], axis=1)
+                b = np.concatenate([b, np.zeros((rank - r, b.shape[1]), b.dtype)], axis=0)
+            tensors[f"{path}.lora_a"], tensors[f"{path}.lora_b"] = a.copy(), b.copy()
+            if f.magnitude is not None:
+                tensors[f"{path}.m"] = f.magnitude.numpy().copy()
+        dora = any(f.magnitude is not None for f in modules.values())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out_dir / "adapters.safetensors.partial"))
+        (out_dir / "adapter_config.json").write_text(json.dumps({
+            "fine_tune_type": "dora" if dora else "lora", "num_layers": n_layers,
+            "lora_parameters": {"rank": rank, "scale": 1.0, "dropout": 0.0, "keys": sorted(keys)},
+            "phiedge": {"source": "peft", "folded_scales": True, "peft_type": config.get("peft_type")}}, indent=2))
+        (out_dir / "adapters.safetensors.partial").rename(out_dir / "adapters.safetensors")
+        return ADAPTER_FILES
 
     def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
         plans = [self.parse(p) for p in self.check_precisions(precisions)]

@@ -23,7 +23,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from ..errors import ToolchainError, UsageError
+from ..errors import ToolchainError, UnsupportedAdapterError, UsageError
 from .base import Artifact, Exporter, register, run_tool
 from .grammar import Grammar, Precision
 
@@ -123,7 +123,7 @@ class ONNXExporter(Exporter):
     DEFAULT_PRECISION = "int4"
     CLI_FLAG = "--onnx-precision"
     CLI_HELP = "ONNX precisions: fp32, fp16, int4 or int4-<options> such as int4-b64-rtn-acc4"
-    TOOL_MODULES = ("phiedge.exporters._genai_build", "phiedge.exporters._genai_nbits")
+    TOOL_MODULES = ("phiedge.exporters._genai_build", "phiedge.exporters._genai_nbits", "phiedge.exporters._onnx_lora")
     # Measured: fp32 keeps the tied embedding once; int4 2.5 GB for 3.84 B parameters (FIELD-NOTES).
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int4": 0.66}
     # The builder maps the checkpoint and writes the graph lazily; phiedge's per-weight int4 pass (_genai_nbits)
@@ -137,21 +137,44 @@ class ONNXExporter(Exporter):
         check_execution_provider(execution_provider, [self.parse(n) for n in names])
         return names
 
+    ADAPTER_RUNTIME = "onnxruntime-genai"
+    BASE_SETTINGS = {"separate_adapters": True}     # the base's graph takes LoRA weights as inputs
+
     def toolchain(self) -> dict[str, str]:
         return {"onnxruntime-genai": builder_version()}
+
+    def export_adapter(self, base_dir: Path, adapter_dir: Path, out_dir: Path) -> tuple[str, ...]:
+        """The PEFT adapter as onnxruntime's adapter file (`.onnx_adapter`, its own AdapterFormat) for any ONNX
+        precision of this base built with LoRA inputs (_onnx_lora): per module Aᵀ and (s·B)ᵀ, fp32, PEFT's
+        scaling folded in (phiedge.adapters)."""
+        from ..adapters import folded
+        from ._onnx_lora import ADAPTER_FILE, modules_of, write_adapter
+        _, modules = folded(adapter_dir, self.ADAPTER_RUNTIME)
+        layers = modules_of(_header(base_dir))
+        for path in modules:
+            layer, _, module = path.removeprefix("model.layers.").partition(".")
+            if not layer.isdigit() or module not in layers.get(int(layer), {}):
+                raise UnsupportedAdapterError(f"the adapter adapts {path}, which is not a linear module of the base's "
+                                              f"decoder layers: onnx cannot keep it separate; build it with "
+                                              f"--adapter-mode merged")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_adapter(modules, out_dir / ADAPTER_FILE)
+        return (ADAPTER_FILE,)
 
     def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
         ep = str(settings.get("execution_provider", DEFAULT_EXECUTION_PROVIDER)).lower()
         plans = [self.parse(p) for p in self.check_precisions(precisions, ep)]
         version = builder_version()
         threads = int(settings.get("threads", 1))
-        artifacts = [self._build(merged_dir, out_dir, plan, ep, version, threads) for plan in plans]
+        slots = bool(settings.get("separate_adapters"))
+        artifacts = [self._build(merged_dir, out_dir, plan, ep, version, threads, slots) for plan in plans]
         shutil.rmtree(out_dir / ".work", ignore_errors=True)
         return artifacts
 
-    def _build(self, merged_dir: Path, out_dir: Path, plan: Precision, ep: str, version: str, threads: int
-               ) -> Artifact:
-        """One precision: the builder writes `<name>.partial/`, renamed to `<name>/` once complete."""
+    def _build(self, merged_dir: Path, out_dir: Path, plan: Precision, ep: str, version: str, threads: int,
+               lora_inputs: bool = False) -> Artifact:
+        """One precision: the builder writes `<name>.partial/`, renamed to `<name>/` once complete; with
+        `lora_inputs` (a base for adapters kept separate), its graph takes LoRA weights as inputs (_onnx_lora)."""
         dest, tmp = out_dir / plan.name, out_dir / f"{plan.name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         options = builder_options(plan)
@@ -164,7 +187,17 @@ class ONNXExporter(Exporter):
         meta = {"onnxruntime_genai": version, "execution_provider": ep, "builder_options": list(options),
                 "shared_embeddings": _shares_embedding(merged_dir), "export_seconds": cost["seconds"],
                 "export_peak_rss_mb": cost["peak_rss_mb"]}
+        if lora_inputs:
+            from ._onnx_lora import add_lora_inputs
+            config = json.loads((merged_dir / "config.json").read_text())
+            meta["lora_inputs"] = len(add_lora_inputs(tmp / "model.onnx", _header(merged_dir), config))
         return self.finish(tmp, dest, plan.name, ARTIFACT_FILES, meta, f"onnxruntime-genai model builder ({plan.name})")
+
+
+def _header(model_dir: Path) -> dict[str, list[int]]:
+    """{tensor name: shape} over the checkpoint's safetensors files (headers only)."""
+    from ..source import safetensors_header
+    return {n: t["shape"] for f in sorted(model_dir.glob("*.safetensors")) for n, t in safetensors_header(f).items()}
 
 
 def _shares_embedding(model_dir: Path) -> bool:

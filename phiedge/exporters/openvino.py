@@ -139,6 +139,22 @@ class OpenVINOExporter(Exporter):
     # before: 23.1 GB).
     PEAK_BYTES_PER_PARAM = 2.7
 
+    ADAPTER_RUNTIME = "OpenVINO GenAI"
+
+    def export_adapter(self, base_dir: Path, adapter_dir: Path, out_dir: Path) -> tuple[str, ...]:
+        """The PEFT adapter as OpenVINO GenAI's `ov_genai.Adapter` reads it: PEFT's safetensors (names as PEFT
+        writes them; GenAI matches each module path within a MatMul's name), PEFT's per-module scaling folded into
+        lora_B (phiedge.adapters) and no `.alpha` tensors, so `AdapterConfig(adapter, 1.0)` applies exactly
+        PEFT's update. The runtime's scoring model applies the same file (phiedge.runtimes.openvino)."""
+        from ..adapters import fold_scales
+        from ..runtimes.openvino import ADAPTER_FILE
+        work = out_dir / ".work"
+        shutil.rmtree(work, ignore_errors=True)
+        fold_scales(adapter_dir, work, self.ADAPTER_RUNTIME)
+        (work / "adapter_model.safetensors").rename(out_dir / ADAPTER_FILE)
+        shutil.rmtree(work, ignore_errors=True)
+        return (ADAPTER_FILE,)
+
     def toolchain(self) -> dict[str, str]:
         return toolchain_versions()
 

@@ -127,6 +127,42 @@ class MLXRuntime(Runtime):
         self.patched_layers = patch_longrope(self.model, self.config) if fix_longrope else 0
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.chat_template, self.specials = chat.load_template(path)
+        self.adapter: Path | None = None
+        if settings.extra.get("adapter"):
+            self.use_adapter(Path(settings.extra["adapter"]))
+
+    def use_adapter(self, adapter_dir: Path | None) -> None:
+        """Apply the mlx-lm adapter in `adapter_dir` (phiedge.exporters.mlx.ADAPTER_FILES) from the next evaluation
+        on, or none: in place, the base's layers stay loaded. mlx-lm's own `load_adapters` wraps them (LoRALinear /
+        DoRALinear, as `mlx_lm.load(..., adapter_path=)` does); a switch unwraps them first. mlx-lm loads adapter
+        weights with strict=False, which drops misnamed keys without a word: every key must land here."""
+        from mlx.utils import tree_flatten, tree_unflatten
+        from mlx_lm.tuner.dora import DoRALinear
+        from mlx_lm.tuner.lora import LoRALinear
+        from mlx_lm.tuner.utils import load_adapters
+        wrapped = [(n, m.linear) for n, m in self.model.named_modules() if isinstance(m, (LoRALinear, DoRALinear))]
+        if wrapped:
+            self.model.update_modules(tree_unflatten(wrapped))
+        self.adapter = None
+        if adapter_dir is None:
+            return
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / "adapters.safetensors").is_file() or not (adapter_dir / "adapter_config.json").is_file():
+            raise ToolchainError(f"no adapters.safetensors + adapter_config.json in {adapter_dir}: rebuild the "
+                                 f"bundle's adapters")
+        try:
+            load_adapters(self.model, str(adapter_dir))
+        except (ValueError, KeyError) as e:
+            raise ToolchainError(f"mlx-lm could not apply the adapter {adapter_dir} to this base ({e}): rebuild it "
+                                 f"from this bundle's base") from None
+        have = {k: v.shape for k, v in tree_flatten(self.model.parameters())}
+        missed = [k for k, v in self.mx.load(str(adapter_dir / "adapters.safetensors")).items()
+                  if have.get(k) != v.shape]
+        if missed:
+            self.use_adapter(None)
+            raise ToolchainError(f"the adapter {adapter_dir} does not fit this base ({missed[0]} has no place in the "
+                                 f"model): rebuild it from this bundle's base")
+        self.adapter = adapter_dir
 
     @classmethod
     def load(cls, artifact_dir: Path, settings: RuntimeSettings | None = None) -> "MLXRuntime":

@@ -110,6 +110,38 @@ class ONNXRuntime(Runtime):
         self.chat_template, self.specials = chat.load_template(path)
         self.context_length = int(self.genai_config["model"].get("context_length") or 0) or None
         self.adds_bos = bool(self.tokenize("")) if self.specials.get("bos_token") else False
+        self._adapters = None                 # og.Adapters of this model, made on the first adapter
+        self._loaded: dict[Path, tuple[str, object]] = {}   # adapter file -> (its name in og.Adapters, ort.LoraAdapter)
+        self._active: tuple[str, object] | None = None
+        if settings.extra.get("adapter"):
+            self.use_adapter(Path(settings.extra["adapter"]))
+
+    def use_adapter(self, adapter_dir: Path | None) -> None:
+        """Apply the `.onnx_adapter` in `adapter_dir` (phiedge.exporters._onnx_lora) from the next evaluation on, or
+        none: in place, the base stays loaded and each adapter is read once. onnxruntime-genai activates it per
+        generator (`set_active_adapter`, before the first tokens: every evaluation makes a new generator); the
+        sliced scoring session takes the same file as onnxruntime's LoraAdapter, per run."""
+        if adapter_dir is None:
+            self._active = None
+            return
+        files = sorted(Path(adapter_dir).glob("*.onnx_adapter"))
+        if not files:
+            raise ToolchainError(f"no .onnx_adapter file in {adapter_dir}: rebuild the bundle's adapters")
+        path = files[0].resolve()
+        if path not in self._loaded:
+            import onnxruntime as ort
+            if self._adapters is None:
+                self._adapters = self.og.Adapters(self.model)
+            name = f"a{len(self._loaded)}"
+            try:
+                self._adapters.load(str(path), name)
+            except Exception as e:          # og raises plain RuntimeError
+                raise ToolchainError(f"onnxruntime-genai could not load the adapter {path} ({e}): rebuild it from "
+                                     f"this bundle's base") from None
+            lora = ort.LoraAdapter()
+            lora.Load(str(path))                    # memory-maps the file
+            self._loaded[path] = (name, lora)
+        self._active = self._loaded[path]
 
     @staticmethod
     def _provider(og, device: str) -> str | None:
@@ -135,7 +167,14 @@ class ONNXRuntime(Runtime):
         params = self.og.GeneratorParams(self.model)
         # max_length sizes the KV cache (shared past/present buffer): never the config's 131072.
         params.set_search_options(max_length=max_length, do_sample=False)
-        return self.og.Generator(self.model, params)
+        gen = self.og.Generator(self.model, params)
+        if self._active is not None:
+            try:
+                gen.set_active_adapter(self._adapters, self._active[0])
+            except Exception as e:
+                raise ToolchainError(f"onnxruntime-genai could not apply the adapter to {self.path} ({e}): is the "
+                                     f"artifact a base built for adapters (--adapter-mode separate)?") from None
+        return gen
 
     @classmethod
     def check_peak_bytes(cls, artifact_bytes: int, n_vocab: int, probe_tokens: int) -> int:
@@ -158,6 +197,9 @@ class ONNXRuntime(Runtime):
                                                 str(self.path))
                     if self.settings.threads:
                         so.intra_op_num_threads = int(self.settings.threads)
+                    # A base for adapters kept separate has LoRA inputs with empty defaults: onnxruntime warns
+                    # about every one ("appears in graph inputs"); errors still print.
+                    so.log_severity_level = 3
                     self._rows_session = ort.InferenceSession(proto.SerializeToString(), so,
                                                               providers=["CPUExecutionProvider"])
         return self._rows_session or None
@@ -185,7 +227,12 @@ class ONNXRuntime(Runtime):
             else:
                 raise ToolchainError(f"{self.path}: the decoder has an input phiedge does not know ({i.name}): "
                                      f"rebuild the artifact with phiedge")
-        return np.asarray(session.run(["logits"], feeds)[0])
+        options = None
+        if self._active is not None:
+            import onnxruntime as ort
+            options = ort.RunOptions()
+            options.add_active_adapter(self._active[1])
+        return np.asarray(session.run(["logits"], feeds, options)[0])
 
     def logits(self, ids: list[int], last_n: int, start: int = 0) -> np.ndarray:
         self._check_start(start)          # the generator numbers positions itself, and switches on the mask width
@@ -232,5 +279,6 @@ class ONNXRuntime(Runtime):
 
     def close(self) -> None:
         self.tokenizer = None
+        self._active, self._loaded, self._adapters = None, {}, None
         self.model = None
         self._rows_session = None

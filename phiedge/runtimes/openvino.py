@@ -7,7 +7,8 @@
   at Phi-4-mini's 200,064 vocabulary a 4200-token probe's logits are 3.4 GB of fp32 and ~15 % of the prefill).
   The shipped IR is unchanged.
 - generate: LLMPipeline on token ids (greedy, the caller's stop ids), with its default attention backend
-  (paged attention on CPU). Measured on the tiny fixture: greedy 16 of 16 PyTorch tokens after the short
+  (paged attention on CPU); with adapters kept separate the stateful SDPA pipeline, the one that switches
+  adapters per generate call (use_adapter). Measured on the tiny fixture: greedy 16 of 16 PyTorch tokens after the short
   probe and after the 4200-token long probe with both backends; time to first token on the long probe
   2.7 s (paged) vs 6.5 s (SDPA), so the default stays.
 - CPU properties come from the artifact's phiedge_openvino.json (chosen at export, see
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -72,6 +74,9 @@ def resolve_device(requested: str, available: list[str], fallback: str | None = 
 
 
 ROWS_FROM = "phiedge_rows_from"        # the Parameter slice_before_lm_head adds: the first row kept
+ADAPTER_FILE = "adapter_model.safetensors"     # PEFT's layout, scaling folded in (phiedge.exporters.openvino)
+LORA_MODULE = re.compile(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+)/")    # in a MatMul's friendly name
+PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight$")
 
 
 def prefill_inputs(ids: list[int], start: int = 0) -> dict[str, np.ndarray]:
@@ -113,6 +118,56 @@ def slice_before_lm_head(ov, model) -> bool:
     return True
 
 
+def read_adapter(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{module path: (Aᵀ [in, r], Bᵀ [r, out])} of a folded PEFT adapter file (ADAPTER_FILE), fp32."""
+    from ..source import read_safetensors
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for name, t in read_safetensors(path).items():
+        m = PEFT_KEY.match(name)
+        if not m:
+            raise ToolchainError(f"{path}: {name} is not a LoRA A/B tensor: rebuild the bundle's adapters")
+        parts.setdefault(m.group(1), {})[m.group(2)] = t
+    return {k: (np.ascontiguousarray(v["A"].T, np.float32), np.ascontiguousarray(v["B"].T, np.float32))
+            for k, v in parts.items()}
+
+
+def add_lora_inputs(ov, model) -> dict[str, tuple[int, int]]:
+    """Give every decoder MatMul of `model` (in place) a LoRA of the module it computes, as two Parameters
+    `<module>.lora_A` [in, r] and `<module>.lora_B` [r, out] of a dynamic rank r: y + (x·A)·B, with x the MatMul's
+    own input, where OpenVINO GenAI's LoRA reads it too. Empty (rank-0) tensors give the base exactly.
+    Returns {module path: (in, out)}."""
+    from openvino import opset13 as ops
+    found: dict[str, object] = {}
+    for node in model.get_ordered_ops():
+        m = LORA_MODULE.search(node.get_friendly_name())
+        if node.get_type_name() != "MatMul" or not m:
+            continue
+        if m.group(1) in found:
+            raise ToolchainError(f"two MatMuls compute {m.group(1)} in this IR: phiedge cannot apply a LoRA to it")
+        found[m.group(1)] = node
+    params, modules = [], {}
+    for module, node in found.items():
+        x, y = node.input_value(0), node.output(0)
+        inp, out = x.get_partial_shape()[-1].get_length(), y.get_partial_shape()[-1].get_length()
+        a = ops.parameter(ov.PartialShape([inp, -1]), ov.Type.f32, name=f"{module}.lora_A")
+        b = ops.parameter(ov.PartialShape([-1, out]), ov.Type.f32, name=f"{module}.lora_B")
+        for p in (a, b):
+            p.output(0).get_tensor().set_names({p.get_friendly_name()})
+        xf = x if x.get_element_type() == ov.Type.f32 else ops.convert(x, ov.Type.f32).output(0)
+        delta = ops.matmul(ops.matmul(xf, a, False, False), b, False, False)
+        if y.get_element_type() != ov.Type.f32:
+            delta = ops.convert(delta, y.get_element_type())
+        targets = list(y.get_target_inputs())
+        summed = ops.add(y, delta)
+        for t in targets:
+            t.replace_source_output(summed.output(0))
+        params += [a, b]
+        modules[module] = (inp, out)
+    model.add_parameters(params)
+    model.validate_nodes_and_infer_types()
+    return modules
+
+
 @register
 class OpenVINORuntime(Runtime):
     format = "openvino"
@@ -139,6 +194,36 @@ class OpenVINORuntime(Runtime):
         self._compiled = None
         self._sliced = False
         self._pipe = None
+        self._lora_modules: dict[str, tuple[int, int]] | None = None   # the scoring model's LoRA inputs, if any
+        self._adapters: dict[Path, tuple[object, dict]] = {}    # file -> (ov_genai.Adapter, read_adapter)
+        self._active: Path | None = None
+        if settings.extra.get("adapter"):
+            self.use_adapter(Path(settings.extra["adapter"]))
+
+    def use_adapter(self, adapter_dir: Path | None) -> None:
+        """Apply the adapter in `adapter_dir` (ADAPTER_FILE) from the next evaluation on, or none. Generation:
+        OpenVINO GenAI's own LoRA (`ov_genai.Adapter`, `AdapterConfig(adapter, 1.0)` per generate call); the
+        pipeline must know every adapter when it is made, so the first use of a new one remakes it (then switching
+        among known ones is in place). Prompt logits: the scoring model with LoRA inputs (add_lora_inputs), fed
+        the same file's tensors per request, so the base stays compiled once."""
+        self._active = None
+        if adapter_dir is None:
+            return
+        path = (Path(adapter_dir) / ADAPTER_FILE).resolve()
+        if not path.is_file():
+            raise ToolchainError(f"no {ADAPTER_FILE} in {adapter_dir}: rebuild the bundle's adapters")
+        if path not in self._adapters:
+            try:
+                adapter = self.ov_genai.Adapter(str(path))
+            except Exception as e:
+                raise ToolchainError(f"OpenVINO GenAI could not read the adapter {path} ({e}): rebuild it") from None
+            self._adapters[path] = (adapter, read_adapter(path))
+            self._pipe = None                  # GenAI takes its adapters when the pipeline is made
+            if self._lora_modules is None:
+                self._compiled = None          # recompiled with LoRA inputs on the next logits
+            else:
+                self._check_fits()
+        self._active = path
 
     def _properties(self) -> dict:
         props: dict = {}
@@ -168,15 +253,43 @@ class OpenVINORuntime(Runtime):
             try:
                 model = self.core.read_model(str(self.path / IR))
                 self._sliced = slice_before_lm_head(self.ov, model)
+                if self._adapters:
+                    self._lora_modules = add_lora_inputs(self.ov, model)
+                    self._check_fits()
                 self._compiled = self.core.compile_model(model, self.device, self.properties)
             except Exception as e:     # openvino raises plain RuntimeError for a bad IR or property
                 raise ToolchainError(f"OpenVINO could not compile {self.path / IR} on {self.device}: {e}") from None
         return self._compiled.create_infer_request()
 
+    def _check_fits(self) -> None:
+        for path, (_, tensors) in self._adapters.items():
+            for module, (a, b) in tensors.items():
+                if self._lora_modules.get(module) != (a.shape[0], b.shape[1]):
+                    raise ToolchainError(f"the adapter {path} adapts {module}, which this IR has no MatMul of that "
+                                         f"shape for: rebuild the adapter from this bundle's base")
+
+    def _lora_feeds(self) -> dict[str, np.ndarray]:
+        tensors = self._adapters[self._active][1] if self._active else {}
+        feeds = {}
+        for module, (inp, out) in (self._lora_modules or {}).items():
+            a, b = tensors.get(module, (np.zeros((inp, 0), np.float32), np.zeros((0, out), np.float32)))
+            feeds[f"{module}.lora_A"], feeds[f"{module}.lora_B"] = a, b
+        return feeds
+
     def _pipeline(self):
         if self._pipe is None:
             try:
-                self._pipe = self.ov_genai.LLMPipeline(str(self.path), self.device, **self.properties)
+                if self._adapters:
+                    config = self.ov_genai.AdapterConfig()
+                    for adapter, _ in self._adapters.values():
+                        config.add(adapter, 1.0)
+                    # The stateful (SDPA) pipeline: GenAI 2026.4's default on CPU, continuous batching with paged
+                    # attention, keeps the adapters it was made with and ignores generate()'s (measured: an
+                    # empty AdapterConfig, or alpha 0, still answered with the adapter).
+                    self._pipe = self.ov_genai.LLMPipeline(str(self.path), self.device, adapters=config,
+                                                           **{"ATTENTION_BACKEND": "SDPA", **self.properties})
+                else:
+                    self._pipe = self.ov_genai.LLMPipeline(str(self.path), self.device, **self.properties)
             except Exception as e:
                 raise ToolchainError(f"OpenVINO GenAI could not load {self.path} on {self.device}: {e}") from None
         return self._pipe
@@ -190,6 +303,7 @@ class OpenVINORuntime(Runtime):
         keep = min(last_n, n) if self._sliced else n
         if self._sliced:
             inputs[ROWS_FROM] = np.asarray([n - keep], dtype=np.int64)
+        inputs.update(self._lora_feeds())
         req.infer(inputs)
         out = np.asarray(req.get_tensor("logits").data)
         out = out.reshape(-1, out.shape[-1])
@@ -210,7 +324,12 @@ class OpenVINORuntime(Runtime):
         arr = np.asarray([ids], dtype=np.int64)
         inputs = self.ov_genai.TokenizedInputs(self.ov.Tensor(arr), self.ov.Tensor(np.ones_like(arr)))
         t0 = time.perf_counter()
-        res = pipe.generate(inputs, cfg)
+        if self._adapters:
+            active = self._adapters[self._active][0] if self._active else None
+            res = pipe.generate(inputs, cfg, adapters=self.ov_genai.AdapterConfig(active, 1.0) if active
+                                else self.ov_genai.AdapterConfig())
+        else:
+            res = pipe.generate(inputs, cfg)
         end = time.perf_counter()
         toks = [int(t) for t in res.tokens[0]]
         cut = next((i for i, t in enumerate(toks) if t in stop), None)
@@ -234,4 +353,5 @@ class OpenVINORuntime(Runtime):
     def close(self) -> None:
         self._pipe = None
         self._compiled = None
+        self._adapters, self._active = {}, None
         self.tokenizer = None

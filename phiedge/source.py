@@ -125,8 +125,8 @@ def read_safetensors(path: Path) -> dict:
     no torch and no safetensors package. bf16 is not read here (fp32 adapters are what phiedge writes)."""
     import numpy as np
     header = safetensors_header(path)
-    n = struct.unpack("<Q", path.read_bytes()[:8])[0]
-    data = path.read_bytes()[8 + n:]
+    raw = path.read_bytes()
+    data = raw[8 + struct.unpack("<Q", raw[:8])[0]:]
     out = {}
     for name, t in header.items():
         if t["dtype"] not in SAFETENSORS_DTYPES:

@@ -127,7 +127,6 @@ class MLXRuntime(Runtime):
         self.patched_layers = patch_longrope(self.model, self.config) if fix_longrope else 0
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.chat_template, self.specials = chat.load_template(path)
-        self.adapter: Path | None = None
         if settings.extra.get("adapter"):
             self.use_adapter(Path(settings.extra["adapter"]))
 
@@ -143,7 +142,6 @@ class MLXRuntime(Runtime):
         wrapped = [(n, m.linear) for n, m in self.model.named_modules() if isinstance(m, (LoRALinear, DoRALinear))]
         if wrapped:
             self.model.update_modules(tree_unflatten(wrapped))
-        self.adapter = None
         if adapter_dir is None:
             return
         adapter_dir = Path(adapter_dir)
@@ -162,7 +160,6 @@ class MLXRuntime(Runtime):
             self.use_adapter(None)
             raise ToolchainError(f"the adapter {adapter_dir} does not fit this base ({missed[0]} has no place in the "
                                  f"model): rebuild it from this bundle's base")
-        self.adapter = adapter_dir
 
     @classmethod
     def load(cls, artifact_dir: Path, settings: RuntimeSettings | None = None) -> "MLXRuntime":

@@ -417,13 +417,15 @@ def artifact(ctx: Context, fmt: str, precision: str, export: str) -> exporters.A
     raise RuntimeError(f"export {fmt} wrote no {precision} artifact")
 
 
-def long_span(formats: dict[str, list[str]], fmt: str, precision: str) -> bool:
-    """Whether an artifact's check measures the long regime on the long probe's span (phiedge.checks.probes):
-    every precision of a format but its first, on runtimes that take position spans. The first keeps the real
-    long prefill: the one measurement that catches a chunked or split prefill or a rope error growing with token
-    distance (the precisions of a format share one export's rope), once per format per build."""
+def long_span(req: BuildRequest, c: Check) -> bool:
+    """Whether a check measures the long regime on the long probe's span (phiedge.checks.probes), on runtimes
+    that take position spans: every check of an export but its first, i.e. every precision of a format but its
+    first and, on a base kept separate, every adapter but the first. The first keeps the real long prefill: the
+    one measurement that catches a chunked or split prefill or a rope error growing with token distance, once per
+    export's rope (its precisions share it, and an adapter changes no rope)."""
     from . import runtimes
-    return precision != formats[fmt][0] and runtimes.get(fmt).POSITION_SPANS
+    later = c.precision != req.formats[c.fmt][0] or (c.adapter is not None and c.v.adapter != next(iter(req.adapters)))
+    return later and runtimes.get(c.fmt).POSITION_SPANS
 
 
 def _check_key(ctx: Context, c: Check) -> dict:
@@ -432,7 +434,7 @@ def _check_key(ctx: Context, c: Check) -> dict:
     retry = exact_retry(artifact(ctx, c.fmt, c.precision, c.export))  # re-measured or not depends on the limits
     key = {"export": ctx[c.export].name, "precision": c.precision,
            "smoke": smoke.parent.name if smoke else None, "reference": ctx[c.v.stage("merge")].name,
-           "long_span": long_span(ctx.req.formats, c.fmt, c.precision),
+           "long_span": long_span(ctx.req, c),
            "retry_limits": _limits(ctx, c.precision).as_dict() if retry else None}
     if c.adapter:
         key["adapter"] = ctx[c.adapter].name
@@ -448,7 +450,7 @@ def _measure(ctx: Context, d: Path, c: Check) -> None:
     adapter = adapter_artifact(ctx, c)
     measure_files(artifact(ctx, c.fmt, c.precision, c.export), ctx[c.v.stage("merge")] / "reference.npz",
                   ctx.outputs.get(c.v.stage("smoke reference")), ctx.req.threads, d, _limits(ctx, c.precision),
-                  long_span=long_span(ctx.req.formats, c.fmt, c.precision),
+                  long_span=long_span(ctx.req, c),
                   settings={"adapter": str(adapter.path)} if adapter else None)
 
 

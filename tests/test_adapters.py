@@ -5,6 +5,8 @@ tests/test_bundle.py.)"""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -56,20 +58,25 @@ ADAPTER_FILES = {"gguf": "adapter.gguf", "onnx": "adapter.onnx_adapter", "openvi
 @pytest.fixture(scope="module")
 def separate(tiny, session, tmp_path_factory):
     """--adapter-mode separate with two adapters (plain LoRA, and rsLoRA with rank and alpha patterns: the scaling
-    folded into each lora_B must be PEFT's per module) on every installed runtime, in the session build's cache
-    (the lora merge, its reference and the retriever come from there): (bundle, the build's stderr, formats)."""
+    folded into each lora_B must be PEFT's per module) on every installed runtime, in a hard-linked copy of the
+    session build's cache (the lora merge, its reference and the retriever come from there; the session's own
+    cache keeps one check per artifact, as the tests reading it expect): (bundle, the build's stderr, formats,
+    its cache)."""
     formats = {f: p for f, p in SEPARATE.items() if installed(f)}
-    out = tmp_path_factory.mktemp("separate") / "sep"
-    r = run_cli(*build_args(tiny, out, session.cache, formats, "--adapter", f"rs={tiny / 'adapters' / 'rslora'}",
+    root = tmp_path_factory.mktemp("separate")
+    shutil.copytree(session.cache, root / "cache", copy_function=os.link,
+                    ignore=shutil.ignore_patterns("locks", ".writers"))
+    out = root / "sep"
+    r = run_cli(*build_args(tiny, out, root / "cache", formats, "--adapter", f"rs={tiny / 'adapters' / 'rslora'}",
                             "--adapter-mode", "separate"))
     assert r.returncode == 0, r.stderr[-3000:]
-    return out, r.stderr, formats
+    return out, r.stderr, formats, root / "cache"
 
 
 def test_separate_adapters_build_proves_every_pair_and_ask_and_validate_pick_them(separate):
     """One base artifact per format and precision, each adapter's own runtime file per format, and every (base
     artifact, adapter) pair through the gate in both regimes against that adapter's merged model."""
-    out, stderr, formats = separate
+    out, stderr, formats, _ = separate
     m = json.loads((out / "manifest.json").read_text())
     rows = [(a["path"], a["adapter"], a["adapter_path"], a["golden"]) for a in m["artifacts"]]
     assert sorted(rows) == sorted((f"{f}-{p[0]}", a, f"adapters/{a}/{f}", f"golden@{a}.npz")
@@ -97,18 +104,39 @@ def test_separate_adapters_build_proves_every_pair_and_ask_and_validate_pick_the
     assert run_cli("verify", str(out)).returncode == 0
 
 
+def test_a_third_adapter_runs_only_its_own_stages(tiny, separate, tmp_path):
+    """The bundle's build again with one more adapter (the plain LoRA at half its strength: another fine-tune of
+    the same shape), on llama.cpp: the base export and the first two adapters' stages come from the cache, and
+    only the new adapter is converted, merged for its reference and checked."""
+    from safetensors.torch import load_file, save_file
+    out, _, _, cache = separate
+    third = tmp_path / "half"
+    shutil.copytree(tiny / "adapters" / "lora", third)
+    weights = load_file(third / "adapter_model.safetensors")
+    save_file({k: v * 0.5 if "lora_B" in k else v for k, v in weights.items()}, third / "adapter_model.safetensors")
+    r = run_cli(*build_args(tiny, tmp_path / "sep3", cache, {"gguf": SEPARATE["gguf"]}, "--adapter",
+                            f"rs={tiny / 'adapters' / 'rslora'}", "--adapter", f"half={third}",
+                            "--adapter-mode", "separate"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ran = {name for name, cached in stage_lines(r.stderr).items() if not cached}
+    assert ran - {"resolve", "hash inputs", "bundle"} == {"merge@half", "smoke reference@half", "adapter gguf@half",
+                                                          f"check gguf {SEPARATE['gguf'][0]}+half"}, ran
+    rows = json.loads((tmp_path / "sep3" / "report.json").read_text())["artifacts"]
+    assert sorted(a["adapter"] for a in rows) == ["half", "lora", "rs"] and all(a["passed"] for a in rows)
+
+
 @pytest.mark.parametrize("fmt", list(SEPARATE))
 def test_separate_adapters_switch_in_place_as_a_fresh_process_would(separate, fmt):
     """On the bundle's base: adapter A, then B, then none, in one process, give bit for bit the logits and the
-    greedy answer a fresh load with only that adapter gives (llama.cpp keeps adapters per context: they follow
-    the regime switch). mlx-lm on Linux is slow at the 4200-token probe (reference BLAS): its long regime is the
-    build's gate's, not repeated here."""
-    out, _, formats = separate
+    greedy answer a fresh load with only that adapter gives. The long probe too on llama.cpp, which keeps
+    adapters per context (phiedge's runtime opens a second context past the LongRoPE switch: the adapter must
+    follow it); the others apply an adapter to the whole graph, whose long regime each pair's build gate proves."""
+    out, _, formats, _ = separate
     if fmt not in formats:
         pytest.skip(f"{fmt} is not installed")
     golden = np.load(out / "golden@lora.npz")
     base = out / f"{fmt}-{formats[fmt][0]}"
-    probes_ = [golden["short_ids"].tolist()] + ([] if fmt == "mlx" else [golden["long_ids"].tolist()])
+    probes_ = [golden["short_ids"].tolist()] + ([golden["long_ids"].tolist()] if fmt == "gguf" else [])
 
     def run(rt):
         return ([rt.logits(ids, probes.COMPARE_LAST) for ids in probes_],

@@ -12,9 +12,7 @@ from phiedge.errors import UsageError
 from phiedge.retriever import Retriever, build_index
 from phiedge.runtimes import get
 
-# On the session build's worker (conftest.pytest_itemcollected): the other worker's modules (benchmark harness,
-# kill -9 table, hardening) take ~150 s longer than the session build and its tests.
-pytestmark = [pytest.mark.gguf, pytest.mark.session_worker]
+pytestmark = pytest.mark.gguf
 from conftest import DEMO, DEMO_DOCS
 
 QUESTION, NEEDLE, FACT = DEMO["question"], DEMO["needle"], DEMO["answer"]

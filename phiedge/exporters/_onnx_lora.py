@@ -88,7 +88,11 @@ def add_lora_inputs(model_file: Path, checkpoint_header: dict, config: dict) -> 
     graph = proto.graph
     hf_layers = modules_of(checkpoint_header)
     inits = {i.name: i for i in graph.initializer}
-    x_types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    # The builder's activation dtype is its KV cache's (io_dtype): value_info need not list a MatMul's input.
+    kv = {i.type.tensor_type.elem_type for i in graph.input if i.name.startswith("past_key_values")}
+    if kv - {TensorProto.FLOAT}:
+        raise UnsupportedAdapterError("onnx keeps adapters separate on fp32 activations only (the CPU precisions "
+                                      "fp32 and int4): build fp16 with --adapter-mode merged")
     new_nodes: dict[int, list] = {}          # node index -> nodes to insert after it
     modules: dict[str, tuple[int, int]] = {}   # module path -> (in, out)
     projected: dict[tuple[str, str], str] = {}  # (x, module) -> MatMul(x, A) output, shared by a fused module's slices
@@ -104,9 +108,6 @@ def add_lora_inputs(model_file: Path, checkpoint_header: dict, config: dict) -> 
             raise ToolchainError(f"{node.name}: its output width is not that of {', '.join(s for s, _, _ in segs)}; "
                                  f"phiedge cannot add LoRA inputs to this graph")
         x, y = node.input[0], node.output[0]
-        if x_types.get(x, TensorProto.FLOAT) not in (TensorProto.FLOAT, 0):
-            raise UnsupportedAdapterError("onnx keeps adapters separate on fp32 activations only (the CPU precisions "
-                                          "fp32 and int4): build fp16 with --adapter-mode merged")
         base = f"{node.name}/phiedge_lora"
         added, parts = [], []
         for i, (module, start, width) in enumerate(segs):

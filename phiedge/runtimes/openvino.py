@@ -131,8 +131,18 @@ def read_adapter(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             for k, v in parts.items()}
 
 
+def _is_weight(node, depth: int = 8) -> bool:
+    """Whether a MatMul operand is a weight: a Constant, or one through its decompression chain (Convert,
+    Subtract, Multiply, Reshape...), never an activation (a Parameter, a ReadValue, or a deeper graph)."""
+    if node.get_type_name() == "Constant":
+        return True
+    if depth == 0 or node.get_type_name() in ("Parameter", "ReadValue") or not node.inputs():
+        return False
+    return all(_is_weight(i.get_source_output().get_node(), depth - 1) for i in node.inputs())
+
+
 def add_lora_inputs(ov, model) -> dict[str, tuple[int, int]]:
-    """Give every decoder MatMul of `model` (in place) a LoRA of the module it computes, as two Parameters
+    """Give every decoder weight MatMul of `model` (in place) a LoRA of the module it computes, as two Parameters
     `<module>.lora_A` [in, r] and `<module>.lora_B` [r, out] of a dynamic rank r: y + (x·A)·B, with x the MatMul's
     own input, where OpenVINO GenAI's LoRA reads it too. Empty (rank-0) tensors give the base exactly.
     Returns {module path: (in, out)}."""
@@ -140,7 +150,7 @@ def add_lora_inputs(ov, model) -> dict[str, tuple[int, int]]:
     found: dict[str, object] = {}
     for node in model.get_ordered_ops():
         m = LORA_MODULE.search(node.get_friendly_name())
-        if node.get_type_name() != "MatMul" or not m:
+        if node.get_type_name() != "MatMul" or not m or not _is_weight(node.input_value(1).get_node()):
             continue
         if m.group(1) in found:
             raise ToolchainError(f"two MatMuls compute {m.group(1)} in this IR: phiedge cannot apply a LoRA to it")

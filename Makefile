@@ -48,4 +48,4 @@ bench-quick: $(STAMP)
 	$(BIN)/python scripts/bench.py --quick
 
 clean:
-	rm -rf $(VENV) .fixtures demo-out
+	rm -rf $(VENV) .fixtures demo-out demo-out-adapters

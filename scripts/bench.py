@@ -19,6 +19,13 @@
 4. Memory read bandwidth (numpy reductions, 1 and N threads) and each artifact's bytes read per decoded token
    (its weight files: every weight is read once per token), so tokens/s can be read against the physical limit.
 5. The retriever benchmark (scripts/bench_retriever.py).
+6. Adapters kept separate, per checked runtime: the base artifact exported for adapters (the exporter's
+   BASE_SETTINGS) and each adapter's runtime file (the bench adapter and a second of its shape, every lora_B
+   halved), their export times and sizes; then, in one child process, the base loaded with adapter A, a switch to
+   B in place (`Runtime.use_adapter`) and back to A (one the process has applied before) against reloading the
+   base with B (each followed by the same one-token
+   generation, as a first request after the switch), and decode tokens/s with A applied against the merged
+   artifact of the same precision from the build, on the RAG prompt of 3.
 
 Formats whose runtime cannot check a 3.8B model on this machine in useful time (`--unchecked`; full-size default:
 mlx, whose Linux CPU backend decodes at 0.04 tok/s, FIELD-NOTES) are exported by phiedge's own exporter on the
@@ -66,6 +73,8 @@ INFER_REPEATS = 3
 # Goals: the build's peak (PSS of the tree, run with --max-memory MAX_MEMORY); merge + exports against the
 # standalone tools; the whole build, every proof included, against them; decode against the runtime's own loop.
 GOAL_BUILD_RSS_GB, GOAL_SAME_WORK_RATIO, GOAL_WALL_RATIO, GOAL_DECODE_RATIO = 10.0, 0.8, 1.5, 0.95
+# An adapter kept separate that decodes below this fraction of its merged artifact's speed: ship merged for speed.
+SEPARATE_DECODE_OK = 0.9
 UNCHECKED_WHY = ("MLX's Linux CPU backend is a correctness path, not a deployment one (0.04 tok/s at 3.8B, "
                  "FIELD-NOTES): measure on Apple silicon")
 
@@ -206,7 +215,17 @@ import sys
 from pathlib import Path
 from phiedge import exporters
 fmt, merged, out, precision, threads = sys.argv[1:6]
-exporters.get(fmt).export(Path(merged), Path(out), [precision], {"threads": int(threads)})
+exp = exporters.get(fmt)
+base = sys.argv[6:] == ["--base"]            # a base for adapters kept separate
+exporters.get(fmt).export(Path(merged), Path(out), [precision],
+                          {"threads": int(threads), **(exp.BASE_SETTINGS if base else {})})
+"""
+ADAPTER_ONLY = """
+import sys
+from pathlib import Path
+from phiedge import exporters
+fmt, model, adapter, out = sys.argv[1:5]
+exporters.get(fmt).export_adapter(Path(model), Path(adapter), Path(out))
 """
 
 
@@ -457,10 +476,17 @@ def _native_mlx(artifact: Path, ids: list[int], new: int, threads: int) -> dict:
 NATIVE = {"gguf": _native_gguf, "onnx": _native_onnx, "openvino": _native_openvino, "mlx": _native_mlx}
 
 
-def run_inference(build: dict, work: Path, threads: int, bw: float) -> list[dict]:
-    ids = rag_prompt_ids(Path(build["bundle"]), build["merged"], PROMPT_TOKENS)
+def prompt_ids_file(build: dict, work: Path) -> Path:
+    """The RAG prompt every inference measurement decodes after (PROMPT_TOKENS at most), written once."""
     ids_file = work / "prompt_ids.json"
-    ids_file.write_text(json.dumps(ids))
+    if not ids_file.is_file():
+        ids_file.write_text(json.dumps(rag_prompt_ids(Path(build["bundle"]), build["merged"], PROMPT_TOKENS)))
+    return ids_file
+
+
+def run_inference(build: dict, work: Path, threads: int, bw: float) -> list[dict]:
+    ids_file = prompt_ids_file(build, work)
+    ids = json.loads(ids_file.read_text())
     rows = []
     for a in build["artifacts"]:
         if a.get("checked") is False:
@@ -485,6 +511,106 @@ def run_inference(build: dict, work: Path, threads: int, bw: float) -> list[dict
         rows.append(row)
         print(f"  {a['format']:9} ours {o or 0:7.1f} tok/s  native {n or 0:7.1f} tok/s  "
               f"ratio {row['decode_ratio']}", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ 6. adapters
+
+def second_adapter(adapter: Path, out: Path) -> Path:
+    """An adapter of the same shape with every lora_B halved: what a switch costs depends on shapes, not values."""
+    from safetensors.torch import load_file, save_file      # torch's: the adapter may hold bf16
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(adapter, out)
+    f = out / "adapter_model.safetensors"
+    save_file({k: v * 0.5 if "lora_B" in k else v for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    return out
+
+
+def adapter_child(spec: dict) -> dict:
+    """Runs in a child process: load with adapter A, decode, switch to B in place, reload with B, decode merged."""
+    from phiedge.runtimes import RuntimeSettings, get
+    cls, ids, new, threads = get(spec["format"]), spec["ids"], spec["new"], spec["threads"]
+    a, b = spec["adapters"]
+
+    def settings(adapter: str | None = None) -> RuntimeSettings:
+        return RuntimeSettings(threads=threads, extra={"adapter": adapter} if adapter else {})
+
+    def first_request(rt) -> None:                  # what a request right after a switch or a load pays
+        rt.generate_ids(ids[:16], 1, stop_ids=set())
+
+    t = time.perf_counter()
+    rt = cls.load(Path(spec["base"]), settings(a))
+    first_request(rt)
+    load_s = time.perf_counter() - t
+    with_a = rt.generate_ids(ids, new, stop_ids=set())
+    t = time.perf_counter()
+    rt.use_adapter(Path(b))
+    first_request(rt)
+    switch_s = time.perf_counter() - t
+    t = time.perf_counter()
+    rt.use_adapter(Path(a))                         # back to one this process has applied before
+    first_request(rt)
+    switch_back_s = time.perf_counter() - t
+    rt.close()
+    t = time.perf_counter()
+    rt = cls.load(Path(spec["base"]), settings(b))
+    first_request(rt)
+    reload_s = time.perf_counter() - t
+    rt.close()
+    rt = cls.load(Path(spec["merged"]), settings())
+    merged = rt.generate_ids(ids, new, stop_ids=set())
+    rt.close()
+    return {"load_with_adapter_s": load_s, "switch_s": switch_s, "switch_back_s": switch_back_s, "reload_s": reload_s,
+            "adapter_decode_tps": with_a.decode_tps, "merged_decode_tps": merged.decode_tps,
+            "new_tokens": len(with_a.ids)}
+
+
+def run_adapters(m: dict, build: dict, work: Path, threads: int, ids_file: Path) -> list[dict]:
+    root = work / "adapters"
+    shutil.rmtree(root, ignore_errors=True)
+    logs = work / "logs"
+    adapters = {"a": Path(m["adapter"]), "b": second_adapter(Path(m["adapter"]), root / "adapter-b")}
+    rows = []
+    for art in build["artifacts"]:
+        if art.get("checked") is False:
+            continue
+        fmt, precision = art["format"], art["precision"]
+        row: dict = {"format": fmt, "precision": precision, "merged_bytes": art["size_bytes"]}
+        out = root / f"base-{fmt}"
+        res = measured([sys.executable, "-c", EXPORT_ONLY, fmt, m["model"], str(out), precision, str(threads),
+                        "--base"], logs / f"adapters-base-{fmt}.log")
+        base = [d for d in out.iterdir() if d.is_dir()] if out.is_dir() else []
+        row["base_export"] = {"seconds": res["seconds"], "peak_rss_mb": res["peak_rss_mb"], "exit": res["exit"],
+                              "error": res.get("error")}
+        row["base_bytes"] = dir_bytes(base[0]) if base else 0
+        files = {}
+        for name, src in adapters.items():
+            res = measured([sys.executable, "-c", ADAPTER_ONLY, fmt, m["model"], str(src),
+                            str(root / f"{name}-{fmt}")], logs / f"adapters-{name}-{fmt}.log")
+            files[name] = root / f"{name}-{fmt}"
+            row[f"adapter_{name}_export"] = {"seconds": res["seconds"], "peak_rss_mb": res["peak_rss_mb"],
+                                             "exit": res["exit"], "error": res.get("error")}
+        row["adapter_bytes"] = dir_bytes(files["a"]) if files["a"].is_dir() else 0
+        if not base or any(row[f"adapter_{n}_export"]["exit"] for n in adapters):
+            row["error"] = "an export failed: see its log"
+            rows.append(row)
+            continue
+        spec_file, res_file = root / f"spec-{fmt}.json", root / f"result-{fmt}.json"
+        spec_file.write_text(json.dumps({"format": fmt, "base": str(base[0]), "merged": art["path"],
+                                         "adapters": [str(files["a"]), str(files["b"])], "threads": threads,
+                                         "ids": json.loads(ids_file.read_text()), "new": NEW_TOKENS}))
+        run = measured([sys.executable, __file__, "--adapter-child", str(spec_file), str(res_file)],
+                       logs / f"adapters-run-{fmt}.log")
+        row.update(json.loads(res_file.read_text()) if res_file.is_file() else {"error": run.get("error")})
+        row["run"] = {"peak_rss_mb": run["peak_rss_mb"], "exit": run["exit"]}
+        if row.get("merged_decode_tps"):
+            row["decode_ratio"] = round(row["adapter_decode_tps"] / row["merged_decode_tps"], 3)
+            row["ship_merged_for_speed"] = row["decode_ratio"] < SEPARATE_DECODE_OK
+        rows.append(row)
+        print(f"  {fmt:9} switch {row.get('switch_s', 0):6.2f} s  reload {row.get('reload_s', 0):6.2f} s  "
+              f"decode with adapter {row.get('adapter_decode_tps', 0):7.1f} tok/s  merged "
+              f"{row.get('merged_decode_tps', 0):7.1f}  adapter {row['adapter_bytes'] / 1e6:.1f} MB  base "
+              f"{row['base_bytes'] / 1e6:.1f} MB", flush=True)
     return rows
 
 
@@ -556,6 +682,19 @@ def summary(res: dict) -> str:
             lines.append(f"{r['format'] + ' ' + r['precision']:18} {o.get('ttft_s') or 0:7.2f} "
                          f"{o.get('decode_tps') or 0:7.1f} {n.get('decode_tps') or 0:7.1f} "
                          f"{r['decode_ratio'] or 0:6.2f} {r['roofline_tps'] or 0:8.1f} {o['peak_rss_mb'] / 1024:8.2f}")
+    if res.get("adapters"):
+        lines += ["", f"{'adapters (4-bit base)':22} {'switch s':>8} {'back s':>7} {'reload s':>8} {'tok/s A':>8} "
+                      f"{'merged':>8} "
+                      f"{'ratio':>6} {'adapter MB':>10} {'base MB':>8}  ship"]
+        for r in res["adapters"]:
+            if "decode_ratio" not in r:
+                lines.append(f"{r['format'] + ' ' + r['precision']:22} FAILED: {r.get('error')}")
+                continue
+            lines.append(f"{r['format'] + ' ' + r['precision']:22} {r['switch_s']:8.2f} {r['switch_back_s']:7.2f} "
+                         f"{r['reload_s']:8.2f} "
+                         f"{r['adapter_decode_tps']:8.1f} {r['merged_decode_tps']:8.1f} {r['decode_ratio']:6.2f} "
+                         f"{r['adapter_bytes'] / 1e6:10.1f} {r['base_bytes'] / 1e6:8.1f}  "
+                         f"{'merged (speed)' if r['ship_merged_for_speed'] else 'separate'}")
     verdict = {True: "PASS", False: "FAIL", None: "n/a "}
     lines += ["", "goals:"] + [f"  {verdict[g['passed']]}  {g['goal']}: "
                                f"{g['measured'] if g['passed'] is not None else 'not measured: ' + g['not_measured']}"
@@ -585,6 +724,11 @@ def write_html(res: dict, path: Path) -> None:
                      (f"{r['format']} native", r["native"].get("decode_tps") or 0),
                      (f"{r['format']} roofline", r["roofline_tps"] or 0)]
         figs.append(bar_chart(bars, "tok/s", "decode tokens/s (2 threads) vs memory-bandwidth roofline"))
+    timed = [r for r in res.get("adapters") or [] if "switch_s" in r]
+    if timed:
+        figs.append(bar_chart([b for r in timed for b in ((f"{r['format']} switch in place", r["switch_s"]),
+                                                           (f"{r['format']} reload the base", r["reload_s"]))],
+                              "s", "adapters kept separate: switch in place vs reload the base with the other"))
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>phiedge bench</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}} figure{{margin:1.5em 0}}</style></head><body>
 <h1>phiedge bench ({html.escape(res['mode'])})</h1>{''.join(figs)}<pre>{html.escape(summary(res))}</pre></body></html>""")
@@ -596,17 +740,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None, help="scratch (default: a folder under the bench home)")
     ap.add_argument("--formats", default="", help="comma list: only these formats (default: all four)")
-    ap.add_argument("--skip", default="", help="comma list of: alternatives, inference, retriever")
+    ap.add_argument("--skip", default="", help="comma list of: alternatives, inference, adapters, retriever")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--unchecked", default=None,
                     help="comma list of formats exported outside the build, unchecked (default: mlx at full size, "
                          "none with --quick)")
     ap.add_argument("--infer-child", nargs=7, metavar="X", help=argparse.SUPPRESS)
+    ap.add_argument("--adapter-child", nargs=2, metavar="X", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.infer_child:
         mode, fmt, art, ids_file, new, threads, out = args.infer_child
         res = infer_child(mode, fmt, Path(art), Path(ids_file), int(new), int(threads))
         Path(out).write_text(json.dumps(res))
+        return 0
+    if args.adapter_child:
+        spec, out = args.adapter_child
+        Path(out).write_text(json.dumps(adapter_child(json.loads(Path(spec).read_text()))))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     mode = "quick" if args.quick else "full"
@@ -640,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     if unchecked & set(plan) and build["merged"]:
         run_unchecked_exports(build, work, args.threads, {f: p for f, p in plan.items() if f in unchecked})
     build["unchecked"] = sorted(unchecked & set(plan))
+    (work / "prompt_ids.json").unlink(missing_ok=True)          # an earlier run's model may have made it
     build["not_built"] = not_built
     print(f"  build {build['seconds']:.1f} s, peak {build['peak_rss_mb'] / 1024:.2f} GB, gate "
           f"{'passed' if build['gate_passed'] else 'failed'}", flush=True)
@@ -652,6 +802,10 @@ def main(argv: list[str] | None = None) -> int:
     if "inference" not in skip:
         print(f"[bench {mode}] inference", flush=True)
         inference = run_inference(build, work, args.threads, bw["read_gb_s"])
+    adapters = []
+    if "adapters" not in skip and build["merged"]:
+        print(f"[bench {mode}] adapters kept separate", flush=True)
+        adapters = run_adapters(m, build, work, args.threads, prompt_ids_file(build, work))
     retriever = None
     if "retriever" not in skip:
         print(f"[bench {mode}] retriever", flush=True)
@@ -664,6 +818,7 @@ def main(argv: list[str] | None = None) -> int:
                     {"params_config": {k: m["config"].get(k) for k in ("num_hidden_layers", "hidden_size",
                                                                         "vocab_size", "intermediate_size")}},
            "bandwidth": bw, "build": build, "alternatives": alternatives, "inference": inference,
+           "adapters": adapters,
            "retriever": retriever, "comparison": comparison(build, alternatives),
            "goals": goals(build, alternatives, inference, UNCHECKED_WHY),
            "bench_seconds": round(time.perf_counter() - t0, 1)}

@@ -6,6 +6,12 @@
 2. `phiedge build --target all --docs demo/docs`: merge, export every format of the `all` profile, gate
    parity against PyTorch, index the documents, smoke-test RAG on every runtime, write the bundle.
 3. `phiedge ask` on every artifact of the bundle: the device path answers from the documents.
+4. One base, many adapters: two task adapters (demo/task-adapters.json, one fact each) kept separate
+   (`--adapter-mode separate`, each format's first precision of the profile, its full-precision one: at 135M
+   parameters SmolLM2's int4 OpenVINO base plus a task adapter is outside the gate, KL 0.71 against PEFT) in a
+   second bundle beside the first:
+   the base artifacts once, each adapter's runtime file, every (base artifact, adapter) pair through the gate,
+   and each adapter asked its own question on every runtime.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "demo" / "docs"
 FIXTURES = Path(os.environ.get("PHIEDGE_FIXTURES", ROOT / ".fixtures"))
 OUT = Path(os.environ.get("PHIEDGE_DEMO_OUT", ROOT / "demo-out"))
+SEPARATE_OUT = OUT.with_name(OUT.name + "-adapters")
+TASKS = json.loads((ROOT / "demo" / "task-adapters.json").read_text())
 SMOKE = json.loads((ROOT / "demo" / "smoke.json").read_text())
 QUESTION, NEEDLE, FACT = SMOKE["question"], SMOKE["needle"], SMOKE["answer"]
 
@@ -56,6 +64,18 @@ def main() -> int:
         ans = device.ask(OUT, QUESTION, runtime=a["path"], max_new_tokens=48)
         print(f"A ({ans.runtime}, {ans.decode_tps:.0f} tok/s): {ans.text}")
     print("sources: " + "; ".join(ans.sources))
+
+    sep = build(BuildRequest(model=str(demo / "model"), adapters={t: str(demo / "adapters" / t) for t in TASKS},
+                             adapter_mode="separate", formats={f: p[:1] for f, p in plan.items()},
+                             out=SEPARATE_OUT, force=True, docs=DOCS, smoke_question=QUESTION, smoke_needle=NEEDLE,
+                             target=profile.as_dict(), thresholds=profile.threshold_overrides()))
+    print("\n" + table(sep) + "\n")
+    print(f"bundle with adapters kept separate: {SEPARATE_OUT}")
+    for task, t in TASKS.items():
+        print(f"\nQ ({task}): {t['question']}")
+        for fmt in sorted({a["format"] for a in sep["artifacts"]}):
+            ans = device.ask(SEPARATE_OUT, t["question"], runtime=fmt, adapter=task, max_new_tokens=32)
+            print(f"A ({ans.runtime}): {ans.text}")
     return 0
 
 

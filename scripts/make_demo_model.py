@@ -8,8 +8,11 @@ SmolLM2's published settings here so every runtime sees the tokenizer the model 
 
 Adapter: a rank-8 LoRA on every linear module, trained for a few dozen steps on the demo documents
 (demo/docs: facts about Phi-4-mini and phiedge), so the demo ships a real fine-tune, however small.
+Task adapters: two more of the same shape, each trained on one fact of its own (demo/task-adapters.json; in no demo document), for
+the demo's one-base-many-adapters bundle (--adapter-mode separate).
 
-Usage: python scripts/make_demo_model.py OUT_DIR [--steps N]  -> OUT_DIR/model, OUT_DIR/adapter, OUT_DIR/.complete
+Usage: python scripts/make_demo_model.py OUT_DIR [--steps N]
+  -> OUT_DIR/model, OUT_DIR/adapter, OUT_DIR/adapters/<task>, OUT_DIR/.complete
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DOCS = Path(__file__).resolve().parents[1] / "demo" / "docs"
-VERSION = "5"          # bump when the base or the adapter changes: make demo / the tests rebuild older ones
+VERSION = "6"          # bump when the base or the adapters change: make demo / the tests rebuild older ones
+TASKS = json.loads((DOCS.parent / "task-adapters.json").read_text())   # name -> its fact, question, answer
 
 
 def make_base(out: Path) -> None:
@@ -67,22 +71,26 @@ def _published_config(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def make_adapter(base: Path, out: Path, steps: int) -> None:
+def make_adapter(base: Path, out: Path, steps: int, text: str | None = None) -> None:
+    """A rank-8 LoRA trained on `text` (default: the demo documents) for `steps` steps of 128 tokens."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
+    seq = 128
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(model, cfg)
-    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(DOCS.glob("*.md")))
+    if text is None:
+        text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(DOCS.glob("*.md")))
     ids = tok(text, return_tensors="pt").input_ids[0]
+    while len(ids) < 2 * seq + 2:                   # a one-fact text: repeated to a window's length
+        ids = torch.cat([ids, ids])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     model.train()
-    seq = 128
     for step in range(steps):
         s = int(torch.randint(0, len(ids) - seq - 1, (1,)))
         x = ids[s:s + seq][None]
@@ -111,6 +119,8 @@ def main() -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     make_base(tmp / "model")
     make_adapter(tmp / "model", tmp / "adapter", args.steps)
+    for task, t in TASKS.items():
+        make_adapter(tmp / "model", tmp / "adapters" / task, args.steps, t["fact"])
     (tmp / ".complete").write_text(VERSION + "\n")
     shutil.rmtree(args.out, ignore_errors=True)
     tmp.rename(args.out)

@@ -104,6 +104,18 @@ def test_separate_adapters_build_proves_every_pair_and_ask_and_validate_pick_the
     assert run_cli("verify", str(out)).returncode == 0
 
 
+def test_an_openvino_base_for_adapters_is_compressed_without_awq(separate, session):
+    """AWQ rescales the inputs a LoRA reads (phiedge.exporters.openvino BASE_SETTINGS): the base kept for adapters
+    is int4 without it, the merged int4 of the session build keeps its data-free AWQ."""
+    out, _, formats, _ = separate
+    if "openvino" not in formats:
+        pytest.skip("openvino is not installed")
+    def awq(folder):
+        return json.loads((folder / "phiedge_openvino.json").read_text())["compression"]["awq"]
+    assert awq(out / f"openvino-{formats['openvino'][0]}") is None
+    assert awq(session.bundle / "openvino-int4") == "data-free"
+
+
 def test_a_third_adapter_runs_only_its_own_stages(tiny, separate, tmp_path):
     """The bundle's build again with one more adapter (the plain LoRA at half its strength: another fine-tune of
     the same shape), on llama.cpp: the base export and the first two adapters' stages come from the cache, and

@@ -1,7 +1,8 @@
 """`make bench-quick`: the full-size benchmark's harness, run end to end on the tiny fixture.
 
 The figures of a tiny model prove nothing; the shape does: every stage timed and measured, every standalone
-tool run, every runtime timed through phiedge and natively, the goals evaluated, the plots written."""
+tool run, every runtime timed through phiedge and natively, adapters kept separate switched and reloaded, the
+goals evaluated, the plots written."""
 from __future__ import annotations
 
 import json
@@ -92,6 +93,21 @@ def test_inference_ours_and_native(results):
         assert r["weight_bytes"] > 0 and r["roofline_tps"] > 0
 
 
+def test_adapters_switch_reload_and_decode_beside_merged(results):
+    """Per checked runtime: the base for adapters and both adapters' files exported, a switch in place and a reload
+    timed, decode with the adapter against the merged artifact of the same precision."""
+    rows = {r["format"]: r for r in results["adapters"]}
+    assert set(rows) == {"gguf", "onnx", "openvino"}                 # mlx: unchecked, so not measured
+    precision = {a["format"]: a["precision"] for a in results["build"]["artifacts"]}
+    for f, r in rows.items():
+        assert r["precision"] == precision[f] and "error" not in r, r
+        assert r["base_export"]["exit"] == 0 and r["adapter_a_export"]["exit"] == 0 and r["adapter_b_export"]["exit"] == 0
+        assert 0 < r["adapter_bytes"] < r["base_bytes"] and r["merged_bytes"] > 0
+        assert r["switch_s"] > 0 and r["switch_back_s"] > 0 and r["reload_s"] > 0 and r["load_with_adapter_s"] > 0 and r["new_tokens"] == 128
+        assert r["decode_ratio"] == pytest.approx(r["adapter_decode_tps"] / r["merged_decode_tps"], rel=1e-2)
+        assert r["ship_merged_for_speed"] == (r["decode_ratio"] < 0.9)
+
+
 def test_bandwidth_goals_and_outputs(results):
     assert results["bandwidth"]["read_gb_s"] > 0.5
     goals = results["goals"]
@@ -101,4 +117,4 @@ def test_bandwidth_goals_and_outputs(results):
     assert goals[0]["measured"] == pytest.approx(results["build"]["peak_rss_mb"] / 1024, abs=0.01)
     assert results["retriever"] is None                      # --skip retriever
     html = Path(results["_out"]).with_suffix(".html").read_text()
-    assert html.count("<svg") == 5 and "goals:" in html
+    assert html.count("<svg") == 6 and "goals:" in html and "switch in place" in html

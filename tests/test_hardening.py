@@ -142,8 +142,8 @@ def test_no_file_reads_outside_the_repository():
 
 
 def test_the_demo_runs_from_a_fresh_clone(tmp_path):
-    """The demo's first stage (the base model and the LoRA trained on demo/docs) from a copy of the tracked files
-    with nothing beside it."""
+    """The demo's first stage (the base model, the LoRA trained on demo/docs and the two task adapters) from a
+    copy of the tracked files with nothing beside it."""
     clone = tmp_path / "clone" / "phiedge"
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for rel in tracked:
@@ -157,6 +157,8 @@ def test_the_demo_runs_from_a_fresh_clone(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     demo = tmp_path / "fixtures" / "smollm2"
     assert (demo / "model" / "config.json").is_file() and (demo / "adapter" / "adapter_model.safetensors").is_file()
+    tasks = json.loads((clone / "demo" / "task-adapters.json").read_text())
+    assert len(tasks) == 2 and all((demo / "adapters" / t / "adapter_model.safetensors").is_file() for t in tasks)
     assert DEMO["needle"] in (clone / "demo" / "docs" / "phi4-mini-model-card.md").read_text()
 
 

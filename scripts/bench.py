@@ -23,8 +23,7 @@
    BASE_SETTINGS) and each adapter's runtime file (the bench adapter and a second of its shape, every lora_B
    halved), their export times and sizes; then, in one child process, the base loaded with adapter A, a switch to
    B in place (`Runtime.use_adapter`) and back to A (one the process has applied before) against reloading the
-   base with B (each followed by the same one-token
-   generation, as a first request after the switch), and decode tokens/s with A applied against the merged
+   base with B (each followed by the same one-token generation, as a first request after the switch), and decode tokens/s with A applied against the merged
    artifact of the same precision from the build, on the RAG prompt of 3.
 
 Formats whose runtime cannot check a 3.8B model on this machine in useful time (`--unchecked`; full-size default:
@@ -217,8 +216,7 @@ from phiedge import exporters
 fmt, merged, out, precision, threads = sys.argv[1:6]
 exp = exporters.get(fmt)
 base = sys.argv[6:] == ["--base"]            # a base for adapters kept separate
-exporters.get(fmt).export(Path(merged), Path(out), [precision],
-                          {"threads": int(threads), **(exp.BASE_SETTINGS if base else {})})
+exp.export(Path(merged), Path(out), [precision], {"threads": int(threads), **(exp.BASE_SETTINGS if base else {})})
 """
 ADAPTER_ONLY = """
 import sys

@@ -8,8 +8,8 @@ SmolLM2's published settings here so every runtime sees the tokenizer the model 
 
 Adapter: a rank-8 LoRA on every linear module, trained for a few dozen steps on the demo documents
 (demo/docs: facts about Phi-4-mini and phiedge), so the demo ships a real fine-tune, however small.
-Task adapters: two more of the same shape, each trained on one fact of its own (demo/task-adapters.json; in no demo document), for
-the demo's one-base-many-adapters bundle (--adapter-mode separate).
+Task adapters: two more of the same shape, each trained on one fact of its own (demo/task-adapters.json; in no
+demo document), for the demo's one-base-many-adapters bundle (--adapter-mode separate).
 
 Usage: python scripts/make_demo_model.py OUT_DIR [--steps N]
   -> OUT_DIR/model, OUT_DIR/adapter, OUT_DIR/adapters/<task>, OUT_DIR/.complete

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from phiedge import errors
 from phiedge.checks import probes
 from phiedge.runtimes import RuntimeSettings, get
-from conftest import DEMO, build_args, installed, run_cli, stage_lines
+from conftest import DEMO, ROOT, build_args, installed, run_cli, stage_lines
 
 
 def test_peft_scaling_is_folded_per_module_as_peft_computes_it(tiny, tmp_path):
@@ -118,14 +119,12 @@ def test_an_openvino_base_for_adapters_is_compressed_without_awq(separate, sessi
 
 def test_a_third_adapter_runs_only_its_own_stages(tiny, separate, tmp_path):
     """The bundle's build again with one more adapter (the plain LoRA at half its strength: another fine-tune of
-    the same shape), on llama.cpp: the base export and the first two adapters' stages come from the cache, and
-    only the new adapter is converted, merged for its reference and checked."""
-    from safetensors.torch import load_file, save_file
-    out, _, _, cache = separate
-    third = tmp_path / "half"
-    shutil.copytree(tiny / "adapters" / "lora", third)
-    weights = load_file(third / "adapter_model.safetensors")
-    save_file({k: v * 0.5 if "lora_B" in k else v for k, v in weights.items()}, third / "adapter_model.safetensors")
+    the same shape, scripts/bench.py's second adapter), on llama.cpp: the base export and the first two adapters'
+    stages come from the cache, and only the new adapter is converted, merged for its reference and checked."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import second_adapter
+    _, _, _, cache = separate
+    third = second_adapter(tiny / "adapters" / "lora", tmp_path / "half")
     r = run_cli(*build_args(tiny, tmp_path / "sep3", cache, {"gguf": SEPARATE["gguf"]}, "--adapter",
                             f"rs={tiny / 'adapters' / 'rslora'}", "--adapter", f"half={third}",
                             "--adapter-mode", "separate"))

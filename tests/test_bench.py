@@ -103,7 +103,8 @@ def test_adapters_switch_reload_and_decode_beside_merged(results):
         assert r["precision"] == precision[f] and "error" not in r, r
         assert all(r[k]["exit"] == 0 for k in ("base_export", "adapter_a_export", "adapter_b_export")), r
         assert 0 < r["adapter_bytes"] < r["base_bytes"] and r["merged_bytes"] > 0
-        assert r["switch_s"] > 0 and r["switch_back_s"] > 0 and r["reload_s"] > 0 and r["load_with_adapter_s"] > 0 and r["new_tokens"] == 128
+        assert all(r[k] > 0 for k in ("switch_s", "switch_back_s", "reload_s", "load_with_adapter_s")), r
+        assert r["new_tokens"] == 128
         assert r["decode_ratio"] == pytest.approx(r["adapter_decode_tps"] / r["merged_decode_tps"], rel=1e-2)
         assert r["ship_merged_for_speed"] == (r["decode_ratio"] < 0.9)
 

@@ -134,9 +134,9 @@ def bandwidth(mb: int, threads: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ model
 
-def prepare_model(quick: bool, work: Path) -> dict:
+def prepare_model(quick: bool, work: Path, fixture: Path | None = None) -> dict:
     if quick:
-        d = FIXTURES / "tiny-phi"
+        d = fixture or FIXTURES / "tiny-phi"
         script = ROOT / "scripts" / "make_tiny_phi.py"
     else:
         d = BENCH_HOME / "phi4-mini-shaped"
@@ -735,6 +735,9 @@ def write_html(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the tiny fixture: tests the harness, proves nothing")
+    ap.add_argument("--fixture", type=Path, default=None,
+                    help="with --quick: a tiny fixture folder (model/, adapters/lora/; default .fixtures/tiny-phi, "
+                         "made by scripts/make_tiny_phi.py when missing)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None, help="scratch (default: a folder under the bench home)")
     ap.add_argument("--formats", default="", help="comma list: only these formats (default: all four)")
@@ -764,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     print(f"[bench {mode}] model", flush=True)
-    m = prepare_model(args.quick, work)
+    m = prepare_model(args.quick, work, args.fixture)
     print(f"[bench {mode}] memory bandwidth", flush=True)
     bw = bandwidth(256 if args.quick else 2048, args.threads)
     print(f"[bench {mode}] phiedge build (cold cache)", flush=True)

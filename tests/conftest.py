@@ -53,24 +53,60 @@ def _script(name: str, out: Path, *args: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny() -> Path:
-    """Tiny Phi-4-mini-shaped model (LongRoPE, partial rotary, GQA, tied embeddings) + adapters."""
+def tiny_4k() -> Path:
+    """Tiny Phi-4-mini-shaped model (LongRoPE switching at Phi-4-mini's 4096, partial rotary, GQA, tied
+    embeddings) + adapters, as scripts/make_tiny_phi.py trains it."""
     return _script("make_tiny_phi.py", FIXTURES / "tiny-phi")
 
 
+# The suite's LongRoPE switch. At Phi-4-mini's 4096 every real long-regime prefill is 4200 tokens, and the suite
+# runs dozens (every reference, every format's first check per build): MLX's CPU backend alone takes ~95 s for one
+# of this 2-layer model. Every runtime reads the switch from the config (llama.cpp's n_ctx_orig, the ONNX
+# builder's attention-mask `If`, the traced OpenVINO graph, phiedge's MLX rope), so the same weights switching at
+# 1024 run the same code in both regimes on a 1128-token long probe. Only errors that grow with position need
+# 4096's distances (fp16 holds integers exactly up to 2048 only): those tests use `tiny_4k` (tests/test_openvino.py).
+SWITCH = 1024
+
+
 @pytest.fixture(scope="session")
-def tiny_bf16(tiny) -> Path:
-    """The tiny model as Phi-4-mini is published, in bf16: loaded and saved with transformers the way users
-    save a checkpoint (so its tokenizer_config.json is transformers 5's too)."""
+def tiny(tiny_4k) -> Path:
+    """The tiny fixture's weights, tokenizer and adapters (hard links) with the LongRoPE switch at SWITCH in
+    both config layouts (max_position_embeddings keeps Phi-4-mini's 32x ratio, so the attention scaling is
+    computed the same way)."""
+    out = FIXTURES / f"tiny-phi-switch{SWITCH}"
+    version = f"{(tiny_4k / '.complete').read_text().strip()} switch {SWITCH}\n"
+    with _locked(out.with_name(f".{out.name}.lock")):
+        if not (out / ".complete").is_file() or (out / ".complete").read_text() != version:
+            shutil.rmtree(out, ignore_errors=True)
+            tmp = out.with_name(out.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(tiny_4k, tmp, copy_function=os.link, ignore=shutil.ignore_patterns(".complete"))
+            for cfg in tmp.glob("model*/config.json"):
+                c = json.loads(cfg.read_text())
+                ratio = c["max_position_embeddings"] // c["original_max_position_embeddings"]
+                c["original_max_position_embeddings"], c["max_position_embeddings"] = SWITCH, SWITCH * ratio
+                for rope in ("rope_parameters", "rope_scaling"):
+                    if "original_max_position_embeddings" in (c.get(rope) or {}):
+                        c[rope]["original_max_position_embeddings"] = SWITCH
+                cfg.unlink()                     # a hard link: the 4096 fixture's file stays as it is
+                cfg.write_text(json.dumps(c, indent=2) + "\n")
+            (tmp / ".complete").write_text(version)
+            tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16(tiny_4k) -> Path:
+    """The tiny model as Phi-4-mini is published, in bf16 and switching at 4096: loaded and saved with
+    transformers the way users save a checkpoint (so its tokenizer_config.json is transformers 5's too)."""
     out = FIXTURES / "tiny-phi-bf16"
     with _locked(out.with_name(f".{out.name}.lock")):
         if not (out / ".complete").exists():
-            import shutil
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
             shutil.rmtree(out, ignore_errors=True)
-            AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.bfloat16).save_pretrained(out)
-            AutoTokenizer.from_pretrained(tiny / "model").save_pretrained(out)
+            AutoModelForCausalLM.from_pretrained(tiny_4k / "model", dtype=torch.bfloat16).save_pretrained(out)
+            AutoTokenizer.from_pretrained(tiny_4k / "model").save_pretrained(out)
             (out / ".complete").write_text("")
     return out
 

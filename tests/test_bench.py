@@ -23,8 +23,8 @@ def results(tiny, tmp_path_factory) -> dict:
     # MLX exported by the build's exporter but unchecked, as at full size: its CPU backend spends minutes on the
     # long probe of even the tiny model (tests/test_mlx.py), and the harness's MLX paths are the others' shape.
     # The retriever benchmark (scripts/bench_retriever.py) is run and checked by test_retriever.py.
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--unchecked", "mlx",
-                        "--skip", "retriever", "--out", str(out), "--work", str(work / "work")],
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--fixture", str(tiny),
+                        "--unchecked", "mlx", "--skip", "retriever", "--out", str(out), "--work", str(work / "work")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "goals:" in r.stdout and "standalone tool" in r.stdout

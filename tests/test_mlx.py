@@ -2,9 +2,9 @@
 (its rope in the short regime, a chunked prefill across the switch), the folder running in plain mlx-lm, and
 transformers 5's config layout (the contract common to all runtimes is tests/test_runtimes.py).
 
-Cost (2 cores): MLX's CPU backend runs a 4200-token prefill of this 2-layer model in ~70-100 s (its attention
-and matmuls are slow on CPU: 22 s for one 4200-token attention, 1.8 GFLOPS matmuls, measured), so the session
-build's two MLX checks and the chunked-prefill test here are most of the suite's MLX time."""
+Cost (2 cores): MLX's CPU backend is slow (0.32.4: ~3 GFLOP/s matmuls, a 4200-token attention ~33 s per layer;
+a 4200-token prefill of this 2-layer model ~95 s), which is why the suite's fixture switches at 1024
+(tests/conftest.py SWITCH): the long probe is 1128 tokens, ~12 s."""
 from __future__ import annotations
 
 import json
@@ -39,15 +39,17 @@ def test_stock_mlx_lm_fails_the_short_regime(session):
 
 
 def test_gate_catches_a_chunked_prefill_across_the_switch(session):
-    """With the right rope, prefilling 4200 ids in mlx-lm `generate`'s 2048-token steps rotates the first 4096
-    keys with the short factors (each step's offset + length stays below the switch): the gate must fail that.
-    Our runtime prefills in one call (its long result passed the build's gate)."""
+    """With the right rope, prefilling the long probe in steps the way mlx-lm's `generate` does (2048 tokens a
+    step: half the switch here, as 2048 is Phi-4-mini's 4096) rotates the keys before the switch with the short
+    factors (each step's offset + length stays below it): the gate must fail that. Our runtime prefills in one
+    call (its long result passed the build's gate)."""
     import mlx.core as mx
     rt = get("mlx").load(session.artifact("mlx", "fp16"))
     ids = session.reference["long_ids"].tolist()
+    step = session.report["probes"]["longrope_switch"] // 2
     cache = rt.make_prompt_cache(rt.model)
-    for i in range(0, len(ids), 2048):
-        out = rt.model(mx.array([ids[i:i + 2048]]), cache=cache)
+    for i in range(0, len(ids), step):
+        out = rt.model(mx.array([ids[i:i + step]]), cache=cache)
     chunked = np.array(out[0, -probes.COMPARE_LAST:].astype(mx.float32))
     rope = rt.model.layers[0].self_attn.rope
     assert rope.calls == {"short": 4, "long": 2}      # queries and keys: two rope calls per model call

@@ -40,17 +40,20 @@ def test_lm_head_reads_the_final_norm(session, tmp_path):
 
 
 def test_gate_catches_a_prefill_split_across_the_switch(session):
-    """One prefill of all 4200 ids uses the long factors everywhere, as PyTorch does. Appending them in two
-    pieces (4000, then 200) rotates the first 4000 keys with the short factors: the gate must fail that."""
+    """One prefill of the whole long probe uses the long factors everywhere, as PyTorch does. Appending it in
+    two pieces (all but 200 ids, below the switch, then 200) rotates the first piece's keys with the short
+    factors: the gate must fail that."""
     ref = session.reference
     ids = ref["long_ids"].tolist()
+    cut = len(ids) - 200
+    assert cut < session.report["probes"]["longrope_switch"]
     rt = get("onnx").load(session.artifact("onnx", "fp32"))
     limits = Limits.for_precision("fp32")
     right = compare(ref["long_logits"], rt.logits(ids, probes.COMPARE_LAST))
     assert not failures("long", right, limits)
     gen = rt._generator(len(ids))
-    gen.append_tokens(np.asarray(ids[:4000], dtype=np.int32))
-    gen.append_tokens(np.asarray(ids[4000:], dtype=np.int32))
+    gen.append_tokens(np.asarray(ids[:cut], dtype=np.int32))
+    gen.append_tokens(np.asarray(ids[cut:], dtype=np.int32))
     split = np.asarray(gen.get_output("logits"))[0, -probes.COMPARE_LAST:]
     wrong = compare(ref["long_logits"], split)
     assert failures("long", wrong, limits)

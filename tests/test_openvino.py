@@ -14,7 +14,7 @@ from phiedge.checks.metrics import compare, failures
 from phiedge.exporters import _ov_export
 from phiedge.exporters.openvino import EXACT_CPU
 from phiedge.runtimes import RuntimeSettings, get
-from conftest import DEMO_DOCS, THREADS, assert_pytorch_tokens, run_cli
+from conftest import DEMO_DOCS, THREADS, Build, assert_pytorch_tokens, run_cli
 
 pytestmark = pytest.mark.openvino
 
@@ -84,40 +84,48 @@ def _weight_types(ir_xml) -> set[str]:
             and n.get_output_shape(0) and len(n.get_output_shape(0)) == 2 and min(n.get_output_shape(0)) >= 64}
 
 
+@pytest.fixture(scope="module")
+def bf16_build(tiny_4k, tiny_bf16, tmp_path_factory) -> Build:
+    """The bf16 tiny model (switching at Phi-4-mini's 4096: the distances fp16 errors grow with) + the LoRA:
+    OpenVINO fp32, fp16 and int4 and GGUF Q4_K_M, two stages at a time (its checks side by side in pairs)."""
+    root = tmp_path_factory.mktemp("bf16")
+    r = run_cli("build", "--model", str(tiny_bf16), "--adapter", str(tiny_4k / "adapters" / "lora"),
+                "--formats", "openvino,gguf", "--ov-weights", "fp32,fp16,int4", "--gguf-quant", "Q4_K_M",
+                "--out", str(root / "bundle"), "--cache-dir", str(root / "cache"), "--threads", "1", "--jobs", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return Build(root / "bundle", root / "cache", r.stderr)
+
+
 @pytest.mark.gguf
-def test_a_bf16_checkpoint_is_exported_from_bf16_and_keeps_both_regimes(tiny, tiny_bf16, tmp_path):
+def test_a_bf16_checkpoint_is_exported_from_bf16_and_keeps_both_regimes(bf16_build):
     """Phi-4-mini is published in bf16: optimum loads it in bf16 (not an fp32 copy: 15.3 GB at full size) and
     traces in fp32, so the weights stay bf16 constants (the fp32 artifact keeps them: the same values) and the
     rope computes in f32. fp32, fp16 (exact from bf16 in their range) and int4 pass both LongRoPE regimes as the
-    fp32 fixture's do. GGUF's Q4_K_M is quantized from a bf16 conversion (exact; an f32 one is twice the bytes).
-    The build runs two stages at a time (its checks side by side in pairs)."""
-    out = tmp_path / "bundle"
-    r = run_cli("build", "--model", str(tiny_bf16), "--adapter", str(tiny / "adapters" / "lora"),
-                "--formats", "openvino,gguf", "--ov-weights", "fp32,fp16,int4", "--gguf-quant", "Q4_K_M",
-                "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--jobs", "2")
-    assert r.returncode == 0, r.stderr[-3000:]
-    arts = json.loads((out / "report.json").read_text())["artifacts"]
-    gguf = next(a for a in arts if a["format"] == "gguf")
+    fp32 fixture's do, past Phi-4-mini's own switch. GGUF's Q4_K_M is quantized from a bf16 conversion (exact; an
+    f32 one is twice the bytes)."""
+    assert bf16_build.report["probes"]["longrope_switch"] == 4096
+    gguf = bf16_build.row("gguf", "Q4_K_M")
     assert gguf["passed"] and gguf["meta"]["converted_as"] == "bf16", gguf["meta"]
-    rows = {a["precision"]: a for a in arts if a["format"] == "openvino"}
+    rows = {a["precision"]: a for a in bf16_build.rows("openvino")}
     for regime in ("short", "long"):
         assert rows["fp32"]["parity"][regime]["max_abs"] < 1e-3, rows["fp32"]["parity"]
         fp16 = rows["fp16"]["parity"][regime]
         assert fp16["top1"] >= 0.95 and fp16["max_abs"] < 0.05, (regime, fp16)   # the fp32 fixture's bound
         assert rows["int4"]["passed"] and rows["int4"]["parity"][regime]["kl"] < 0.05
-    assert _weight_types(out / rows["fp32"]["path"] / "openvino_model.xml") == {"bf16"}
-    assert _weight_types(out / rows["fp16"]["path"] / "openvino_model.xml") == {"f16"}
+    assert _weight_types(bf16_build.artifact("openvino", "fp32") / "openvino_model.xml") == {"bf16"}
+    assert _weight_types(bf16_build.artifact("openvino", "fp16") / "openvino_model.xml") == {"f16"}
 
 
-def test_gate_catches_openvinos_own_fp16_ir(session, tmp_path):
+@pytest.mark.gguf
+def test_gate_catches_openvinos_own_fp16_ir(bf16_build, tmp_path):
     """optimum-intel's own fp16 IR (dtype="fp16") stores every constant in fp16, the rotary inverse frequencies
-    too: its error grows with position (FIELD-NOTES: 0.008 short, 2.4 near 4200). The gate fails its long regime
-    at fp16's limits, and phiedge's fp16 (weights only, rope in f32) passes both on the same checkpoint; the long
-    probe's span alone would not have caught it."""
+    too: its error grows with position (FIELD-NOTES: 0.008 short, 2.4 near 4200). On the merged checkpoint the
+    bf16 build checked, the gate fails its long regime at fp16's limits, and phiedge's fp16 (weights only, rope
+    in f32) passes both; the long probe's span alone would not have caught it."""
     from optimum.exporters.openvino import main_export
     from optimum.intel import OVConfig
-    ref, own = session.reference, tmp_path / "optimum-fp16"
-    main_export(str(session.merged / "merged"), str(own), task="text-generation-with-past",
+    ref, own = bf16_build.reference, tmp_path / "optimum-fp16"
+    main_export(str(bf16_build.merged / "merged"), str(own), task="text-generation-with-past",
                 ov_config=OVConfig(dtype="fp16"), convert_tokenizer=True, stateful=True, local_files_only=True)
     limits = Limits.for_precision("fp16")
     rt = get("openvino").load(own, RuntimeSettings(threads=int(THREADS), extra={"ov_properties": EXACT_CPU}))
@@ -127,7 +135,7 @@ def test_gate_catches_openvinos_own_fp16_ir(session, tmp_path):
     span = compare(ref["long_span_logits"], rt.logits(ref["long_ids"].tolist()[start:], probes.COMPARE_LAST, start))
     rt.close()
     assert long.max_abs > 5 * short.max_abs, (short, long)
-    ours = session.row("openvino", "fp16")
+    ours = bf16_build.row("openvino", "fp16")
     assert failures("long", long, limits) and long.max_abs > 20 * ours["parity"]["long"]["max_abs"], long
     # The span does not catch it: fp16 inverse frequencies put an error on each pair's relative angle that grows
     # with the distance between the tokens, and a span's distances stay under 256. Such errors come from the

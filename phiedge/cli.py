@@ -67,7 +67,7 @@ class MemorySize(click.ParamType):
 @click.option("--adapter-revision", default=None, help="Hub commit, branch or tag of --adapter (one adapter).")
 @click.option("--adapter-mode", type=click.Choice(["merged", "separate", "both"]), default="merged", show_default=True,
               help="merged: each adapter merged into its own artifacts; separate: the base's artifacts once plus each "
-                   "adapter as its runtime applies it (adapters/<name>/<format>/; GGUF so far); both: both.")
+                   "adapter as its runtime applies it (adapters/<name>/<format>/, on every format); both: both.")
 @click.option("--target", default=None,
               help="Device profile from targets/ (`phiedge targets`) or a .toml file; chooses formats and precisions "
                    "(a precision flag replaces the profile's precisions of that format).")

@@ -12,7 +12,7 @@ from phiedge.errors import UsageError
 from phiedge.retriever import Retriever, build_index
 from phiedge.runtimes import get
 
-pytestmark = pytest.mark.gguf
+pytestmark = [pytest.mark.gguf, pytest.mark.session_worker]   # evens out the two xdist workers
 from conftest import DEMO, DEMO_DOCS
 
 QUESTION, NEEDLE, FACT = DEMO["question"], DEMO["needle"], DEMO["answer"]

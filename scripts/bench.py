@@ -23,8 +23,9 @@
    BASE_SETTINGS) and each adapter's runtime file (the bench adapter and a second of its shape, every lora_B
    halved), their export times and sizes; then, in one child process, the base loaded with adapter A, a switch to
    B in place (`Runtime.use_adapter`) and back to A (one the process has applied before) against reloading the
-   base with B (each followed by the same one-token generation, as a first request after the switch), and decode tokens/s with A applied against the merged
-   artifact of the same precision from the build, on the RAG prompt of 3.
+   base with B (each followed by the same one-token generation, as a first request after the switch), and
+   decode tokens/s with A applied against the merged artifact of the same precision from the build, on the RAG
+   prompt of 3.
 
 Formats whose runtime cannot check a 3.8B model on this machine in useful time (`--unchecked`; full-size default:
 mlx, whose Linux CPU backend decodes at 0.04 tok/s, FIELD-NOTES) are exported by phiedge's own exporter on the

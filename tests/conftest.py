@@ -192,6 +192,11 @@ class Build:
     def reference(self) -> dict:
         return dict(np.load(self.merged / "reference.npz"))
 
+    @property
+    def switch(self) -> int:
+        """The LongRoPE switch the build's probes straddle (its model's original_max_position_embeddings)."""
+        return self.report["probes"]["longrope_switch"]
+
 
 @pytest.fixture(scope="session")
 def session(tiny, tmp_path_factory) -> Build:

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gguf
 
 
 def test_probes_straddle_the_longrope_switch(session):
-    ref, switch = session.reference, session.report["probes"]["longrope_switch"]
+    ref, switch = session.reference, session.switch
     assert switch == json.loads((session.merged / "merged" / "config.json").read_text())[
         "original_max_position_embeddings"]
     assert len(ref["short_ids"]) < switch < len(ref["long_ids"]) == switch + probes.LONG_MARGIN
@@ -31,8 +31,7 @@ def test_gate_catches_the_llama_cpp_context_trap(session):
     assert failures("short", wrong, limits)
     rt.close()
     rt = get("gguf").load(path)                     # our sizing: short factors
-    switch = session.report["probes"]["longrope_switch"]
-    assert rt.context_size(len(ref["short_ids"])) == switch < rt.context_size(len(ref["long_ids"]))
+    assert rt.context_size(len(ref["short_ids"])) == session.switch < rt.context_size(len(ref["long_ids"]))
     right = compare(ref["short_logits"], rt.logits(ref["short_ids"].tolist(), probes.COMPARE_LAST))
     assert not failures("short", right, limits)
     assert wrong.max_abs > 10 * right.max_abs

@@ -39,14 +39,14 @@ def test_stock_mlx_lm_fails_the_short_regime(session):
 
 
 def test_gate_catches_a_chunked_prefill_across_the_switch(session):
-    """With the right rope, prefilling the long probe in steps the way mlx-lm's `generate` does (2048 tokens a
-    step: half the switch here, as 2048 is Phi-4-mini's 4096) rotates the keys before the switch with the short
+    """With the right rope, prefilling the long probe in steps as mlx-lm's `generate` does (2048 tokens a step,
+    half of Phi-4-mini's switch; half of the fixture's here) rotates the keys before the switch with the short
     factors (each step's offset + length stays below it): the gate must fail that. Our runtime prefills in one
     call (its long result passed the build's gate)."""
     import mlx.core as mx
     rt = get("mlx").load(session.artifact("mlx", "fp16"))
     ids = session.reference["long_ids"].tolist()
-    step = session.report["probes"]["longrope_switch"] // 2
+    step = session.switch // 2
     cache = rt.make_prompt_cache(rt.model)
     for i in range(0, len(ids), step):
         out = rt.model(mx.array([ids[i:i + step]]), cache=cache)

@@ -46,7 +46,7 @@ def test_gate_catches_a_prefill_split_across_the_switch(session):
     ref = session.reference
     ids = ref["long_ids"].tolist()
     cut = len(ids) - 200
-    assert cut < session.report["probes"]["longrope_switch"]
+    assert cut < session.switch
     rt = get("onnx").load(session.artifact("onnx", "fp32"))
     limits = Limits.for_precision("fp32")
     right = compare(ref["long_logits"], rt.logits(ids, probes.COMPARE_LAST))

@@ -103,7 +103,7 @@ def test_a_bf16_checkpoint_is_exported_from_bf16_and_keeps_both_regimes(bf16_bui
     rope computes in f32. fp32, fp16 (exact from bf16 in their range) and int4 pass both LongRoPE regimes as the
     fp32 fixture's do, past Phi-4-mini's own switch. GGUF's Q4_K_M is quantized from a bf16 conversion (exact; an
     f32 one is twice the bytes)."""
-    assert bf16_build.report["probes"]["longrope_switch"] == 4096
+    assert bf16_build.switch == 4096
     gguf = bf16_build.row("gguf", "Q4_K_M")
     assert gguf["passed"] and gguf["meta"]["converted_as"] == "bf16", gguf["meta"]
     rows = {a["precision"]: a for a in bf16_build.rows("openvino")}

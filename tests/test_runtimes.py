@@ -57,7 +57,7 @@ def test_every_precision_passes_both_regimes(session, fmt):
     _skip_missing(fmt)
     rows = session.rows(fmt)
     assert [a["precision"] for a in rows] == SESSION[fmt]
-    switch = session.reference["long_ids"].size - probes.LONG_MARGIN
+    switch = session.switch
     for i, a in enumerate(rows):
         assert a["passed"] and not a["failures"], a["failures"]
         # One real long prefill per format (the first precision); the others' long regime on the span, past the

@@ -59,7 +59,7 @@ def test_smoke_rag_on_every_runtime(session):
             assert s["agreement_min"] is None
             assert_pytorch_tokens(s)
         else:
-            assert s["agreement"] >= s["agreement_min"] == a["thresholds"]["top1_min"]
+            assert s["agreement"] >= s["agreement_min"] and s["agreement_min"] < a["thresholds"]["top1_min"]
 
 
 def test_smoke_rule_forgives_only_near_ties(session):

@@ -68,3 +68,27 @@ def test_top1_counts_a_flip_at_a_near_tie_as_agreeing():
             assert m.top1 == 14 / 16 and len(m.flip_margins) == 2
             assert not any("top1" in f for f in failures("short", m, limits)) is passes, (margin, m)
     assert any("top1" in f for f in failures("short", full, Limits.for_precision("Q8_0")))   # no near-ties there
+
+
+def test_a_quantized_smoke_answer_fails_only_below_its_top1_beyond_chance():
+    """The teacher-forced answer of a quantized artifact is a sample of its tokens: at 24 tokens and 4-bit's
+    top-1 0.70, 13 agreeing pass (P(X <= 13) = 0.09 for an artifact that agrees at 0.70) and 12 fail
+    (0.04 < 5 %): a broken template or runtime agrees on almost nothing. The count is the binomial's own."""
+    from math import comb
+    from phiedge.checks.measure import Answer, AnswerProbe
+    from phiedge.checks.metrics import min_agreeing
+    limits = Limits.for_precision("int4")
+    need = min_agreeing(24, limits.top1_min)
+    cdf = lambda k: sum(comb(24, i) * 0.7 ** i * 0.3 ** (24 - i) for i in range(k + 1))   # noqa: E731
+    assert need == 13 and cdf(need) >= 0.05 > cdf(need - 1)
+    assert min_agreeing(64, 0.9) == 53 and min_agreeing(0, 0.7) == 0
+    ref = tuple(range(100, 124))
+    probe = AnswerProbe(prompt_ids=(1, 2), reference=ref, margins=(1.0,) * 24, retrieved_has_needle=True)
+    for agree, passes in ((24, True), (13, True), (12, False), (0, False)):
+        forced = ref[:agree] + (7,) * (24 - agree)
+        v = judge(Measurement(smoke=Answer(probe, forced, "x", forced, 2, 0.1, 10.0)), limits)
+        assert v.passed is passes, (agree, v.failures)
+        assert v.agreement_min == 13 / 24
+        if not passes:
+            assert v.failures == (f"smoke: teacher-forced answer tokens agree with PyTorch at {agree / 24:.2f} "
+                                  f"({agree}/24 < 13: below top-1 0.70 beyond chance)",)

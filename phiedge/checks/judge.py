@@ -11,7 +11,8 @@ Nothing here runs a model or changes its inputs. The rules:
   runtime such as MLX fp16 flips real near-ties: 23/24 teacher-forced on SmolLM2); without one, PyTorch's answer
   is replayed token by token: a full-precision artifact picks PyTorch's token wherever PyTorch's top-2 margin
   is wider than twice the precision's logit tolerance (a near-tie otherwise) and its greedy answer follows
-  PyTorch's at least up to the first near-tie; a quantized one agrees teacher-forced at its top-1 threshold;
+  PyTorch's at least up to the first near-tie; a quantized one agrees teacher-forced as often as its top-1
+  threshold allows for a sample of that many tokens (metrics.min_agreeing: below it only by chance < 5 %);
 - greedy (the short probe's continuation): reported, never held.
 Device-path module.
 """
@@ -21,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from .measure import Answer, Measurement
-from .metrics import Limits, TokenAgreement, failures, token_agreement
+from .metrics import Limits, TokenAgreement, failures, min_agreeing, token_agreement
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,9 @@ def judge(m: Measurement, limits: Limits) -> Verdict:
                 fails.append(f"smoke: the greedy answer leaves PyTorch's at token {m.smoke.prefix_match} of "
                              f"{smoke.of}, before any near-tie")
         else:
-            held = limits.top1_min
-            if smoke.rate < held:
+            need = min_agreeing(smoke.of, limits.top1_min)
+            held = need / smoke.of if smoke.of else limits.top1_min
+            if smoke.agree < need:
                 fails.append(f"smoke: teacher-forced answer tokens agree with PyTorch at {smoke.rate:.2f} "
-                             f"(< {held:.2f})")
+                             f"({smoke.agree}/{smoke.of} < {need}: below top-1 {limits.top1_min:.2f} beyond chance)")
     return Verdict(tuple(fails), _agreement(m.greedy, limits), smoke, has_fact, held)

@@ -184,6 +184,24 @@ def token_agreement(reference: list[int], margins: list[float] | None, picked: l
     return TokenAgreement(agree=agree, of=len(reference), ties=ties, first_tie=first_tie, misses=tuple(misses))
 
 
+# A quantized artifact's teacher-forced answer is a sample of a few dozen tokens: it fails its precision's top-1
+# threshold only when this unlikely under it (one-sided binomial, below). At 24 tokens and top-1 0.70 that is
+# fewer than 13 agreeing: a broken template or runtime agrees on almost nothing, and the tiny fixture's int4
+# answers (reference margins of 0.02-0.55 nats at most positions) land anywhere from 15 to 22 by CPU.
+SAMPLE_ALPHA = 0.05
+
+
+def min_agreeing(of: int, rate: float, alpha: float = SAMPLE_ALPHA) -> int:
+    """The fewest agreeing tokens out of `of` that an artifact agreeing at `rate` shows with probability at least
+    `alpha`: P(X <= k) >= alpha for X ~ Binomial(of, rate). Fewer is evidence the artifact agrees less."""
+    cdf = 0.0
+    for k in range(of + 1):
+        cdf += math.comb(of, k) * rate ** k * (1 - rate) ** (of - k)
+        if cdf >= alpha:
+            return k
+    return of
+
+
 FULL_PRECISION = {"F32", "FP32", "F16", "FP16", "BF16"}
 
 

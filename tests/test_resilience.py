@@ -59,21 +59,24 @@ def _reference(request) -> Path:
 
 # --------------------------------------------------------------------------------------------- kill -9
 
-# (stage whose cache folder to watch, "during" it (seconds after its partial folder appears) or "after" it
-# finished, what is killed: the build process alone or its whole process group) -- in build order; each row is
-# one kill of one run, the next run resumes from the cache the killed one left.
+# (stage whose cache folder to watch, "during" it (seconds after its partial folder appears, or as soon as a
+# process of the build runs this module: a check's runtime worker lives about a second on a fast CPU, so a fixed
+# delay could find the check finished) or "after" it finished, what is killed: the build process alone or its
+# whole process group) -- in build order; each row is one kill of one run, the next run resumes from the cache the
+# killed one left.
+WORKER = "phiedge.worker"                       # the runtime worker child of a check (phiedge.worker)
 KILLS = [
     ("merge", "during", 4.0, "group"),          # the merge child (spawned Python) mid-merge
     ("merge", "after", 0, "parent"),            # boundary: merge done, nothing else started
     ("retriever", "during", 2.0, "parent"),     # embedding the documents in-process
     ("smoke-ref", "after", 0, "group"),         # boundary
     ("export-gguf", "during", 3.0, "parent"),   # llama.cpp's converter is running: it must die with the build
-    ("check-gguf-F16", "during", 1.5, "parent"),  # the runtime worker child
+    ("check-gguf-F16", "during", WORKER, "parent"),  # the runtime worker child
     ("export-onnx", "during", 2.0, "group"),    # onnxruntime-genai's builder
     ("export-onnx", "after", 0, "parent"),      # boundary between an export and its check
-    ("check-onnx-fp32", "during", 1.5, "group"),
+    ("check-onnx-fp32", "during", WORKER, "group"),
     ("export-openvino", "during", 5.0, "parent"),  # optimum-intel trace / NNCF
-    ("check-openvino-fp16", "during", 1.5, "parent"),
+    ("check-openvino-fp16", "during", WORKER, "parent"),
     ("export-mlx", "during", 2.0, "group"),     # mlx-lm convert
     ("check-mlx-fp16", "during", 8.0, "parent"),  # MLX prefilling the long probe
     ("bundle", "during", 0, "parent"),          # assembling <out>.partial
@@ -99,19 +102,32 @@ def _session(sid: int) -> list[psutil.Process]:
     return alive
 
 
-def _kill_at(args: list[str], cache: Path, out: Path, stage: str, moment: str, delay: float, what: str,
+def _running(sid: int, module: str) -> bool:
+    """Whether a process of the build's session runs `module`."""
+    for q in _session(sid):
+        try:
+            if module in q.cmdline():
+                return True
+        except psutil.Error:
+            pass
+    return False
+
+
+def _kill_at(args: list[str], cache: Path, out: Path, stage: str, moment: str, delay: float | str, what: str,
              log: Path) -> str:
     with open(log, "w") as f:
         p = subprocess.Popen([PHIEDGE, *args], stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 900
-    while not _reached(cache, out, stage, moment):
+    while not (_reached(cache, out, stage, moment) and (not isinstance(delay, str) or _running(p.pid, delay))):
         if p.poll() is not None:
             return f"the build ended (exit {p.returncode}) before it reached {stage} ({moment}): {log.read_text()[-800:]}"
         assert time.time() < deadline, f"{stage} never reached"
         time.sleep(0.01)
-    time.sleep(delay)
+    if not isinstance(delay, str):
+        time.sleep(delay)
+    when = f"while {delay} ran" if isinstance(delay, str) else f"{delay} s"
     if p.poll() is not None:
-        return f"the build ended before the kill {delay} s into {stage}"
+        return f"the build ended before the kill {when} into {stage}"
     if what == "group":
         os.killpg(p.pid, signal.SIGKILL)
     else:
@@ -125,7 +141,7 @@ def _kill_at(args: list[str], cache: Path, out: Path, stage: str, moment: str, d
     if left:
         return f"{len(left)} child process(es) outlived the build killed in {stage}: {[q.cmdline()[:4] for q in left]}"
     if moment == "during" and stage != "bundle" and not any(cache.glob(f"{stage}-*.partial-*")):
-        return f"{stage} finished before the kill {delay} s in: not a kill in the middle of it"
+        return f"{stage} finished before the kill {when} in: not a kill in the middle of it"
     return ""
 
 

@@ -111,9 +111,9 @@ def _builder(merged: Path, out: Path, precision: str, threads: int = 1, **env: s
 def test_per_weight_quantization_is_the_builders_own_byte_for_byte(session, tmp_path, precision):
     """The builder's whole-graph int4 pass (fp32 graph in memory: 23.6 GB at 3.8 B) and phiedge's per-weight
     pass give the same model.onnx and model.onnx.data, byte for byte: MLAS's default RTN (plain int4) and k_quant
-    with the 8-bit layers and 8-bit tied LM head (the targets' int4), whole weights (the session's artifacts)
-    and weights quantized in column slices of 100,000 elements two threads at a time (as the 200,064-wide LM head is
-    at full size)."""
+    with the 8-bit layers and 8-bit tied LM head (the targets' int4), in the default column slices (the session's
+    artifacts: 384 Ki elements, so every tiny weight is cut into two or more) and in slices of 100,000 elements two
+    threads at a time."""
     merged = session.merged / "merged"
     whole = _builder(merged, tmp_path / "whole", precision, **{_genai_nbits.WHOLE_GRAPH: "1"})
     ours = [session.artifact("onnx", precision)]

@@ -71,9 +71,13 @@ def test_every_stage_has_a_peak_estimate_and_all_fit_in_10_gb_at_full_size():
     assert max(peaks.values()) <= 10 * 2**30, peaks
     assert peaks["export onnx"] < 8e9
     # Every runtime's LM head runs on the compared rows only (4200 rows' logits would be 3.4 GB at 200,064); the
-    # ONNX check holds its weights twice (onnxruntime-genai's model and onnxruntime's sliced session).
-    assert peaks["check onnx int4-k_quant-mixed8"] - peaks["check gguf Q4_K_M"] < 3.4e9
-    assert peaks["check onnx int4-k_quant-mixed8"] > 1.8 * peaks["check gguf Q4_K_M"]
+    # ONNX check scores on onnxruntime's sliced session, lets it go, then generates on onnxruntime-genai's model:
+    # its estimate covers the 7.02 GB measured at full size (both engines at once: 13.3 GB).
+    from phiedge import runtimes
+    for fmt in ALL_4BIT:
+        est = runtimes.get(fmt).check_peak_bytes
+        assert est(2**30, 200_064, 4200) == est(2**30, 200_064, 512), fmt       # no every-row logits
+    assert 7.02 * 2**30 <= peaks["check onnx int4-k_quant-mixed8"] < 8 * 2**30
     assert build.memory_shortfalls(peaks, 10 * 2**30) == {}
     tiny = build.stage_peaks(ALL_4BIT, 2_000_000, {**PHI4_MINI, "vocab_size": 2048}, docs=False)
     assert build.memory_shortfalls(tiny, 2 * 2**30) == {}

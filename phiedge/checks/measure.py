@@ -176,22 +176,32 @@ def _answer_from(d: dict | None) -> Answer | None:
 def measure(runtime, probes: ProbeSet) -> Measurement:
     """Run every probe on a loaded runtime: logits per regime (one prefill each: the whole prompt, or the long
     probe's span at its positions), then each answer greedily and teacher-forced (one more prefill only where
-    the greedy answer leaves PyTorch's: see _forced)."""
+    the greedy answer leaves PyTorch's: see _forced). A runtime that scores on an engine of its own
+    (SCORES_APART) teacher-forces every answer first, in one prefill of prompt + answer each, and lets that
+    engine go before it generates: the two never hold the weights together (at full size, ONNX's check peaked
+    at 13.3 GB with both)."""
     parity = tuple((p.name, replace(p.compare(runtime.logits(list(p.ids), p.last_n, start=p.start)), start=p.start))
                    for p in probes.regimes)
+    answers = [probes.greedy, probes.smoke]
+    forced: list[tuple[int, ...] | None] = [None, None]
+    if getattr(runtime, "SCORES_APART", False):
+        forced = [_forced(runtime, list(a.prompt_ids), list(a.reference), []) if a else None for a in answers]
+        runtime.release_scoring()
+    greedy, smoke = (_answer(runtime, a, f) for a, f in zip(answers, forced))
     fell_back = getattr(runtime, "fallback_from", None)
-    return Measurement(parity=parity, not_applicable=probes.not_applicable,
-                       greedy=_answer(runtime, probes.greedy), smoke=_answer(runtime, probes.smoke),
+    return Measurement(parity=parity, not_applicable=probes.not_applicable, greedy=greedy, smoke=smoke,
                        device=(runtime.device, fell_back) if fell_back else None)
 
 
-def _answer(runtime, probe: AnswerProbe | None) -> Answer | None:
+def _answer(runtime, probe: AnswerProbe | None, forced: tuple[int, ...] | None = None) -> Answer | None:
     if probe is None:
         return None
     prompt, want = list(probe.prompt_ids), list(probe.reference)
     gen = runtime.generate_ids(prompt, max(1, len(want)), stop_ids=runtime.stop_ids())
-    return Answer(probe, tuple(gen.ids), gen.text, _forced(runtime, prompt, want, gen.ids), gen.prompt_tokens,
-                  round(gen.ttft_s, 4), round(gen.decode_tps, 2))
+    if forced is None:
+        forced = _forced(runtime, prompt, want, gen.ids)
+    return Answer(probe, tuple(gen.ids), gen.text, forced, gen.prompt_tokens, round(gen.ttft_s, 4),
+                  round(gen.decode_tps, 2))
 
 
 def _forced(runtime, prompt: list[int], want: list[int], got: list[int]) -> tuple[int, ...]:
@@ -200,7 +210,7 @@ def _forced(runtime, prompt: list[int], want: list[int], got: list[int]) -> tupl
     Step i of the greedy answer was fed prompt + got[:i]: while got agrees with want, those steps are teacher
     forcing already, and the step that first disagrees is too (it was fed want's prefix). Only the positions
     after that -- or after a stop the answer ended on -- take a prefill of prompt + want: none at all when the
-    answer is PyTorch's."""
+    answer is PyTorch's. With no greedy answer (`got` empty), every position comes from that prefill."""
     agree = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
     known = list(got[:agree + 1])[:len(want)]
     if len(known) == len(want):

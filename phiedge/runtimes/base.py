@@ -61,6 +61,10 @@ class Runtime:
     # Whether `logits` can prefill ids at positions start.. on fresh state (start > 0): the long probe's span
     # (phiedge.checks.probes.span) then measures the long LongRoPE regime without the whole long prompt.
     POSITION_SPANS: ClassVar[bool] = False
+    # Whether prompt logits come from an engine of their own beside the one that generates (each holding the
+    # weights): a check then scores everything first and calls `release_scoring` before generating
+    # (phiedge.checks.measure), so the two are never loaded together.
+    SCORES_APART: ClassVar[bool] = False
     settings: RuntimeSettings
     chat_template: str | None = None   # the artifact's own template and special tokens
     specials: dict = {}
@@ -92,6 +96,9 @@ class Runtime:
     # -- what every runtime supplies
     def logits(self, ids: list[int], last_n: int, start: int = 0) -> np.ndarray:
         raise NotImplementedError
+
+    def release_scoring(self) -> None:
+        """Let the scoring engine go (SCORES_APART); a later `logits` call makes it again."""
 
     def use_adapter(self, adapter_dir: Path | None) -> None:
         """Apply a LoRA kept separate (its runtime file, phiedge.exporters Exporter.export_adapter) from the next

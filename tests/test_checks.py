@@ -72,8 +72,8 @@ def test_top1_counts_a_flip_at_a_near_tie_as_agreeing():
 
 def test_a_quantized_smoke_answer_fails_only_below_its_top1_beyond_chance():
     """The teacher-forced answer of a quantized artifact is a sample of its tokens: at 24 tokens and 4-bit's
-    top-1 0.70, 13 agreeing pass (P(X <= 13) = 0.09 for an artifact that agrees at 0.70) and 12 fail
-    (0.04 < 5 %): a broken template or runtime agrees on almost nothing. The count is the binomial's own."""
+    top-1 0.70, 13 agreeing pass (P(X <= 13) = 0.074 for an artifact that agrees at 0.70) and 12 fail
+    (0.031 < 5 %): a broken template or runtime agrees on almost nothing. The count is the binomial's own."""
     from math import comb
     from phiedge.checks.measure import Answer, AnswerProbe
     from phiedge.checks.metrics import min_agreeing

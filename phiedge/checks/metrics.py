@@ -185,7 +185,7 @@ def token_agreement(reference: list[int], margins: list[float] | None, picked: l
 
 
 # A quantized artifact's teacher-forced answer is a sample of a few dozen tokens: it fails its precision's top-1
-# threshold only when this unlikely under it (one-sided binomial, below). At 24 tokens and top-1 0.70 that is
+# threshold only when that is unlikely under it (one-sided binomial, below). At 24 tokens and top-1 0.70 that is
 # fewer than 13 agreeing: a broken template or runtime agrees on almost nothing, and the tiny fixture's int4
 # answers (reference margins of 0.02-0.55 nats at most positions) land anywhere from 15 to 22 by CPU.
 SAMPLE_ALPHA = 0.05

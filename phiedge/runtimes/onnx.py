@@ -106,9 +106,9 @@ class ONNXRuntime(Runtime):
         self._rows_session = None         # onnxruntime on the sliced graph, made on first use (False: none)
         self.chat_template, self.specials = chat.load_template(path)
         self.context_length = int(self.genai_config["model"].get("context_length") or 0) or None
-        self._adapters = None                 # og.Adapters of this model, made on the first adapter
-        self._loaded: dict[Path, tuple[str, object]] = {}   # adapter file -> (its name in og.Adapters, ort.LoraAdapter)
-        self._active: tuple[str, object] | None = None
+        self._adapters = None                 # og.Adapters of this model, made on the first adapter generated with
+        self._loaded: dict[Path, list] = {}   # adapter file -> [its name in og.Adapters or None, ort.LoraAdapter]
+        self._active: Path | None = None      # the adapter file applied
         if settings.extra.get("adapter"):
             self.use_adapter(Path(settings.extra["adapter"]))
 
@@ -140,9 +140,10 @@ class ONNXRuntime(Runtime):
 
     def use_adapter(self, adapter_dir: Path | None) -> None:
         """Apply the `.onnx_adapter` in `adapter_dir` (phiedge.exporters._onnx_lora) from the next evaluation on, or
-        none: in place, the base stays loaded and each adapter is read once. onnxruntime-genai activates it per
-        generator (`set_active_adapter`, before the first tokens: every evaluation makes a new generator); the
-        sliced scoring session takes the same file as onnxruntime's LoraAdapter, per run."""
+        none: in place, the base stays loaded and each adapter is read once. The sliced scoring session takes the
+        file as onnxruntime's LoraAdapter, per run; onnxruntime-genai reads it into its model's og.Adapters on the
+        first generation after (the model itself loads then: SCORES_APART) and activates it per generator
+        (`set_active_adapter`, before the first tokens: every evaluation makes a new generator)."""
         if adapter_dir is None:
             self._active = None
             return
@@ -152,18 +153,25 @@ class ONNXRuntime(Runtime):
         path = files[0].resolve()
         if path not in self._loaded:
             import onnxruntime as ort
-            if self._adapters is None:
-                self._adapters = self.og.Adapters(self.model)
-            name = f"a{len(self._loaded)}"
-            try:
-                self._adapters.load(str(path), name)
-            except Exception as e:          # og raises plain RuntimeError
-                raise ToolchainError(f"onnxruntime-genai could not load the adapter {path} ({e}): rebuild it from "
-                                     f"this bundle's base") from None
             lora = ort.LoraAdapter()
             lora.Load(str(path))                    # memory-maps the file
-            self._loaded[path] = (name, lora)
-        self._active = self._loaded[path]
+            self._loaded[path] = [None, lora]       # [its name in og.Adapters once read there, the LoraAdapter]
+        self._active = path
+
+    def _genai_adapter(self) -> str:
+        """The active adapter's name in onnxruntime-genai's og.Adapters, read into it on first use."""
+        entry = self._loaded[self._active]
+        if entry[0] is None:
+            if self._adapters is None:
+                self._adapters = self.og.Adapters(self.model)
+            name = f"a{sum(e[0] is not None for e in self._loaded.values())}"
+            try:
+                self._adapters.load(str(self._active), name)
+            except Exception as e:          # og raises plain RuntimeError
+                raise ToolchainError(f"onnxruntime-genai could not load the adapter {self._active} ({e}): rebuild it "
+                                     f"from this bundle's base") from None
+            entry[0] = name
+        return entry[0]
 
     @staticmethod
     def _provider(og, device: str) -> str | None:
@@ -191,8 +199,9 @@ class ONNXRuntime(Runtime):
         params.set_search_options(max_length=max_length, do_sample=False)
         gen = self.og.Generator(self.model, params)
         if self._active is not None:
+            name = self._genai_adapter()
             try:
-                gen.set_active_adapter(self._adapters, self._active[0])
+                gen.set_active_adapter(self._adapters, name)
             except Exception as e:
                 raise ToolchainError(f"onnxruntime-genai could not apply the adapter to {self.path} ({e}): is the "
                                      f"artifact a base built for adapters (--adapter-mode separate)?") from None
@@ -255,7 +264,7 @@ class ONNXRuntime(Runtime):
         if self._active is not None:
             import onnxruntime as ort
             options = ort.RunOptions()
-            options.add_active_adapter(self._active[1])
+            options.add_active_adapter(self._loaded[self._active][1])
         return np.asarray(session.run(["logits"], feeds, options)[0])
 
     def logits(self, ids: list[int], last_n: int, start: int = 0) -> np.ndarray:

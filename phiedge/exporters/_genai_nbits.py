@@ -35,8 +35,8 @@ from onnx_ir.convenience import convert_attributes, replace_all_uses_with
 WHOLE_GRAPH = "PHIEDGE_ONNX_WHOLE_GRAPH_QUANTIZATION"
 MADV_DONTNEED = 4                       # Linux <sys/mman.h>
 # Within one weight, the checkpoint pages read for its slices are let go once this many bytes of slices were cast
-# (a quarter of it in bf16 pages): after every slice, reading /proc/self/smaps took half of a 1 B-parameter
-# export's time (116 of 238 s over 2,608 slices).
+# (to fp32: half as many bytes of bf16 pages): after every slice, reading /proc/self/smaps took half of a
+# 1 B-parameter export's time (116 of 238 s over 2,608 slices).
 DROP_EVERY_BYTES = 512 * 2**20
 # Weights larger than this many elements are quantized in column slices (see _one_node_models); the
 # environment variable sets another size (the byte-identity test slices the tiny model's weights with it).

@@ -62,34 +62,6 @@ def test_gate_catches_a_prefill_split_across_the_switch(session):
     rt.close()
 
 
-def test_a_check_never_holds_the_scoring_session_and_genais_model_together(session):
-    """A check scores on onnxruntime's sliced session first (both probes, then each answer teacher-forced in one
-    prefill of prompt + answer), lets that session go, and only then loads onnxruntime-genai's model to generate:
-    at full size the two together peaked at 13.3 GB. The runtime here is the real one, watched at each call; what
-    it measures is what the session build's check measured."""
-    from phiedge.checks.measure import ProbeSet, measure
-    seen = []
-
-    class Watched(get("onnx")):
-        def logits(self, ids, last_n, start=0):
-            seen.append(("score", self._model is not None))
-            return super().logits(ids, last_n, start)
-
-        def _start(self, ids, total):
-            seen.append(("generate", bool(self._rows_session)))
-            return super()._start(ids, total)
-
-    row = session.row("onnx", "int4-k_quant-mixed8")
-    smoke = next(p for p in session.cache.glob("smoke-ref-*/smoke.json")
-                 if json.loads(p.read_text())["reference_tokens"] == row["smoke"]["reference"])
-    rt = Watched.load(session.artifact("onnx", "int4-k_quant-mixed8"), RuntimeSettings(threads=1))
-    m = measure(rt, ProbeSet.from_reference(session.merged / "reference.npz", smoke))
-    rt.close()
-    assert seen == [("score", False)] * 4 + [("generate", False)] * 2, seen
-    assert list(m.smoke.forced) == row["smoke"]["forced_tokens"] and list(m.smoke.tokens) == row["smoke"]["tokens"]
-    assert list(m.greedy.forced) == row["greedy"]["forced_tokens"]
-
-
 @pytest.mark.parametrize("precision", ["fp32", "int4-k_quant-mixed8"])
 def test_prompt_logits_are_the_sliced_graphs_and_equal_genais_rows(session, precision):
     """Prompt logits come from onnxruntime on a copy of the decoder whose LM head (MatMul, or MatMulNBits with

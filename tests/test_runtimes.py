@@ -4,6 +4,7 @@ template equal Hugging Face's, generation stops at the end token and honours the
 device path imports no torch, and each exporter refuses what its grammar refuses."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from tokenizers import Tokenizer
 
 from phiedge import build, chat, errors, exporters, runtimes
 from phiedge.checks import probes
-from phiedge.runtimes import get
+from phiedge.runtimes import RuntimeSettings, get
 from conftest import SESSION, assert_pytorch_tokens, installed, run_cli
 
 FORMATS = sorted(runtimes.REGISTRY)
@@ -107,6 +108,47 @@ def test_format_specific_records(session):
     if installed("mlx"):
         q4 = session.row("mlx", "4bit")
         assert q4["meta"]["embedding_bits"] == 8 and q4["meta"]["quantization"]["group_size"] == 64
+
+
+# Runtimes that score on an engine of their own beside the one that generates (Runtime.SCORES_APART): the
+# attribute each engine lives in, and the method a generation starts in.
+APART = {"onnx": ("int4-k_quant-mixed8", "_rows_session", "_model", "_start"),
+         "openvino": ("int4", "_compiled", "_pipe", "_generate")}
+
+
+@pytest.mark.parametrize("fmt", sorted(APART))
+def test_a_check_never_holds_the_scoring_engine_and_the_generator_together(session, fmt):
+    """A check scores first (both probes, then each answer teacher-forced in one prefill of prompt + answer),
+    lets the scoring engine go, and only then loads the generator: at full size ONNX's two together peaked at
+    13.3 GB, OpenVINO's at 11.55 GB. The runtime here is the real one, watched at each call; what it measures is
+    what the session build's check measured."""
+    _skip_missing(fmt)
+    from phiedge.checks.measure import ProbeSet, measure
+    precision, scorer, generator, starts = APART[fmt]
+    assert get(fmt).SCORES_APART
+    seen = []
+    base = get(fmt)
+
+    def watched_start(self, *args):
+        seen.append(("generate", bool(getattr(self, scorer))))
+        return getattr(base, starts)(self, *args)
+
+    def watched_logits(self, ids, last_n, start=0):
+        seen.append(("score", getattr(self, generator) is not None))
+        return base.logits(self, ids, last_n, start)
+
+    Watched = type("Watched", (base,), {"logits": watched_logits, starts: watched_start})
+    row = session.row(fmt, precision)
+    smoke = next(p for p in session.cache.glob("smoke-ref-*/smoke.json")
+                 if json.loads(p.read_text())["reference_tokens"] == row["smoke"]["reference"])
+    rt = Watched.load(session.artifact(fmt, precision), RuntimeSettings(threads=1))
+    probe_set = ProbeSet.from_reference(session.merged / "reference.npz", smoke,
+                                        long_span=row["parity"]["long"]["start"] > 0)
+    m = measure(rt, probe_set)
+    rt.close()
+    assert seen == [("score", False)] * 4 + [("generate", False)] * 2, seen
+    assert list(m.smoke.forced) == row["smoke"]["forced_tokens"] and list(m.smoke.tokens) == row["smoke"]["tokens"]
+    assert list(m.greedy.forced) == row["greedy"]["forced_tokens"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

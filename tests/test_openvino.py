@@ -3,6 +3,7 @@ needing documents, and the group size that must divide every layer width (the co
 tests/test_runtimes.py)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -12,6 +13,7 @@ from phiedge import build, device, errors, exporters
 from phiedge.checks import Limits, probes
 from phiedge.checks.metrics import compare, failures
 from phiedge.exporters import _ov_export
+from phiedge.exporters import openvino as OPENVINO
 from phiedge.exporters.openvino import EXACT_CPU
 from phiedge.runtimes import RuntimeSettings, get
 from conftest import DEMO_DOCS, THREADS, Build, assert_pytorch_tokens, run_cli
@@ -75,6 +77,35 @@ def test_group_size_is_lowered_to_one_that_divides():
     assert _ov_export.choose_group_size(128, [3072, 8192]) == 128          # real Phi-4-mini
     assert _ov_export.choose_group_size(128, [576, 1536]) == 64            # SmolLM2-135M (FIELD-NOTES)
     assert _ov_export.choose_group_size(-1, [577]) == -1
+
+
+def test_letting_the_base_irs_pages_go_changes_no_byte(tiny_bf16, tmp_path, monkeypatch):
+    """NNCF compresses the base IR's weights with their mapped pages let go as it goes (MappedPagesDropped: at
+    full size 12.18 -> 7.51 GB). A page read again comes back from the file: the int4 IR is byte for byte the one
+    compressed with every page kept, here with the pages let go every millisecond."""
+    import functools
+    import threading
+    from phiedge import memory
+    import openvino as ov
+    base = tmp_path / "base"
+    _ov_export.export_base(tiny_bf16, base)
+    plan = OPENVINO.job_plan(OPENVINO.GRAMMAR.parse("int4"))
+    drops = []
+
+    class Counted(memory.MappedPagesDropped):
+        def _loop(self):
+            while not self._stop.wait(self.every):
+                memory.drop_mapped_pages(self.suffix)
+                drops.append(threading.get_ident())
+
+    built = {}
+    for name, dropper in (("kept", None), ("dropped", functools.partial(Counted, every=0.001))):
+        monkeypatch.setattr(_ov_export, "MappedPagesDropped", dropper or (lambda suffix: contextlib.nullcontext()))
+        out = tmp_path / name
+        info = _ov_export.build_one(ov.Core(), base, out, plan, tiny_bf16, [])
+        built[name] = (info, (out / "int4.partial" / "openvino_model.bin").read_bytes())
+    assert len(drops) > 10, "the pages were not let go during the compression"
+    assert built["dropped"][0] == built["kept"][0] and built["dropped"][1] == built["kept"][1]
 
 
 def _weight_types(ir_xml) -> set[str]:

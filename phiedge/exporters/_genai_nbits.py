@@ -19,11 +19,9 @@ environment the builder runs its own pass (the byte-identity test compares the t
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import gc
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -32,8 +30,9 @@ from onnx import numpy_helper
 from onnx_ir import serde
 from onnx_ir.convenience import convert_attributes, replace_all_uses_with
 
+from phiedge.memory import drop_mapped_pages
+
 WHOLE_GRAPH = "PHIEDGE_ONNX_WHOLE_GRAPH_QUANTIZATION"
-MADV_DONTNEED = 4                       # Linux <sys/mman.h>
 # Within one weight, the checkpoint pages read for its slices are let go once this many bytes of slices were cast
 # (to fp32: half as many bytes of bf16 pages): after every slice, reading /proc/self/smaps took half of a
 # 1 B-parameter export's time (116 of 238 s over 2,608 slices).
@@ -90,7 +89,7 @@ def to_nbits(model, threads: int = 1) -> ir.Model:
         _splice(graph, node, _joined(parts), values, in_place=method == "default")
         del parts
         gc.collect()
-        _drop_checkpoint_pages()
+        drop_mapped_pages(".safetensors")
     pool.shutdown()
     if method == "default":
         _sort_subgraph_holders_attributes(graph)
@@ -124,34 +123,6 @@ def _sort_as_onnx_model(graph: ir.Graph) -> None:
     sorter.topological_sort()
     graph.remove(list(nodes.values()))
     graph.extend(nodes[p.name] for p in sorter.model.graph.node)
-
-
-def _drop_checkpoint_pages() -> None:
-    """Unmap the pages of the memory-mapped safetensors this process has read so far (Linux).
-
-    transformers maps the checkpoint (private, copy-on-write); each weight read to be quantized leaves its pages
-    resident in this process -- 7.7 GB of file pages by the end at 3.8 B parameters, beside the quantized model --
-    though only the next weight's are needed. MADV_DONTNEED lets them go (the page cache keeps them, outside this
-    process's memory; a page read again faults back in from the file), on mappings nothing has written to only
-    (no private dirty pages: dropping those would lose the writes)."""
-    try:
-        smaps = Path("/proc/self/smaps").read_text().splitlines()
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return
-    ranges, current = [], None
-    for line in smaps:
-        fields = line.split()
-        if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:      # a mapping's header
-            current = None
-            if len(fields) >= 6 and fields[5].endswith(".safetensors"):
-                current = [int(x, 16) for x in fields[0].split("-")]
-                ranges.append(current)
-        elif current is not None and fields[:1] == ["Private_Dirty:"] and int(fields[1]) != 0:
-            ranges.remove(current)
-            current = None
-    for start, end in ranges:
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 def _quantizable(model, node: ir.Node) -> bool:
@@ -211,7 +182,7 @@ def _one_node_models(model: ir.Model, node: ir.Node, pieces: int = 1):
         yield _model_of(model, node, {**others, weight.name: np.ascontiguousarray(piece)})
         read += piece.nbytes
         if read >= DROP_EVERY_BYTES:          # reading /proc/self/smaps costs ~30 ms: not once per slice
-            _drop_checkpoint_pages()
+            drop_mapped_pages(".safetensors")    # the checkpoint's pages read so far
             read = 0
 
 

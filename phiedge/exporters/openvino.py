@@ -134,10 +134,12 @@ class OpenVINOExporter(Exporter):
     TOOL_MODULES = ("phiedge.exporters._ov_export",)
     # fp16 weights + an fp32 rope; int4 2.3 GB for 3.84 B parameters (FIELD-NOTES; the int8 embedding is ~0.6 GB).
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.05, "int4": 0.62}
-    # optimum's trace of the checkpoint in its own dtype + NNCF's compression of the saved IR: measured at 3.84 B
-    # (bf16), data-free int4: 10.67 GB PSS in 112 s, as optimum-cli's own int4 export (it loaded an fp32 copy
-    # before: 23.1 GB).
-    PEAK_BYTES_PER_PARAM = 2.7
+    # optimum's trace of the checkpoint in its own dtype, then NNCF's compression of the saved IR. Measured at 3.84 B
+    # (bf16), data-free int4, PSS of the export child: the trace 8.75 GB (the bf16 torch model beside the IR it
+    # writes); the compression 12.18 GB while the base IR's mapped pages stayed resident, 7.51 GB with them let go
+    # as it goes (memory.MappedPagesDropped); 150 s -> 90 s with the trace, 100 s -> 90 s without. optimum-cli's own
+    # int4 export: 10.0 GB (it loaded an fp32 copy before: 23.1 GB).
+    PEAK_BYTES_PER_PARAM = 2.35
 
     ADAPTER_RUNTIME = "OpenVINO GenAI"
     # A base for adapters kept separate compresses without AWQ: AWQ divides a MatMul's input channels by scales it

@@ -34,61 +34,6 @@ def available_bytes() -> int:
     return avail
 
 
-MADV_DONTNEED = 4                       # Linux <sys/mman.h>
-
-
-def drop_mapped_pages(suffix: str) -> None:
-    """Let go of the resident pages of every clean memory-mapped file of this process whose name ends with
-    `suffix` (Linux; elsewhere nothing).
-
-    An exporter reading a memory-mapped checkpoint weight by weight (transformers' safetensors, OpenVINO's IR
-    .bin) leaves each weight's pages resident in the process -- 7.7 GB of file pages by the end at 3.8 B
-    parameters -- though only the next weight's are needed. MADV_DONTNEED lets them go (the page cache keeps
-    them, outside this process's memory; a page read again faults back in from the file, the same bytes), on
-    mappings nothing has written to only (no private dirty pages: dropping those would lose the writes). Safe
-    while another thread reads the mapping. Reading /proc/self/smaps costs ~30 ms: call it per hundreds of MB."""
-    import ctypes
-    try:
-        smaps = Path("/proc/self/smaps").read_text().splitlines()
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return
-    ranges, current = [], None
-    for line in smaps:
-        fields = line.split()
-        if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:      # a mapping's header
-            current = None
-            if len(fields) >= 6 and fields[5].endswith(suffix):
-                current = [int(x, 16) for x in fields[0].split("-")]
-                ranges.append(current)
-        elif current is not None and fields[:1] == ["Private_Dirty:"] and int(fields[1]) != 0:
-            ranges.remove(current)
-            current = None
-    for start, end in ranges:
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
-
-
-class MappedPagesDropped:
-    """`drop_mapped_pages(suffix)` every `every` seconds on a thread while the block runs: for a library's own loop
-    over a mapped model (NNCF's weight compression), where no call of ours sits between weights."""
-
-    def __init__(self, suffix: str, every: float = 2.0):
-        self.suffix, self.every, self._stop = suffix, every, threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every):
-            drop_mapped_pages(self.suffix)
-
-    def __enter__(self) -> "MappedPagesDropped":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def tree_resident(pid: int) -> int:
     """Bytes resident in `pid` and all its descendants right now (processes that vanish count as 0).
 

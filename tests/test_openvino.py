@@ -85,17 +85,17 @@ def test_letting_the_base_irs_pages_go_changes_no_byte(tiny_bf16, tmp_path, monk
     compressed with every page kept, here with the pages let go every millisecond."""
     import functools
     import threading
-    from phiedge import memory
+    from phiedge import pages
     import openvino as ov
     base = tmp_path / "base"
     _ov_export.export_base(tiny_bf16, base)
     plan = OPENVINO.job_plan(OPENVINO.GRAMMAR.parse("int4"))
     drops = []
 
-    class Counted(memory.MappedPagesDropped):
+    class Counted(pages.MappedPagesDropped):
         def _loop(self):
             while not self._stop.wait(self.every):
-                memory.drop_mapped_pages(self.suffix)
+                pages.drop_mapped_pages(self.suffix)
                 drops.append(threading.get_ident())
 
     built = {}

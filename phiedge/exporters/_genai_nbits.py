@@ -30,7 +30,7 @@ from onnx import numpy_helper
 from onnx_ir import serde
 from onnx_ir.convenience import convert_attributes, replace_all_uses_with
 
-from phiedge.memory import drop_mapped_pages
+from phiedge.pages import drop_mapped_pages
 
 WHOLE_GRAPH = "PHIEDGE_ONNX_WHOLE_GRAPH_QUANTIZATION"
 # Within one weight, the checkpoint pages read for its slices are let go once this many bytes of slices were cast

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phiedge.memory import MappedPagesDropped
+from phiedge.pages import MappedPagesDropped
 from phiedge.source import checkpoint_dtype
 
 log = logging.getLogger("phiedge.exporters.openvino")

@@ -17,8 +17,8 @@ MADV_DONTNEED = 4                       # Linux <sys/mman.h>
 def drop_mapped_pages(suffix: str) -> None:
     """Let go of the resident pages of every clean memory-mapped file of this process whose path ends with
     `suffix` (Linux; elsewhere nothing): at 3.8 B parameters 7.7 GB of checkpoint pages by the end of a weight-by-
-    weight pass. Only mappings nothing has written to (no private dirty pages: dropping those would lose the
-    writes). Safe while another thread reads the mapping. Reading /proc/self/smaps costs ~30 ms: call it per
+    weight pass. A private mapping only when nothing has written to it (its dirty pages are copies, dropping them
+    would lose the writes); a shared one always (its pages are the file's, kept by the page cache). Safe while another thread reads the mapping. Reading /proc/self/smaps costs ~30 ms: call it per
     hundreds of MB, not per weight."""
     import ctypes
     try:
@@ -34,6 +34,8 @@ def drop_mapped_pages(suffix: str) -> None:
             if len(fields) >= 6 and fields[5].endswith(suffix):
                 current = [int(x, 16) for x in fields[0].split("-")]
                 ranges.append(current)
+                if fields[1][3:4] != "p":   # shared: its dirty pages are the file's own (written, not yet flushed)
+                    current = None
         elif current is not None and fields[:1] == ["Private_Dirty:"] and int(fields[1]) != 0:
             ranges.remove(current)
             current = None

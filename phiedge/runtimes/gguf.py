@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import ToolchainError
+from ..pages import drop_mapped_pages
 from .base import Runtime, RuntimeSettings, register
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,11 @@ class GGUFRuntime(Runtime):
         # unless the profile says otherwise.
         mp.use_extra_bufts = bool(settings.extra.get("use_extra_bufts", not _cpu_has_amx()))
         self.model = _internals.LlamaModel(path_model=str(path), params=mp, verbose=bool(os.environ.get("PHIEDGE_DEBUG")))
+        if mp.use_extra_bufts:
+            # The CPU backend repacked most weights into buffers of its own, reading them from the mapped file,
+            # whose pages stay resident beside the copy: let them go (the weights it still uses from the file fault
+            # back in). Full size, Q4_K_M, after a 512-token prefill: 4.76 -> 3.39 GB PSS, the same logits.
+            drop_mapped_pages(os.path.realpath(path))
         meta = self.model.metadata()
         arch = meta.get("general.architecture", "")
         self.orig_ctx = int(meta.get(f"{arch}.rope.scaling.original_context_length", 0)) or None

@@ -15,11 +15,12 @@ MADV_DONTNEED = 4                       # Linux <sys/mman.h>
 
 
 def drop_mapped_pages(suffix: str) -> None:
-    """Let go of the resident pages of every clean memory-mapped file of this process whose path ends with
-    `suffix` (Linux; elsewhere nothing): at 3.8 B parameters 7.7 GB of checkpoint pages by the end of a weight-by-
-    weight pass. A private mapping only when nothing has written to it (its dirty pages are copies, dropping them
-    would lose the writes); a shared one always (its pages are the file's, kept by the page cache). Safe while another thread reads the mapping. Reading /proc/self/smaps costs ~30 ms: call it per
-    hundreds of MB, not per weight."""
+    """Let go of the resident pages of every memory-mapped file of this process whose path ends with `suffix`
+    (Linux; elsewhere nothing): at 3.8 B parameters 7.7 GB of checkpoint pages by the end of a weight-by-weight
+    pass. A private mapping only when nothing has written to it (its dirty pages are copies: dropping them would
+    lose the writes); a shared one always (its pages are the file's, the page cache keeps them, dirty or not).
+    Safe while another thread reads the mapping. Reading /proc/self/smaps costs ~30 ms: call it per hundreds of
+    MB, not per weight."""
     import ctypes
     try:
         smaps = Path("/proc/self/smaps").read_text().splitlines()

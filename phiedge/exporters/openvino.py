@@ -137,7 +137,7 @@ class OpenVINOExporter(Exporter):
     # optimum's trace of the checkpoint in its own dtype, then NNCF's compression of the saved IR. Measured at 3.84 B
     # (bf16), data-free int4, PSS of the export child: the trace 8.75 GB (the bf16 torch model beside the IR it
     # writes); the compression 12.18 GB while the base IR's mapped pages stayed resident, 7.51 GB with them let go
-    # as it goes (pages.MappedPagesDropped); 150 s -> 90 s with the trace, 100 s -> 90 s without. optimum-cli's own
+    # as it goes (pages.MappedPagesDropped), in 90 s instead of 100 (the trace before it: 50 s). optimum-cli's own
     # int4 export: 10.0 GB (it loaded an fp32 copy before: 23.1 GB).
     PEAK_BYTES_PER_PARAM = 2.35
 

@@ -9,9 +9,40 @@ memory, and a page read again faults back in from the file, the same bytes.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 MADV_DONTNEED = 4                       # Linux <sys/mman.h>
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One memory mapping of a file, as /proc/self/smaps reports it (sizes in bytes)."""
+    start: int
+    end: int
+    shared: bool
+    rss: int
+    private_dirty: int
+
+
+def mappings(suffix: str) -> list[Mapping]:
+    """This process's memory mappings of files whose path ends with `suffix` (Linux; elsewhere none)."""
+    try:
+        smaps = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return []
+    out, current = [], None
+    for line in smaps:
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:      # a mapping's header
+            current = None
+            if len(fields) >= 6 and fields[5].endswith(suffix):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                current = {"start": start, "end": end, "shared": fields[1][3:4] != "p", "rss": 0, "private_dirty": 0}
+                out.append(current)
+        elif current is not None and fields[:1] in (["Rss:"], ["Private_Dirty:"]):
+            current[fields[0][:-1].lower()] = int(fields[1]) * 1024
+    return [Mapping(**m) for m in out]
 
 
 def drop_mapped_pages(suffix: str) -> None:
@@ -22,26 +53,15 @@ def drop_mapped_pages(suffix: str) -> None:
     Safe while another thread reads the mapping. Reading /proc/self/smaps costs ~30 ms: call it per hundreds of
     MB, not per weight."""
     import ctypes
+    ranges = [m for m in mappings(suffix) if m.shared or not m.private_dirty]
+    if not ranges:
+        return
     try:
-        smaps = Path("/proc/self/smaps").read_text().splitlines()
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return
-    ranges, current = [], None
-    for line in smaps:
-        fields = line.split()
-        if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:      # a mapping's header
-            current = None
-            if len(fields) >= 6 and fields[5].endswith(suffix):
-                current = [int(x, 16) for x in fields[0].split("-")]
-                ranges.append(current)
-                if fields[1][3:4] != "p":   # shared: its dirty pages are the file's own (written, not yet flushed)
-                    current = None
-        elif current is not None and fields[:1] == ["Private_Dirty:"] and int(fields[1]) != 0:
-            ranges.remove(current)
-            current = None
-    for start, end in ranges:
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+    for m in ranges:
+        libc.madvise(ctypes.c_void_p(m.start), ctypes.c_size_t(m.end - m.start), MADV_DONTNEED)
 
 
 class MappedPagesDropped:

@@ -95,17 +95,10 @@ def test_teacher_forcing_reuses_the_greedy_steps_that_agree(session):
 
 
 def _mapped_resident(path) -> int:
-    """Bytes of `path` this process has resident through its memory mappings (Linux smaps)."""
+    """Bytes of `path` this process has resident through its memory mappings."""
     import os
-    from pathlib import Path
-    real, total, current = os.path.realpath(path), 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
-            current = len(fields) >= 6 and fields[5] == real
-        elif current and fields[:1] == ["Rss:"]:
-            total += int(fields[1]) * 1024
-    return total
+    from phiedge import pages
+    return sum(m.rss for m in pages.mappings(os.path.realpath(path)))
 
 
 def test_repacked_weights_do_not_stay_resident_twice(session):

@@ -3,7 +3,6 @@ a prefill split across the LongRoPE switch, execution providers, and the builder
 common to all runtimes is tests/test_runtimes.py)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -125,9 +125,9 @@ def test_a_check_never_holds_the_scoring_engine_and_the_generator_together(sessi
     _skip_missing(fmt)
     from phiedge.checks.measure import ProbeSet, measure
     precision, scorer, generator, starts = APART[fmt]
-    assert get(fmt).SCORES_APART
-    seen = []
     base = get(fmt)
+    assert base.SCORES_APART
+    seen = []
 
     def watched_start(self, *args):
         seen.append(("generate", bool(getattr(self, scorer))))

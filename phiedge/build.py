@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, bundle, exporters, report, source
+from . import __version__, bundle, calibration, exporters, report, source
 from .cache import StageCache, default_root
 from .checks import ArtifactResult, Limits
 from .errors import (InvalidCheckpointError, MemoryShortError, ParityError, RetrieverError, UnsupportedAdapterError,
@@ -113,6 +113,11 @@ class BuildRequest:
     max_memory: int | None = None           # bytes the build's stages may hold at once (default: MEMORY_SHARE of
                                             # what is available when it starts)
     jobs: int | None = None                 # stages at most side by side (default: CPUs // threads)
+    calibration_tokens: int = calibration.DEFAULT_TOKENS   # --docs tokens data-aware quantization reads
+    smoke: bool = True                      # with --docs: the retriever and the smoke RAG query (a sweep: off)
+    # A profile's precision "auto": {format: (largest artifact in bytes, candidates)}; every candidate is built and
+    # checked, and the bundle ships the lowest-KL one that passed within the size (phiedge.sweep.choose).
+    auto: dict[str, tuple[int, tuple[str, ...]]] = field(default_factory=dict)
 
 
 def plan_formats(formats: list[str], precisions: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -164,18 +169,64 @@ def executor(req: BuildRequest, budget: int) -> ParallelExecutor:
     return ParallelExecutor(req.jobs or max(1, (os.cpu_count() or 1) // max(1, req.threads)), budget)
 
 
-def _plan(req: BuildRequest, out: Path, clock: Clock) -> tuple[Context, list[Stage]]:
+def measure(req: BuildRequest) -> list[ArtifactResult]:
+    """Every export and check of `req`, no bundle (phiedge.sweep): each artifact's result, passed or not."""
+    clock = Clock()
+    try:
+        with _above_the_bar(clock):
+            ctx, stages = _plan(req, Path(req.out), clock, bundle=False)
+            executor(req, ctx.inputs["budget"]).run(stages, ctx, clock)
+    finally:
+        clock.close()
+    return _results(ctx)
+
+
+def _plan(req: BuildRequest, out: Path, clock: Clock, bundle: bool = True) -> tuple[Context, list[Stage]]:
     """Resolve and check the inputs (the checklist's first line), then lay out the stage graph."""
     facts = clock.run(Stage("resolve"), lambda: (_cheap_checks(req, out), False), None)
     ctx = Context(req=req, cache=StageCache(req.cache_dir, verify="full" if req.verify_cache else "fast"),
                   inputs={**facts, "out": out, "clock": clock})
     stages = graph(ctx)
+    if not bundle:
+        stages = [s for s in stages if s.name != "bundle"]
     clock.expect(1 + len(stages))
     return ctx, stages
 
 
 def _results(ctx: Context) -> list[ArtifactResult]:
-    return [v for k, v in ctx.outputs.items() if k.startswith("check ")]
+    """Every check's result; of a format whose profile precision is "auto", the chosen candidate only."""
+    auto = ctx.req.auto
+    out = [v for k, v in ctx.outputs.items() if k.startswith("check ")
+           and not (v.artifact.format in auto and v.artifact.precision in auto[v.artifact.format][1])]
+    return out + [r for k, picks in ctx.outputs.items() if k.startswith("choose ") for r in picks]
+
+
+def _choose(ctx: Context, fmt: str) -> list[ArtifactResult]:
+    """Precision "auto": per variant, the candidate with the lowest mean KL that passed its gate within the size
+    (phiedge.sweep), recorded in its meta with the measurements that chose it."""
+    from . import sweep
+    limit, cands = ctx.req.auto[fmt]
+    emb, other = sweep.params_split(ctx.inputs["config"], ctx.inputs["n_params"])
+    picks = []
+    for v in ctx.inputs["variants"]:
+        results = [ctx[Check(fmt, p, v, v.stage(f"export {fmt}")).name] for p in cands]
+        rows = sweep.rank([sweep.row_of(r, emb, other) for r in results])
+        best = sweep.choose(rows, fmt, limit)
+        if best is None:
+            passing = sorted((r for r in rows if r.passed), key=lambda r: r.size_bytes)
+            raise ParityError(f"{fmt} precision auto{v.suffix}: no candidate passed its gate within max_size_gb "
+                              f"{limit / 1e9:g}" + (f" (the smallest that passed: {passing[0].precision}, "
+                                                    f"{passing[0].size_bytes / 1e9:.3g} GB)" if passing else
+                                                    " (none passed)") +
+                              ": raise max_size_gb in the target, or name a precision")
+        log.info("%s auto%s: %s, %.3g GB within %.3g, mean KL %.4g (the tool's 4-bit: %s)", fmt, v.suffix,
+                 best.precision, best.size_bytes / 1e9, limit / 1e9, best.kl,
+                 next((f"{r.kl:.4g}" for r in rows if r.anchor), "not measured"))
+        r = next(r for r in results if r.artifact.precision == best.precision)
+        meta = {**r.artifact.meta, "chosen_by": {"max_size_bytes": limit, "sweep": [dataclasses.asdict(x)
+                                                                                      for x in rows]}}
+        picks.append(dataclasses.replace(r, artifact=dataclasses.replace(r.artifact, meta=meta)))
+    return picks
 
 
 # ------------------------------------------------------------------------------------------------ the graph
@@ -209,17 +260,25 @@ def graph(ctx: Context) -> list[Stage]:
     merged, separate = req.adapter_mode != "separate", req.adapter_mode != "merged"
     for v in ctx.inputs["variants"]:
         stages += variant_graph(ctx, v, merged=merged)
-    if req.docs is not None:            # listed after the first merge: the order a build has always run in
+    if _smokes(req):                    # listed after the first merge: the order a build has always run in
         stages.insert(2, Stage("retriever", cache_name="retriever", key=_retriever_key, make=_retriever,
                                result=lambda c, d: d / "retriever", modules=RETRIEVER_CODE,
                                peak_bytes=ctx.inputs["peaks"]["retriever"]))
     if separate:
         stages += separate_graph(ctx)
+    for fmt in req.auto:
+        stages.append(Stage(f"choose {fmt}", run=lambda c, fmt=fmt: _choose(c, fmt),
+                            needs=tuple(s.name for s in stages if s.name.startswith(f"check {fmt} "))))
     per_set = sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())
     sets = (len(ctx.inputs["variants"]) if merged else 0) + separate
     stages.append(Stage("bundle", run=_bundle, needs=tuple(s.name for s in stages),
                         where=ctx.inputs["out"].parent, disk_bytes=per_set * sets))
     return stages
+
+
+def _smokes(req: BuildRequest) -> bool:
+    """Whether the build indexes its documents and smoke-tests RAG (with --docs, unless only measuring)."""
+    return req.docs is not None and req.smoke
 
 
 def variant_graph(ctx: Context, v: Variant, *, merged: bool = True) -> list[Stage]:
@@ -231,7 +290,7 @@ def variant_graph(ctx: Context, v: Variant, *, merged: bool = True) -> list[Stag
     stages = [Stage(merge, needs=("hash inputs",), cache_name="merge", key=lambda c: _merge_key(c, v),
                     make=lambda c, d: _merge(c, d, v), modules=MERGE_CODE, disk_bytes=weights,
                     peak_bytes=peaks["merge"])]
-    if req.docs is not None:
+    if _smokes(req):
         stages.append(Stage(v.stage("smoke reference"), needs=(merge, "retriever"), cache_name="smoke-ref",
                             key=lambda c: _smoke_key(c, v), make=lambda c, d: _smoke_reference(c, d, v),
                             result=lambda c, d: d / "smoke.json", modules=SMOKE_CODE,
@@ -272,7 +331,7 @@ def _export_stage(ctx: Context, fmt: str, precs: list[str], v: Variant, needs: t
 
 def _check_stage(ctx: Context, c: Check) -> Stage:
     needs = (c.v.stage("merge"), c.export, *([c.adapter] if c.adapter else []),
-             *([c.v.stage("smoke reference")] if ctx.req.docs is not None else []))
+             *([c.v.stage("smoke reference")] if _smokes(ctx.req) else []))
     return Stage(c.name, needs=needs, cache_name=f"check-{c.fmt}-{c.precision}", key=lambda x: _check_key(x, c),
                  make=lambda x, d: _measure(x, d, c), result=lambda x, d: _result(x, d, c),
                  modules=(*CHECK_CODE, f"phiedge.runtimes.{c.fmt}"),
@@ -357,6 +416,7 @@ def _export_key(ctx: Context, fmt: str, precs: list[str], v: Variant) -> dict:
     key = {**source_key, "format": fmt, "precisions": precs, "v": __version__}
     if _calibration(ctx, fmt, precs) is not None:
         key["calibration"] = docs_digest(ctx.cache, Path(ctx.req.docs), ctx.req.follow_links)
+        key["calibration_tokens"] = ctx.req.calibration_tokens
     return key
 
 
@@ -369,6 +429,7 @@ def _export(ctx: Context, d: Path, fmt: str, precs: list[str], v: Variant) -> No
     settings: dict = {"threads": ctx.req.threads, **(exporters.get(fmt).BASE_SETTINGS if v is BASE else {})}
     if _calibration(ctx, fmt, precs) is not None:
         settings["calibration_text"] = calibration_text(Path(ctx.req.docs), ctx.req.follow_links)
+        settings["calibration_tokens"] = ctx.req.calibration_tokens
     arts = exporters.get(fmt).export(_checkpoint(ctx, v), d, precs, settings)
     (d / "artifacts.json").write_text(json.dumps(
         [{"format": a.format, "precision": a.precision, "path": str(a.path.relative_to(d)), "files": list(a.files),
@@ -519,7 +580,7 @@ def _cheap_checks(req: BuildRequest, out: Path) -> dict:
         if req.adapter_mode != "merged":
             _check_separable(adapters[name], acfg, name, req.formats)
     n_params = source.param_count(model)
-    peaks, budget = stage_peaks(req.formats, n_params, config, docs=req.docs is not None), memory_budget(req)
+    peaks, budget = stage_peaks(req.formats, n_params, config, docs=_smokes(req)), memory_budget(req)
     preflight(req.formats, peaks, budget, calibration=req.docs is not None)
     weight_bytes = sum(v for k, v in model.files.items() if k.endswith(".safetensors"))
     copies = max(1, len(req.adapters))    # a merged checkpoint and an artifact set per adapter
@@ -539,6 +600,10 @@ def _check_adapter_mode(req: BuildRequest) -> None:
         raise UsageError(f"--adapter-mode {req.adapter_mode!r} is not one of {', '.join(ADAPTER_MODES)}")
     if req.adapter_mode == "merged":
         return
+    if req.auto:
+        raise UsageError(f"precision \"auto\" ({', '.join(req.auto)}) chooses per merged model, and --adapter-mode "
+                         f"{req.adapter_mode} shares one base artifact between adapters: name a precision for "
+                         f"{', '.join(req.auto)} with its precision flag, or build with --adapter-mode merged")
     if not req.adapters:
         raise UsageError(f"--adapter-mode {req.adapter_mode} keeps adapters separate from the base, and no --adapter "
                          f"was given: pass --adapter NAME=PATH")

@@ -116,7 +116,7 @@ class BundleWriter:
 # `golden`: the golden references it is validated against; `adapter_path`: the separate adapter's runtime files
 # that `ask` / `validate` apply to the artifact in `path` (None: merged, or no adapter).
 MANIFEST_ROW = ("format", "precision", "adapter", "path", "adapter_path", "golden", "label", "size_bytes", "passed",
-                "parity", "smoke", "failures", "runtime_settings")
+                "parity", "smoke", "failures", "runtime_settings", "meta")
 
 
 def assemble(work: Path, *, results: list, references: dict[str, Path], retriever: Path | None, report: dict,

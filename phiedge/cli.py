@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import logs
+from .calibration import DEFAULT_TOKENS as DEFAULT_CALIBRATION_TOKENS
 from .errors import ParityError, PhiedgeError
 
 log = logging.getLogger("phiedge")
@@ -57,14 +58,44 @@ class MemorySize(click.ParamType):
         return int(float(m.group(1)) * self.UNITS[m.group(2)])
 
 
+def _options(*opts):
+    """Apply several click options, in the order listed (shared by `build` and `sweep`)."""
+    def apply(f):
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return apply
+
+
+MODEL_OPTIONS = _options(
+    click.option("--model", default="microsoft/Phi-4-mini-instruct", show_default=True,
+                 help="Base model: a local Hugging Face directory or a Hub repo id."),
+    click.option("--revision", default=None, help="Hub commit, branch or tag of --model."),
+    click.option("--adapter", "adapters", multiple=True,
+                 help="PEFT LoRA adapter: a local directory or a Hub repo id, as NAME=PATH or PATH (named after its "
+                      "folder); repeat for several, each merged into its own artifacts (none: export the base)."),
+    click.option("--adapter-revision", default=None, help="Hub commit, branch or tag of --adapter (one adapter)."))
+RUN_OPTIONS = _options(
+    click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                 help="Stage cache (default $PHIEDGE_CACHE/stages or ~/.cache/phiedge/stages)."),
+    click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
+                 help="CPU threads for runtimes."),
+    click.option("--max-memory", type=MemorySize(), default=None,
+                 help="Memory the build's stages may hold at once, e.g. 10G or 60% (default: 80% of what is "
+                      "available); a stage estimated to need more is refused up front, stages run side by side "
+                      "within it."),
+    click.option("--jobs", type=click.IntRange(min=1), default=None,
+                 help="Stages at most side by side, each with --threads (default: CPUs // threads)."),
+    click.option("--follow-links", is_flag=True,
+                 help="Also read what symbolic links out of --docs point to (skipped and reported by default)."),
+    click.option("--calibration-tokens", type=click.IntRange(min=256), default=DEFAULT_CALIBRATION_TOKENS,
+                 show_default=True,
+                 help="Tokens of --docs that data-aware quantization reads (GGUF '-imat'), drawn across the "
+                      "documents (at Phi-4-mini size about 15 minutes of PyTorch on 2 cores for the default)."))
+
+
 @cli.command()
-@click.option("--model", default="microsoft/Phi-4-mini-instruct", show_default=True,
-              help="Base model: a local Hugging Face directory or a Hub repo id.")
-@click.option("--revision", default=None, help="Hub commit, branch or tag of --model.")
-@click.option("--adapter", "adapters", multiple=True,
-              help="PEFT LoRA adapter: a local directory or a Hub repo id, as NAME=PATH or PATH (named after its "
-                   "folder); repeat for several, each merged into its own artifacts (none: export the base).")
-@click.option("--adapter-revision", default=None, help="Hub commit, branch or tag of --adapter (one adapter).")
+@MODEL_OPTIONS
 @click.option("--adapter-mode", type=click.Choice(["merged", "separate", "both"]), default="merged", show_default=True,
               help="merged: each adapter merged into its own artifacts; separate: the base's artifacts once plus each "
                    "adapter as its runtime applies it (adapters/<name>/<format>/, on every format); both: both.")
@@ -83,25 +114,15 @@ class MemorySize(click.ParamType):
                    "to PyTorch's tokens.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output bundle directory.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out that is not a phiedge bundle.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Stage cache (default $PHIEDGE_CACHE/stages or ~/.cache/phiedge/stages).")
-@click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
-              help="CPU threads for runtimes.")
-@click.option("--max-memory", type=MemorySize(), default=None,
-              help="Memory the build's stages may hold at once, e.g. 10G or 60% (default: 80% of what is available); "
-                   "a stage estimated to need more is refused up front, stages run side by side within it.")
-@click.option("--jobs", type=click.IntRange(min=1), default=None,
-              help="Stages at most side by side, each with --threads (default: CPUs // threads).")
+@RUN_OPTIONS
 @click.option("--allow-noop-adapter", is_flag=True, help="Ship even if the adapter does not change the model's outputs.")
 @click.option("--verify-cache", is_flag=True,
               help="Re-hash every cached stage before using it (default: sizes and mtimes, re-hashing changed files).")
-@click.option("--follow-links", is_flag=True,
-              help="Also read what symbolic links out of --docs point to (skipped and reported by default).")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
               help="Ed25519 private key (`phiedge keygen`): sign the bundle's manifest.")
 def build(model, revision, adapters, adapter_revision, adapter_mode, target, formats, docs, smoke_question, smoke_needle,
           smoke_answer, out, force, cache_dir, threads, max_memory, jobs, allow_noop_adapter, verify_cache,
-          follow_links, sign_key, **precision_flags):
+          follow_links, calibration_tokens, sign_key, **precision_flags):
     """Merge, export, check parity in both LongRoPE regimes, smoke-test RAG, and write the bundle."""
     from .build import BuildRequest, build as run_build
     from .report import table
@@ -115,9 +136,55 @@ def build(model, revision, adapters, adapter_revision, adapter_mode, target, for
                                  target=profile.as_dict() if profile else None, docs=docs,
                                  smoke_question=smoke_question, smoke_needle=smoke_needle,
                                  smoke_answer=smoke_answer, cache_dir=cache_dir, verify_cache=verify_cache,
-                                 follow_links=follow_links, sign_key=sign_key, max_memory=max_memory, jobs=jobs))
+                                 follow_links=follow_links, sign_key=sign_key, max_memory=max_memory, jobs=jobs,
+                                 calibration_tokens=calibration_tokens,
+                                 auto={f: a for f, a in (profile.auto() if profile else {}).items()
+                                       if set(a[1]) <= set(plan.get(f, []))}))
     click.echo(table(rep))
     click.echo(f"built {out} (report: {out / 'report.html'})")
+
+
+@cli.command()
+@MODEL_OPTIONS
+@click.option("--docs", type=click.Path(path_type=Path), required=True,
+              help="Documents the data-aware candidates calibrate on (the bundle's own).")
+@click.option("--formats", "formats", multiple=True, required=True,
+              help="Formats to sweep, comma-separated or repeated.")
+@click.option("--candidates", "given", multiple=True,
+              help="FORMAT=P1,P2,... to sweep instead of the format's default candidates (repeat per format); the "
+                   "tool's own default 4-bit is always measured too.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for sweep.json and sweep.html.")
+@click.option("--force", is_flag=True, help="Write into a non-empty --out that holds no sweep.")
+@RUN_OPTIONS
+def sweep(model, revision, adapters, adapter_revision, docs, formats, given, out, force, cache_dir, threads,
+          max_memory, jobs, follow_links, calibration_tokens):
+    """Build and check each format's 4/5/8-bit candidates, measure KL, top-1 and size (also at Phi-4-mini's
+    proportions) against the tool's own default 4-bit, and write sweep.json and sweep.html with the Pareto front."""
+    from . import sweep as sweep_mod
+    from .build import BuildRequest
+    from .errors import UsageError
+    from .source import name_adapters
+    named = name_adapters(adapters)
+    if len(named) > 1:
+        raise UsageError("phiedge sweep measures one fine-tune at a time: pass one --adapter")
+    wanted: dict[str, list[str]] = {}
+    for g in given:
+        fmt, sep, precs = g.partition("=")
+        if not sep or not _split((precs,)):
+            raise UsageError(f"--candidates {g!r}: write FORMAT=P1,P2,... (e.g. gguf=Q4_K_M-imat,Q5_K_S-imat)")
+        wanted.setdefault(fmt.strip(), []).extend(_split((precs,)))
+    fmts = _split(formats)
+    stray = sorted(set(wanted) - set(fmts))
+    if stray:
+        raise UsageError(f"--candidates names {stray[0]}, which is not in --formats: add it to --formats")
+    sweep_mod.prepare(out, force)
+    req = BuildRequest(model=model, adapters=named, revision=revision, adapter_revision=adapter_revision,
+                       formats=sweep_mod.candidates(fmts, wanted), out=out, docs=docs, cache_dir=cache_dir,
+                       threads=threads, max_memory=max_memory, jobs=jobs, follow_links=follow_links,
+                       calibration_tokens=calibration_tokens)
+    result = sweep_mod.run(req, out)
+    click.echo(sweep_mod.table(result))
+    click.echo(f"wrote {out / 'sweep.json'} and {out / 'sweep.html'}")
 
 
 def _precision_flags(flags: dict) -> dict[str, tuple[list[str], dict[str, str]]]:

@@ -15,10 +15,22 @@ from pathlib import Path
 from .errors import TargetError, UsageError
 
 
+AUTO = "auto"      # a profile's precision chosen by measurement: phiedge.sweep.choose under max_size_gb
+
+
 @dataclass(frozen=True)
 class ArtifactSpec:
     format: str
     precision: str
+    max_size_gb: float | None = None              # precision "auto": the largest artifact it may ship
+    candidates: tuple[str, ...] = ()               # precision "auto": what it chooses from (default: a sweep's)
+
+    def choices(self) -> list[str]:
+        """The precisions this row builds: itself, or for "auto" its candidates (phiedge.sweep.candidates)."""
+        if self.precision != AUTO:
+            return [self.precision]
+        from .sweep import candidates
+        return candidates([self.format], {self.format: list(self.candidates)} if self.candidates else {})[self.format]
 
 
 @dataclass(frozen=True)
@@ -41,15 +53,22 @@ class Target:
     def plan(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for a in self.artifacts:
-            out.setdefault(a.format, []).append(a.precision)
+            out.setdefault(a.format, []).extend(p for p in a.choices() if p not in out.get(a.format, []))
         return out
+
+    def auto(self) -> dict[str, tuple[int, tuple[str, ...]]]:
+        """{format: (largest artifact in bytes, candidates)} of its "auto" rows."""
+        return {a.format: (int(a.max_size_gb * 1e9), tuple(a.choices())) for a in self.artifacts
+                if a.precision == AUTO}
 
     def threshold_overrides(self) -> dict[str, tuple]:
         return {p.upper(): (*v, None)[:3] for p, v in self.thresholds}
 
     def as_dict(self) -> dict:
         return {"name": self.name, "description": self.description,
-                "artifacts": [{"format": a.format, "precision": a.precision} for a in self.artifacts],
+                "artifacts": [{"format": a.format, "precision": a.precision,
+                               **({"max_size_gb": a.max_size_gb, "candidates": a.choices()}
+                                  if a.precision == AUTO else {})} for a in self.artifacts],
                 "runtime": {f.name: getattr(self.runtime, f.name) for f in fields(RuntimeSpec)},
                 "thresholds": {p: list(v) for p, v in self.thresholds}}
 
@@ -112,8 +131,22 @@ def parse(path: Path) -> Target:
     for i, a in enumerate(_typed(where, "artifacts", data["artifacts"], list)):
         w = f"{where} [[artifacts]] #{i + 1}"
         _typed(w, "artifact", a, dict)
-        _check_keys(w, a, {"format", "precision"}, {"format", "precision"})
-        arts.append(ArtifactSpec(_typed(w, "format", a["format"], str), _typed(w, "precision", a["precision"], str)))
+        _check_keys(w, a, {"format", "precision", "max_size_gb", "candidates"}, {"format", "precision"})
+        fmt, prec = _typed(w, "format", a["format"], str), _typed(w, "precision", a["precision"], str)
+        if prec == AUTO:
+            size = a.get("max_size_gb")
+            if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
+                raise TargetError(f"{w}: precision \"auto\" needs max_size_gb, the largest artifact it may ship in "
+                                  f"GB (e.g. max_size_gb = 2.8)")
+            cands = tuple(_typed(w, "candidates", a.get("candidates", []), list))
+            if any(c == AUTO or not isinstance(c, str) for c in cands):
+                raise TargetError(f"{w}: candidates must be precision names, got {list(cands)!r}")
+            arts.append(ArtifactSpec(fmt, prec, float(size), cands))
+        elif "max_size_gb" in a or "candidates" in a:
+            raise TargetError(f"{w}: max_size_gb and candidates belong to precision \"auto\" (this row names "
+                              f"'{prec}'): drop them, or set precision = \"auto\"")
+        else:
+            arts.append(ArtifactSpec(fmt, prec))
     if not arts:
         raise TargetError(f"{where}: no [[artifacts]]: name at least one format and precision")
     rt = data.get("runtime", {})

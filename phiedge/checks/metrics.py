@@ -31,7 +31,9 @@ THRESHOLDS: dict[str, tuple[float, float, float | None]] = {
     "8BIT":   (0.90, 2e-2, None),
     "Q6_K":   (0.88, 4e-2, None),
     "Q5_K_M": (0.85, 6e-2, None),
+    "Q5_K_S": (0.85, 6e-2, None),
     "Q4_K_M": (0.75, 0.25, None),   # 4-bit: FIELD-NOTES measured mean KL 0.29-0.41 on a 135M model at
+    "Q4_K_S": (0.75, 0.25, None),
     "Q4_0":   (0.70, 0.35, None),   # default 4-bit settings; top-1 67-73 %. Larger models lose less.
     "INT4":   (0.70, 0.35, None),
     "4BIT":   (0.70, 0.35, None),

@@ -124,20 +124,9 @@ def choose_group_size(requested: int, widths: list[int]) -> int:
 
 def calibration_samples(merged: Path, texts: list[str], seq_len: int, n_samples: int) -> list[dict]:
     """Token windows of `seq_len` from the documents, round-robin across documents, as stateful-IR inputs."""
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(merged / "tokenizer.json"))
-    windows: list[list[list[int]]] = []
-    for t in texts:
-        ids = tok.encode(t, add_special_tokens=False).ids
-        doc = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
-        windows.append([w for w in doc if len(w) >= min(16, seq_len)])
-    picked: list[list[int]] = []
-    depth = 0
-    while len(picked) < n_samples and any(depth < len(w) for w in windows):
-        picked += [w[depth] for w in windows if depth < len(w)]
-        depth += 1
+    from phiedge.calibration import sample
     from phiedge.runtimes.openvino import prefill_inputs
-    return [prefill_inputs(w) for w in picked[:n_samples]]
+    return [prefill_inputs(list(w)) for w in sample(merged, texts, seq_len, seq_len * n_samples).windows[:n_samples]]
 
 
 def compress_nncf(model, plan: dict, merged: Path, texts: list[str]) -> dict:

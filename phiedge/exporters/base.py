@@ -115,6 +115,23 @@ class Exporter:
     def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
         raise NotImplementedError
 
+    # The tool's own default 4-bit, as phiedge names it (what `phiedge sweep` measures every variant against), and
+    # the variants a sweep builds by default: 4-, 5- and 8-bit, data-free and data-aware.
+    TOOL_4BIT: ClassVar[str]
+    SWEEP: ClassVar[tuple[str, ...]] = ()
+
+    def tensors(self, art: Artifact) -> list[tuple[str, int]]:
+        """(tensor name, bytes stored) of every weight in the artifact, read from its files' headers."""
+        raise NotImplementedError
+
+    def weight_bytes(self, art: Artifact) -> dict[str, int]:
+        """The artifact's weight bytes as {"embedding": token embedding and LM head, "other": the rest}
+        (phiedge.sweep projects sizes to Phi-4-mini's proportions with it)."""
+        out = {"embedding": 0, "other": 0}
+        for name, n in self.tensors(art):
+            out["embedding" if any(k in name for k in EMBEDDING_NAMES) else "other"] += n
+        return out
+
     def finish(self, tmp: Path, dest: Path, precision: str, required: tuple[str, ...], meta: dict,
                what: str) -> Artifact:
         """The one way an artifact folder is completed: every required file is there, `tmp` becomes `dest`
@@ -132,6 +149,8 @@ class Exporter:
         return art
 
 
+# Tensor names of the token embedding and the LM head in the formats' own naming (HF, llama.cpp).
+EMBEDDING_NAMES = ("embed_tokens", "lm_head", "token_embd.", "output.weight")
 TOOL_BYTES = 300 * 2**20        # a tool's Python process with torch / its runtime imported, before any model
 
 

@@ -20,9 +20,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from ..calibration import DEFAULT_TOKENS
 from ..errors import ToolchainError
 from ..source import checkpoint_dtype
-from .base import Artifact, Exporter, register, run_tool
+from .base import TOOL_BYTES, Artifact, Exporter, register, run_tool
 from .grammar import Grammar
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,20 @@ PRECISION_PLAN = {
     "Q8_0": ("q8_0", None),
     "Q6_K": (None, 18),
     "Q5_K_M": (None, 17),
+    "Q5_K_S": (None, 16),
     "Q4_K_M": (None, 15),
+    "Q4_K_S": (None, 14),
     "Q4_0": (None, 2),
 }
+# Option tokens of the quantizer's levels (`Q4_K_M-imat-emb8`): `imat` quantizes with an importance matrix from
+# the --docs documents (phiedge.exporters._llama_imatrix), `emb8` / `emb6` set the output tensor's type (the
+# embedding's too when it is tied, as in Phi-4-mini and SmolLM2) to Q8_0 / Q6_K; without one llama.cpp chooses
+# (Q6_K at Q4_K_M / Q5_K_M where the width is a multiple of 256, else Q8_0).
+QUANT_TOKENS = {"imat": ("imatrix", True), "emb8": ("output", 8), "emb6": ("output", 14)}   # ggml_type ids
+IMATRIX_SEQ_LEN = 512           # llama-imatrix's default chunk
+# The importance matrix's PyTorch pass: the fp32-arithmetic forward the smoke reference also runs (9.9 GB at full
+# size), over the calibration sample in windows of IMATRIX_SEQ_LEN.
+IMATRIX_PEAK_PER_PARAM = 2.6
 # The converter's outtype for the quantizer's source, by the checkpoint's stored dtype (others: f16).
 SOURCE_TYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py")
@@ -132,21 +144,47 @@ def converter_dir() -> Path:
 @register
 class GGUFExporter(Exporter):
     name = "gguf"
-    GRAMMAR = Grammar("gguf", bases=tuple(PRECISION_PLAN), takes_options="GGUF levels take no options")
+    GRAMMAR = Grammar("gguf", bases=tuple(PRECISION_PLAN), tokens=QUANT_TOKENS, order=("imatrix", "output"),
+                      option_bases=frozenset(p for p, (outtype, _) in PRECISION_PLAN.items() if outtype is None),
+                      takes_options="only the quantizer's levels (Q6_K ... Q4_0) take options",
+                      options_hint="the quantizer's levels take options, e.g. Q4_K_M-imat-emb8")
     DEFAULT_PRECISION = "Q4_K_M"
+    TOOL_4BIT = "Q4_K_M"
+    SWEEP = ("Q4_K_M", "Q4_K_M-imat", "Q4_K_M-imat-emb8", "Q4_K_S-imat", "Q5_K_S-imat", "Q5_K_M-imat", "Q6_K-imat",
+             "Q8_0")
     CLI_FLAG = "--gguf-quant"
     CLI_HELP = "GGUF levels, e.g. F16,Q8_0,Q4_K_M"
     ADAPTER_RUNTIME = "llama.cpp"
     TOOL_MODULES = ("phiedge.exporters._llama_convert", "phiedge.exporters._llama_quantize",
+                    "phiedge.exporters._llama_imatrix", "phiedge.calibration",
                     "phiedge.exporters._llama_lora", "phiedge.adapters")
     # At 3.84 B, Q4_K_M, one tool at a time (max RSS of the largest child): from a bf16 conversion 5.29 GB in
     # 228 s; from f16 4.29 GB / 217 s, from f32 4.29 GB / 207 s (and a 15.3 GB intermediate on disk).
     PEAK_BYTES_PER_PARAM = 1.4
     BYTES_PER_PARAM = {"F32": 4.0, "F16": 2.0, "BF16": 2.0, "Q8_0": 1.07, "Q6_K": 0.83, "Q5_K_M": 0.72,
-                       "Q4_K_M": 0.62, "Q4_0": 0.57}
+                       "Q5_K_S": 0.70, "Q4_K_M": 0.62, "Q4_K_S": 0.59, "Q4_0": 0.57}
 
     def toolchain(self) -> dict[str, str]:
         return {"llama-cpp-python": llama_cpp_version()}
+
+    def tensors(self, art: Artifact) -> list[tuple[str, int]]:
+        sys.path[:0] = [str(converter_dir() / "gguf-py")]
+        try:
+            import gguf
+            return [(t.name, int(t.n_bytes)) for t in gguf.GGUFReader(art.path / "model.gguf").tensors]
+        finally:
+            del sys.path[0]
+
+    def calibrates(self, precisions: list[str]) -> bool:
+        return any(self.parse(p).value("imatrix") for p in precisions)
+
+    def _needs(self, precisions: list[str], calibration: bool, settings: dict) -> list[str]:
+        return [f"gguf {p}: the importance matrix is computed on the documents: pass --docs (or drop '-imat')"
+                for p in precisions if not calibration and self.parse(p).value("imatrix")]
+
+    def peak_bytes(self, n_params: int, precision: str) -> int:
+        per_param = IMATRIX_PEAK_PER_PARAM if self.parse(precision).value("imatrix") else self.PEAK_BYTES_PER_PARAM
+        return int(per_param * n_params) + TOOL_BYTES
 
     def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
         precisions = self.check_precisions(precisions)
@@ -160,24 +198,32 @@ class GGUFExporter(Exporter):
         # f32 intermediate of Phi-4-mini is 15.3 GB, twice the bf16 one's 7.7 GB).
         base_type = SOURCE_TYPES.get(checkpoint_dtype(merged_dir), "f16")
         converted: dict[str, Path] = {}
+        imatrix: dict = {}
         artifacts = []
-        for prec in precisions:
-            outtype, ftype = PRECISION_PLAN[prec]
+        for name in precisions:
+            prec = self.parse(name)
+            outtype, ftype = PRECISION_PLAN[prec.base]
             if outtype is None:
                 outtype = base_type
             if outtype not in converted:
                 converted[outtype] = self._convert(conv, merged_dir, work / f"model-{outtype}.gguf", outtype,
                                                    vocab, pre)
-            tmp = out_dir / f"{prec}.partial"
+            meta = {"vocab": vocab, "pre_tokenizer": pre, "converted_as": outtype,
+                    "llama_cpp_python": llama_cpp_version()}
+            if prec.value("imatrix") and not imatrix:
+                imatrix = self._imatrix(conv, merged_dir, converted[outtype], work / "imatrix.gguf", settings)
+            tmp = out_dir / f"{name}.partial"
             tmp.mkdir(parents=True, exist_ok=True)
             if ftype is None:
                 shutil.copyfile(converted[outtype], tmp / "model.gguf")
             else:
-                self._quantize(converted[outtype], tmp / "model.gguf", ftype,
-                               int(settings.get("threads", os.cpu_count() or 1)))
-            artifacts.append(self.finish(tmp, out_dir / prec, prec, ("model.gguf",),
-                                         {"vocab": vocab, "pre_tokenizer": pre, "converted_as": outtype,
-                                          "llama_cpp_python": llama_cpp_version()}, f"llama.cpp ({prec})"))
+                self._quantize(conv, converted[outtype], tmp / "model.gguf", ftype,
+                               int(settings.get("threads", os.cpu_count() or 1)),
+                               imatrix.get("file") if prec.value("imatrix") else None, prec.value("output"))
+                meta["output_type"] = {8: "Q8_0", 14: "Q6_K"}.get(prec.value("output"), "llama.cpp's choice")
+                if prec.value("imatrix"):
+                    meta["imatrix"] = imatrix["record"]
+            artifacts.append(self.finish(tmp, out_dir / name, name, ("model.gguf",), meta, f"llama.cpp ({name})"))
         shutil.rmtree(work, ignore_errors=True)
         return artifacts
 
@@ -210,6 +256,25 @@ class GGUFExporter(Exporter):
         return out
 
     @staticmethod
-    def _quantize(src: Path, dest: Path, ftype: int, threads: int) -> None:
+    def _imatrix(conv: Path, merged_dir: Path, converted: Path, out: Path, settings: dict) -> dict:
+        """llama.cpp's importance matrix of the checkpoint over the calibration sample of the documents."""
+        texts = [t for t in (settings.get("calibration_text") or []) if t and t.strip()]
+        budget = int(settings.get("calibration_tokens") or DEFAULT_TOKENS)
+        job = out.with_suffix(".job.json")
+        job.write_text(json.dumps({"model": str(merged_dir), "gguf": str(converted), "out": str(out), "texts": texts,
+                                   "seq_len": IMATRIX_SEQ_LEN, "budget": budget}))
+        ran = run_tool([sys.executable, "-m", "phiedge.exporters._llama_imatrix", str(conv), str(job)],
+                       "importance matrix (PyTorch)")
+        record = {**json.loads(out.with_suffix(".json").read_text()), "budget": budget,
+                  "peak_rss_mb": ran["peak_rss_mb"]}
+        log.info("gguf: importance matrix over %d tokens (%d windows) in %.0f s, calibration sha256 %s",
+                 record["tokens"], record["windows"], record["seconds"], record["sha256"][:12])
+        return {"file": out, "record": record}
+
+    @staticmethod
+    def _quantize(conv: Path, src: Path, dest: Path, ftype: int, threads: int, imatrix: Path | None,
+                  output_type: int | None) -> None:
+        extra = ["--imatrix", str(imatrix), "--llama-dir", str(conv)] if imatrix else []
+        extra += ["--output-type", str(output_type)] if output_type is not None else []
         run_tool([sys.executable, "-m", "phiedge.exporters._llama_quantize", str(src), str(dest), str(ftype),
-              str(threads)], f"llama.cpp quantize (ftype {ftype})")
+                  str(threads), *extra], f"llama.cpp quantize (ftype {ftype})")

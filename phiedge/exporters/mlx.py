@@ -111,6 +111,8 @@ class MLXExporter(Exporter):
     name = "mlx"
     GRAMMAR = GRAMMAR
     DEFAULT_PRECISION = "4bit"
+    TOOL_4BIT = "4bit-emb4"          # `mlx_lm.convert -q`: 4 bits, group 64, the embedding at 4 bits too
+    SWEEP = ("4bit-emb4", "4bit", "4bit-g32-emb4", "4bit-g32", "mixed_4_6-emb4", "mixed_4_6", "8bit")
     CLI_FLAG = "--mlx-quant"
     CLI_HELP = ("MLX precisions: fp32, fp16, bf16, 8bit, 4bit, mixed_4_6, quantized ones with options such as "
                 "4bit-g32 or 4bit-emb4 (4bit: 4-bit layers, 8-bit tied embedding)")
@@ -118,6 +120,11 @@ class MLXExporter(Exporter):
                                                      "Group size for every quantized MLX precision that names none "
                                                      "(default 64).")}
     TOOL_MODULES = ("phiedge.exporters._mlx_convert",)
+
+    def tensors(self, art: Artifact) -> list[tuple[str, int]]:
+        from ..source import safetensors_header
+        return [(n, t["data_offsets"][1] - t["data_offsets"][0]) for f in sorted(art.path.glob("*.safetensors"))
+                for n, t in safetensors_header(f).items()]
     # 4bit: 4.5 bits per layer weight (fp16 scale + bias per 64) plus the 8-bit embedding.
     PEAK_BYTES_PER_PARAM = 1.1          # mlx_lm.convert 4-bit: 4.1 GB at 3.84 B (FIELD-NOTES)
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "8bit": 1.07, "4bit": 0.66, "mixed_4_6": 0.72}

@@ -132,6 +132,16 @@ class ONNXExporter(Exporter):
     # whole-graph pass: 23.6 GB).
     PEAK_BYTES_PER_PARAM = 1.2
 
+    TOOL_4BIT = "int4"
+    SWEEP = ("int4", "int4-k_quant", "int4-k_quant-head8", "int4-k_quant-mixed8", "int4-b16-k_quant-head8",
+             "int4-b64-k_quant-mixed8")
+
+    def tensors(self, art: Artifact) -> list[tuple[str, int]]:
+        import onnx
+        graph = onnx.load(str(art.path / "model.onnx"), load_external_data=False).graph
+        return [(t.name, int(next((e.value for e in t.external_data if e.key == "length"), 0)) or len(t.raw_data))
+                for t in graph.initializer]
+
     def check_precisions(self, precisions: list[str], execution_provider: str = DEFAULT_EXECUTION_PROVIDER
                          ) -> list[str]:
         names = self.GRAMMAR.canonical(precisions)

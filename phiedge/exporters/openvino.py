@@ -128,6 +128,8 @@ class OpenVINOExporter(Exporter):
     name = "openvino"
     GRAMMAR = GRAMMAR
     DEFAULT_PRECISION = "int4"
+    TOOL_4BIT = "int4-g64-rtn"       # optimum-cli's --weight-format int4 without a dataset, at its group size 64
+    SWEEP = ("int4-g64-rtn", "int4", "int4-g64", "int4-g32", "int4-awq", "int4-g64-awq", "int4-g64-r80", "int8")
     CLI_FLAG = "--ov-weights"
     CLI_HELP = ("OpenVINO weights: fp32, fp16, int8, int4 or int4-<options> such as int4-g64-sym-r80-awq-se "
                 "(-awq / -se calibrate on the --docs documents)")
@@ -168,6 +170,16 @@ class OpenVINOExporter(Exporter):
 
     def calibrates(self, precisions: list[str]) -> bool:
         return any(calibrated(job_plan(self.parse(p))) for p in precisions)
+
+    def tensors(self, art: Artifact) -> list[tuple[str, int]]:
+        """Every constant of the IR (its XML's Const layers), each stored range counted once."""
+        import xml.etree.ElementTree as ET
+        seen: dict[tuple[int, int], str] = {}
+        for layer in ET.parse(art.path / "openvino_model.xml").getroot().iter("layer"):
+            data = layer.find("data")
+            if layer.get("type") == "Const" and data is not None and data.get("size"):
+                seen.setdefault((int(data.get("offset", 0)), int(data.get("size"))), layer.get("name", ""))
+        return [(name, size) for (_, size), name in seen.items()]
 
     def _needs(self, precisions: list[str], calibration: bool, settings: dict) -> list[str]:
         return [f"openvino {p}: data-aware AWQ / scale estimation need calibration text: pass --docs (the build's "

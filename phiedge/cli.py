@@ -91,7 +91,7 @@ RUN_OPTIONS = _options(
     click.option("--calibration-tokens", type=click.IntRange(min=256), default=DEFAULT_CALIBRATION_TOKENS,
                  show_default=True,
                  help="Tokens of --docs that data-aware quantization reads (GGUF '-imat'), drawn across the "
-                      "documents (at Phi-4-mini size about 15 minutes of PyTorch on 2 cores for the default)."))
+                      "documents (at Phi-4-mini size about 10 minutes of PyTorch on 2 cores for the default)."))
 
 
 @cli.command()

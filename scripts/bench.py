@@ -3,7 +3,7 @@
 
     python scripts/bench.py [--quick] [--out bench/results.json] [--work DIR] [--skip alternatives,inference]
 
-1. Build: `phiedge build` of every format at int4 / Q4_K_M (the `all` profile's 4-bit row) with the seed documents,
+1. Build: `phiedge build` of every format at the `all` profile's 4-bit row (Q5_K_S, int4 variants, 4bit) with the seed documents,
    (the precisions of targets/all.toml), in a child process, cold (fresh stage cache): wall time and peak RSS of the whole process tree per stage (the
    build records both in report.json) and overall, and artifact sizes. The parity gate is recorded, not required:
    on random full-size weights next-token logits are near-uniform, so 4-bit top-1 agreement means nothing there.

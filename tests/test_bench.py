@@ -35,7 +35,7 @@ def test_build_stages_are_timed_and_measured(results):
     b = results["build"]
     names = [s["stage"] for s in b["stages"]]
     for stage in ("resolve", "merge", "retriever", "smoke reference", "export gguf", "export onnx",
-                  "export openvino", "export mlx (unchecked)", "check gguf Q4_K_M", "bundle"):
+                  "export openvino", "export mlx (unchecked)", "check gguf Q5_K_S", "bundle"):
         assert stage in names, names
     assert b["unchecked"] == ["mlx"]
     measured = [s for s in b["stages"] if s["stage"] != "process start"]

@@ -72,9 +72,9 @@ def test_a_precision_flag_with_a_target_replaces_that_format_or_is_refused():
     from phiedge.errors import UsageError
     from phiedge.targets import resolve_plan
     plan, profile = resolve_plan("generic-cpu", [], {"gguf": (["Q8_0", "F16"], {})})
-    assert plan == {"gguf": ["Q8_0", "F16"], "onnx": ["int4-k_quant-mixed8"]} and profile.name == "generic-cpu"
+    assert plan == {"gguf": ["Q8_0", "F16"], "onnx": ["int4-b128-k_quant-head8"]} and profile.name == "generic-cpu"
     plan, _ = resolve_plan("all", ["gguf"], {})
-    assert plan == {"gguf": ["F16", "Q4_K_M"]}
+    assert plan == {"gguf": ["F16", "Q5_K_S"]}
     with pytest.raises(UsageError, match="--ov-weights does not apply: target 'generic-cpu' builds no openvino"):
         resolve_plan("generic-cpu", [], {"openvino": (["int8"], {})})
     with pytest.raises(UsageError, match="--onnx-precision does not apply: target 'all' builds no onnx artifact here"):

@@ -179,8 +179,11 @@ class GGUFExporter(Exporter):
         return any(self.parse(p).value("imatrix") for p in precisions)
 
     def _needs(self, precisions: list[str], calibration: bool, settings: dict) -> list[str]:
-        return [f"gguf {p}: the importance matrix is computed on the documents: pass --docs (or drop '-imat')"
-                for p in precisions if not calibration and self.parse(p).value("imatrix")]
+        def plain(p):
+            prec = self.parse(p)
+            return "-".join([prec.base, *(t for g, t in prec.given if g != "imatrix")])
+        return [f"gguf {p}: the importance matrix is computed on the documents: pass --docs, or build {plain(p)} "
+                f"(--gguf-quant {plain(p)})" for p in precisions if not calibration and self.parse(p).value("imatrix")]
 
     def peak_bytes(self, n_params: int, precision: str) -> int:
         per_param = IMATRIX_PEAK_PER_PARAM if self.parse(precision).value("imatrix") else self.PEAK_BYTES_PER_PARAM

@@ -26,9 +26,10 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from ..calibration import DEFAULT_TOKENS
 from ..errors import ToolchainError, UnsupportedAdapterError
 from ..source import config_dtype
-from .base import Artifact, CliModifier, Exporter, register, run_tool
+from .base import TOOL_BYTES, Artifact, CliModifier, Exporter, register, run_tool
 from .grammar import Grammar, Precision
 
 log = logging.getLogger(__name__)
@@ -51,17 +52,25 @@ TOKENS: dict[str, tuple[str, int]] = {
     "emb4": ("embed", 4),      # the tied embedding / LM head at 4 bits (mlx-lm's plain -q)
     "emb8": ("embed", 8),      # at 8 bits (phiedge's default: about a third of the KL of emb4)
     "embfp": ("embed", 0),     # unquantized, in the checkpoint's float dtype
+    "gptq": ("algo", 1),       # mlx-lm's GPTQ on the --docs documents' calibration sample (phiedge.calibration)
 }
 NOT_OFFERED = "no parity gate is measured for it on a real model yet"
 GRAMMAR = Grammar(
     "mlx", bases=tuple(BASES), option_bases=frozenset(b for b, (_, bits, _) in BASES.items() if bits),
-    tokens=TOKENS, defaults={"group": "g64", "embed": "emb8"}, order=("group", "embed"),
+    tokens=TOKENS, defaults={"group": "g64", "embed": "emb8"}, order=("group", "embed", "algo"),
+    refused=((frozenset({"gptq", "embfp"}), None, "mlx-lm's GPTQ quantizes the embedding too: drop 'embfp'"),),
     refused_bases={b: NOT_OFFERED for b in ("mixed_3_4", "mixed_3_6", "mixed_2_6", "2bit", "3bit", "5bit", "6bit")},
     takes_options="only quantized precisions take options",
     options_hint="quantized ones take options, e.g. 4bit-g32-emb4")
 ARTIFACT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")     # what mlx_lm.load(..., adapter_path=) reads
 LAYER_MODULE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+# mlx-lm's GPTQ: windows of this many tokens; its Hessians of every layer are held at once (fp32, in x in per
+# linear: 12.2 GB at Phi-4-mini's widths), beside the model.
+GPTQ_SEQ_LEN = 512
+GPTQ_PEAK_PER_PARAM = 5.3
 
 
 def convert_args(p: Precision) -> list[str]:
@@ -73,6 +82,17 @@ def convert_args(p: Precision) -> list[str]:
         if recipe:
             out += ["--recipe", recipe]
     return out
+
+
+def gptq(p: Precision) -> bool:
+    return bool(p.value("algo"))
+
+
+def _pop_json(path: Path) -> dict:
+    """A record the converter left in the artifact folder, read and removed (it does not ship)."""
+    data = json.loads(path.read_text())
+    path.unlink()
+    return data
 
 
 def published_layout(config: dict) -> dict:
@@ -119,7 +139,7 @@ class MLXExporter(Exporter):
     CLI_MODIFIERS = {"--mlx-group-size": CliModifier("group", "g{}", ("32", "64", "128"),
                                                      "Group size for every quantized MLX precision that names none "
                                                      "(default 64).")}
-    TOOL_MODULES = ("phiedge.exporters._mlx_convert",)
+    TOOL_MODULES = ("phiedge.exporters._mlx_convert", "phiedge.calibration")
 
     def tensors(self, art: Artifact) -> list[tuple[str, int]]:
         from ..source import safetensors_header
@@ -173,15 +193,35 @@ class MLXExporter(Exporter):
         (out_dir / "adapters.safetensors.partial").rename(out_dir / "adapters.safetensors")
         return ADAPTER_FILES
 
+    def calibrates(self, precisions: list[str]) -> bool:
+        return any(gptq(self.parse(p)) for p in precisions)
+
+    def _needs(self, precisions: list[str], calibration: bool, settings: dict) -> list[str]:
+        out = [f"mlx {p}: GPTQ calibrates on the documents: pass --docs (or drop '-gptq')"
+               for p in precisions if not calibration and gptq(self.parse(p))]
+        return out + [f"mlx {p}: mlx-lm's GPTQ takes 2, 4 or 8 bits and no mixed recipe: use 4bit-gptq or 8bit-gptq"
+                      for p in precisions if gptq(self.parse(p)) and (BASES[self.parse(p).base][2]
+                                                                       or BASES[self.parse(p).base][1] not in (4, 8))]
+
+    def peak_bytes(self, n_params: int, precision: str) -> int:
+        per_param = GPTQ_PEAK_PER_PARAM if gptq(self.parse(precision)) else self.PEAK_BYTES_PER_PARAM
+        return int(per_param * n_params) + TOOL_BYTES
+
     def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:
         plans = [self.parse(p) for p in self.check_precisions(precisions)]
         version = converter_version()
-        return [self._convert(merged_dir, out_dir, plan, version) for plan in plans]
+        return [self._convert(merged_dir, out_dir, plan, version, settings) for plan in plans]
 
-    def _convert(self, merged_dir: Path, out_dir: Path, plan: Precision, version: str) -> Artifact:
+    def _convert(self, merged_dir: Path, out_dir: Path, plan: Precision, version: str, settings: dict) -> Artifact:
         dest, tmp = out_dir / plan.name, out_dir / f"{plan.name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)          # mlx-lm refuses an existing output path
         args = convert_args(plan)
+        if gptq(plan):
+            job = out_dir / f"{plan.name}.gptq.json"
+            job.write_text(json.dumps({"texts": [t for t in settings.get("calibration_text") or [] if t.strip()],
+                                       "seq_len": GPTQ_SEQ_LEN,
+                                       "budget": int(settings.get("calibration_tokens") or DEFAULT_TOKENS)}))
+            args += ["--gptq", str(job)]
         cmd = [sys.executable, "-m", "phiedge.exporters._mlx_convert", str(merged_dir), str(tmp), *args]
         log.info("mlx %s: mlx-lm %s convert (%s)", plan.name, version, " ".join(args) or "checkpoint dtype")
         cost = run_tool(cmd, f"mlx-lm convert ({plan.name})")
@@ -193,5 +233,6 @@ class MLXExporter(Exporter):
         meta = {"mlx_lm": version, "mlx": metadata.version("mlx"),
                 "dtype": dtype or (config_dtype(config) if config else None),
                 "quantization": config.get("quantization"), "recipe": recipe, "embedding_bits": plan.value("embed"),
+                **({"gptq": _pop_json(tmp / "phiedge_gptq.json")} if gptq(plan) else {}),
                 "export_seconds": cost["seconds"], "export_peak_rss_mb": cost["peak_rss_mb"]}
         return self.finish(tmp, dest, plan.name, ARTIFACT_FILES, meta, f"mlx-lm convert ({plan.name})")

@@ -133,8 +133,8 @@ class ONNXExporter(Exporter):
     PEAK_BYTES_PER_PARAM = 1.2
 
     TOOL_4BIT = "int4"
-    SWEEP = ("int4", "int4-k_quant", "int4-k_quant-head8", "int4-k_quant-mixed8", "int4-b16-k_quant-head8",
-             "int4-b64-k_quant-mixed8")
+    # (block 64 with k_quant fails in the builder on SmolLM2's widths: "cannot reshape array of size 1296")
+    SWEEP = ("int4", "int4-k_quant", "int4-k_quant-head8", "int4-k_quant-mixed8", "int4-b16-k_quant-head8")
 
     def tensors(self, art: Artifact) -> list[tuple[str, int]]:
         import onnx

@@ -47,6 +47,9 @@ INT4_TOKENS: dict[str, tuple[str, dict]] = {
     "awq": ("awq", {"data": "explicit"}),          # AWQ's scales searched on the documents' activations: needs --docs
     "se": ("se", {"data": "explicit", "scale_estimation": True}),  # + scale estimation (with AWQ): needs --docs
     "rtn": ("awq", {"awq": False}),                # round to nearest: no AWQ at all
+    # NNCF keeps the embedding and the last layer (the tied LM head) in int8 by default ("backup" precision);
+    # emb4 compresses them to int4 too (its `all_layers`): 16 % of Phi-4-mini's parameters at half the bits
+    "emb4": ("embed", {"all_layers": True}),
 }
 # int4's default is data-free AWQ: chosen on SmolLM2-135M + the demo LoRA (int4 g64, mean KL against PyTorch fp32 on
 # four held-out texts / NNCF's compression time) and on the 3.84 B bench model (g128, the compression alone; its
@@ -62,7 +65,7 @@ INT4_TOKENS: dict[str, tuple[str, dict]] = {
 # tokens, scale estimation over 8 of them, AWQ's grid in 20 steps instead of NNCF's 100 (0.157 against NNCF's
 # defaults' 0.187 on other held-out text, 38 s against 83 s).
 INT4_BASE = {"data": "none", "awq": True, "scale_estimation": False, "seq_len": 128, "num_samples": 12,
-             "awq_steps": 20, "se_subset": 8}
+             "awq_steps": 20, "se_subset": 8, "all_layers": False}
 
 
 def _ratio(m) -> dict:
@@ -75,7 +78,8 @@ def _ratio(m) -> dict:
 GRAMMAR = Grammar(
     "openvino", bases=BASE_PRECISIONS, option_bases=frozenset({"int4"}), tokens=INT4_TOKENS,
     patterns=(Pattern(r"r(\d{1,3})", "ratio", _ratio, "r<percent>"),),   # r80: 80 % in int4, the rest int8
-    defaults={"group": "g128", "symmetry": "asym", "ratio": "r100"}, order=("group", "symmetry", "ratio", "awq", "se"),
+    defaults={"group": "g128", "symmetry": "asym", "ratio": "r100"},
+    order=("group", "symmetry", "ratio", "embed", "awq", "se"),
     refused=((frozenset({"rtn", "se"}), None, "'rtn' is data-free, 'se' needs data: keep one"),),
     noun="weight format", option_noun="int4 option", takes_options="only int4 takes options",
     options_hint="int4 takes options, e.g. int4-g64-sym-r80-awq")

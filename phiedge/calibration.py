@@ -42,6 +42,7 @@ def sample(model_dir: Path, texts: list[str], seq_len: int, budget: int) -> Samp
     round-robin across the documents."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    seq_len = max(1, min(seq_len, budget))         # a budget below one window is one shorter window
     per_doc: list[list[list[int]]] = []
     for t in texts:
         if not t or not t.strip():

@@ -54,6 +54,8 @@ def test_the_calibration_sample_takes_every_document_within_its_budget(tiny):
     again = calibration.sample(tiny / "model", list(texts), 64, 512)
     assert again.sha256 == s.sha256 and again.record() == s.record()
     assert calibration.sample(tiny / "model", texts, 64, 2048).tokens > s.tokens
+    small = calibration.sample(tiny / "model", texts, seq_len=512, budget=256)     # under one window: one of 256
+    assert small.seq_len == 256 and small.tokens == 256 and len(small.windows) == 1
 
 
 def _sweep_export(root):

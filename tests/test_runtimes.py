@@ -224,7 +224,9 @@ def test_device_path_imports_no_torch(session, fmt):
 # (format, precision spec, the part of the refusal that names the problem) -- why each is here:
 REFUSED = [
     ("gguf", "Q3_XS", "no precision 'Q3_XS': known are F32"),                   # a level llama.cpp's quantizer lacks here
-    ("gguf", "Q4_K_M-g32", "GGUF levels take no options"),                      # options on a format without any
+    ("gguf", "F16-imat", "only the quantizer's levels (Q6_K ... Q4_0) take options"),   # the converter's types
+    ("gguf", "Q4_K_M-g32", "unknown option 'g32': known are imat, emb8, emb6"),  # an option llama.cpp's levels lack
+    ("mlx", "4bit-embfp-gptq", "mlx-lm's GPTQ quantizes the embedding too: drop 'embfp'"),
     ("onnx", "int3", "no precision 'int3': known are fp32, fp16, int4"),        # unknown base precision
     ("onnx", "int4-b48", "unknown int4 option 'b48': known are b16"),           # block size the builder lacks
     ("onnx", "fp32-b64", "only int4 takes options"),                            # options on a float precision

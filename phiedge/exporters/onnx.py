@@ -194,7 +194,14 @@ class ONNXExporter(Exporter):
                "-p", plan.base, "-e", ep, "-c", str(out_dir / ".work"), "--extra_options", "hf_token=false",
                *options]
         log.info("onnx %s: onnxruntime-genai %s builder (%s)", plan.name, version, " ".join(options) or "defaults")
-        cost = run_tool(cmd, f"onnxruntime-genai model builder ({plan.name}, {ep})")
+        try:
+            cost = run_tool(cmd, f"onnxruntime-genai model builder ({plan.name}, {ep})")
+        except ToolchainError as e:
+            if "cannot reshape array" in str(e) and "algo_config=k_quant" in options:
+                raise ToolchainError(f"onnx {plan.name}: the builder's k_quant cannot quantize this model's layer "
+                                     f"widths in these blocks ({str(e).split(': ', 1)[-1]}); its blocks of 32 can: "
+                                     f"drop the block option (e.g. int4-k_quant-head8)") from None
+            raise
         meta = {"onnxruntime_genai": version, "execution_provider": ep, "builder_options": list(options),
                 "shared_embeddings": _shares_embedding(merged_dir), "export_seconds": cost["seconds"],
                 "export_peak_rss_mb": cost["peak_rss_mb"]}

@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
-from conftest import DEMO, DEMO_DOCS, THREADS, build_args, run_cli
+from conftest import DEMO_DOCS, THREADS, build_args, run_cli
 
-from phiedge import calibration
+from phiedge import calibration, exporters, runtimes
+from phiedge.build import calibration_text
+from phiedge.checks import probes
+from phiedge.checks.metrics import compare
 from phiedge.exporters.gguf import converter_dir
 
 pytestmark = pytest.mark.gguf
-CANDIDATES = ("gguf=Q4_K_M-imat,Q4_K_M-imat-emb8,Q5_K_S-imat", "mlx=4bit-emb4-gptq")
+CANDIDATES = "gguf=Q4_K_M-imat,Q4_K_M-imat-emb8,Q5_K_S-imat"
 TOKENS = 2048
 
 
@@ -21,22 +25,34 @@ TOKENS = 2048
 def swept(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     r = run_cli("sweep", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapters" / "lora"),
-                "--docs", str(DEMO_DOCS), "--formats", "gguf,mlx", *(a for c in CANDIDATES for a in ("--candidates", c)),
+                "--docs", str(DEMO_DOCS), "--formats", "gguf", "--candidates", CANDIDATES,
                 "--calibration-tokens", str(TOKENS), "--out", str(root / "sweep"), "--cache-dir", str(root / "cache"),
                 "--threads", THREADS, "--jobs", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = json.loads((root / "sweep" / "sweep.json").read_text())
-    return root, sweep, {row["precision"]: row for row in sweep["rows"] if row["format"] == "gguf"}, r.stdout
+    return root, sweep, {row["precision"]: row for row in sweep["rows"]}, r.stdout
 
 
-def test_mlx_lms_gptq_on_the_documents_lowers_the_kl_at_the_same_size(swept):
-    """mlx-lm's GPTQ fed the calibration sample (mlx-lm's own loader downloads its text): measured on this fixture,
-    mean KL 0.0210 for `mlx_lm.convert -q` (4bit-emb4), 0.0136 with GPTQ, the same bytes."""
-    _, sweep, _, _ = swept
-    rows = {r["precision"]: r for r in sweep["rows"] if r["format"] == "mlx"}
-    plain, data_aware = rows["4bit-emb4"], rows["4bit-emb4-gptq"]
-    assert plain["anchor"] and data_aware["size_bytes"] == pytest.approx(plain["size_bytes"], rel=0.01)
-    assert data_aware["kl"] < plain["kl"]
+@pytest.mark.mlx
+def test_mlx_lms_gptq_on_the_documents_lowers_the_kl_at_the_same_size(swept, tmp_path):
+    """mlx-lm's GPTQ fed the calibration sample (mlx-lm's own loader downloads its text), against `mlx_lm.convert
+    -q` (4bit-emb4), on the sweep's merged model and its short probe: in the sweep of this fixture, mean KL 0.0210
+    against 0.0136 with GPTQ (short probe 0.016 / 0.013), the same bytes."""
+    root = swept[0]
+    merge = next(p for p in root.glob("cache/merge-*") if (p / ".complete").exists())
+    ref = dict(np.load(merge / "reference.npz"))
+    settings = {"calibration_text": calibration_text(DEMO_DOCS), "calibration_tokens": TOKENS}
+    arts = {a.precision: a for a in exporters.get("mlx").export(merge / "merged", tmp_path,
+                                                                 ["4bit-emb4", "4bit-emb4-gptq"], settings)}
+    kl = {}
+    for precision, art in arts.items():
+        rt = runtimes.get("mlx").load(art.path)
+        kl[precision] = compare(ref["short_logits"], rt.logits(ref["short_ids"].tolist(), probes.COMPARE_LAST)).kl
+        rt.close()
+    plain, gptq = arts["4bit-emb4"], arts["4bit-emb4-gptq"]
+    assert gptq.size_bytes == pytest.approx(plain.size_bytes, rel=0.01)
+    assert 0 < gptq.meta["gptq"]["tokens"] <= TOKENS and not (gptq.path / "phiedge_gptq.json").exists()
+    assert kl["4bit-emb4-gptq"] < kl["4bit-emb4"]
 
 
 def _gguf(path):
@@ -102,7 +118,7 @@ def test_the_sweep_sets_each_variant_against_the_tools_own_4bit(swept):
     root, sweep, rows, stdout = swept
     anchor = rows["Q4_K_M"]
     assert anchor["anchor"] and anchor["kl_ratio"] == anchor["size_ratio"] == anchor["full_size_ratio"] == 1.0
-    assert [r["anchor"] for r in sweep["rows"]].count(True) == 2        # one per format
+    assert [r["anchor"] for r in sweep["rows"]].count(True) == 1
     # Projected to Phi-4-mini's proportions, Q4_K_M reads what llama.cpp wrote at full size (2.49 GB, make bench).
     assert 2.3e9 < anchor["full_size_bytes"] < 2.7e9
     for r in rows.values():
@@ -113,7 +129,7 @@ def test_the_sweep_sets_each_variant_against_the_tools_own_4bit(swept):
         assert r["pareto"] == (not dominated)
     assert rows["Q5_K_S-imat"]["full_size_ratio"] < 1.15 and rows["Q4_K_M-imat-emb8"]["full_size_ratio"] > 1.0
     page = (root / "sweep" / "sweep.html").read_text()
-    assert page.count("<circle") == len(sweep["rows"]) and "Q5_K_S-imat" in page and "4bit-emb4-gptq" in page
+    assert page.count("<circle") == len(sweep["rows"]) and "Q5_K_S-imat" in page
     assert "Q4_K_M *" in stdout
 
 

@@ -169,8 +169,9 @@ def executor(req: BuildRequest, budget: int) -> ParallelExecutor:
     return ParallelExecutor(req.jobs or max(1, (os.cpu_count() or 1) // max(1, req.threads)), budget)
 
 
-def measure(req: BuildRequest) -> list[ArtifactResult]:
-    """Every export and check of `req`, no bundle (phiedge.sweep): each artifact's result, passed or not."""
+def measure(req: BuildRequest) -> tuple[list[ArtifactResult], dict, int]:
+    """Every export and check of `req`, no bundle (phiedge.sweep): each artifact's result, passed or not, with
+    the model's config and parameter count as the build resolved them."""
     clock = Clock()
     try:
         with _above_the_bar(clock):
@@ -178,7 +179,7 @@ def measure(req: BuildRequest) -> list[ArtifactResult]:
             executor(req, ctx.inputs["budget"]).run(stages, ctx, clock)
     finally:
         clock.close()
-    return _results(ctx)
+    return _results(ctx), ctx.inputs["config"], ctx.inputs["n_params"]
 
 
 def _plan(req: BuildRequest, out: Path, clock: Clock, bundle: bool = True) -> tuple[Context, list[Stage]]:

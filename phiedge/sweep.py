@@ -19,7 +19,7 @@ import html
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import exporters
@@ -115,11 +115,8 @@ def prepare(out: Path, force: bool) -> None:
 def run(req, out: Path) -> dict:
     """Build and check every candidate of `req.formats` (phiedge.build.measure), rank them, write the report."""
     from .build import measure
-    from .source import param_count, resolve
-    import dataclasses
-    results = measure(dataclasses.replace(req, smoke=False, force=True))
-    model = resolve(req.model, revision=req.revision, kind="model")
-    emb, other = params_split(json.loads((model.path / "config.json").read_text()), param_count(model))
+    results, config, n_params = measure(replace(req, smoke=False, force=True))
+    emb, other = params_split(config, n_params)
     rows = rank([row_of(r, emb, other) for r in results])
     sweep = {"model": str(req.model), "adapters": dict(req.adapters), "docs": str(req.docs) if req.docs else None,
              "calibration_tokens": req.calibration_tokens, "embedding_params": emb, "other_params": other,

@@ -197,11 +197,14 @@ class MLXExporter(Exporter):
         return any(gptq(self.parse(p)) for p in precisions)
 
     def _needs(self, precisions: list[str], calibration: bool, settings: dict) -> list[str]:
-        out = [f"mlx {p}: GPTQ calibrates on the documents: pass --docs (or drop '-gptq')"
-               for p in precisions if not calibration and gptq(self.parse(p))]
-        return out + [f"mlx {p}: mlx-lm's GPTQ takes 2, 4 or 8 bits and no mixed recipe: use 4bit-gptq or 8bit-gptq"
-                      for p in precisions if gptq(self.parse(p)) and (BASES[self.parse(p).base][2]
-                                                                       or BASES[self.parse(p).base][1] not in (4, 8))]
+        out = []
+        for p in (self.parse(p) for p in precisions):
+            if gptq(p) and not calibration:
+                out.append(f"mlx {p.name}: GPTQ calibrates on the documents: pass --docs (or drop '-gptq')")
+            if gptq(p) and BASES[p.base][2]:        # every quantized base but the mixed recipes is 4 or 8 bits
+                out.append(f"mlx {p.name}: mlx-lm's GPTQ quantizes every layer at one width, not a mixed recipe: "
+                           f"use 4bit-gptq or 8bit-gptq")
+        return out
 
     def peak_bytes(self, n_params: int, precision: str) -> int:
         per_param = GPTQ_PEAK_PER_PARAM if gptq(self.parse(precision)) else self.PEAK_BYTES_PER_PARAM

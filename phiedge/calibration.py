@@ -12,6 +12,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 DEFAULT_TOKENS = 8192       # the build's --calibration-tokens default (GGUF's importance matrix reads this many)
 MIN_WINDOW = 16             # a document's tail shorter than this (and than the window) is left out
 
@@ -61,3 +63,35 @@ def sample(model_dir: Path, texts: list[str], seq_len: int, budget: int) -> Samp
                 used += len(d[depth])
         depth += 1
     return Sample(tuple(picked), seq_len)
+
+
+def input_power(model, windows) -> dict[str, tuple[np.ndarray, int]]:
+    """Every Linear's input statistics over the windows, from one PyTorch forward of the model (fp32 arithmetic on
+    its stored weights, phiedge.checks.reference): HF module name -> (sum over tokens of each input column's squared
+    activation, tokens). The LM head's entry is "lm_head" (its input is the decoder's last hidden state; its
+    vocabulary-wide logits are never computed). Both data-aware quantizers read these: GGUF's importance matrix
+    (_llama_imatrix) and ONNX's weighted int4 (_onnx_imatrix)."""
+    import torch
+    from .checks.reference import fp32_compute
+    sums: dict[str, list] = {}
+
+    def hook(name):
+        def pre(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            acc = sums.setdefault(name, [torch.zeros(x.shape[1], dtype=torch.float64), 0])
+            acc[0] += (x * x).sum(0)
+            acc[1] += x.shape[0]
+        return pre
+    head = model.get_output_embeddings()
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not head]
+    try:
+        with torch.no_grad(), fp32_compute():
+            for w in windows:
+                # The decoder only: the LM head's input is its last hidden state (its 200k-wide logits are not needed).
+                h = model.get_decoder()(input_ids=torch.tensor([list(w)]), use_cache=False).last_hidden_state
+                hook("lm_head")(None, (h.float(),))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (s.numpy(), c) for n, (s, c) in sums.items()}

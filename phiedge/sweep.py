@@ -66,8 +66,11 @@ def row_of(r: ArtifactResult, embedding_params: int, other_params: int) -> Row:
         split["other"] / max(1, other_params) * FULL_OTHER_PARAMS
     short, long = r.measurement.regime("short"), r.measurement.regime("long")
     kls = [m.kl for m in (short, long) if m is not None]
+    # a candidate its runtime could not run (r.verdict names why) is a failed row at infinite KL: never chosen,
+    # never on the front, written as null
     return Row(format=r.artifact.format, precision=r.artifact.precision, size_bytes=r.size_bytes,
-               full_size_bytes=int(full), kl=sum(kls) / len(kls), kl_short=short.kl, top1_short=short.top1,
+               full_size_bytes=int(full), kl=sum(kls) / len(kls) if kls else math.inf,
+               kl_short=short.kl if short else math.inf, top1_short=short.top1 if short else 0.0,
                kl_long=long.kl if long else None, top1_long=long.top1 if long else None, passed=r.passed,
                failures=tuple(r.verdict.failures), anchor=r.artifact.precision == exp.TOOL_4BIT)
 
@@ -121,10 +124,10 @@ def run(req, out: Path) -> dict:
     sweep = {"model": str(req.model), "adapters": dict(req.adapters), "docs": str(req.docs) if req.docs else None,
              "calibration_tokens": req.calibration_tokens, "embedding_params": emb, "other_params": other,
              "full_size": {"embedding_params": FULL_EMBEDDING_PARAMS, "other_params": FULL_OTHER_PARAMS},
-             "rows": [asdict(r) for r in rows]}
+             "rows": [{k: _finite(v) for k, v in asdict(r).items()} for r in rows]}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "sweep.json.partial"
-    tmp.write_text(json.dumps(sweep, indent=1, default=_finite))
+    tmp.write_text(json.dumps(sweep, indent=1))
     tmp.rename(out / "sweep.json")
     (out / "sweep.html").write_text(render(sweep))
     return sweep
@@ -141,7 +144,8 @@ def table(sweep: dict) -> str:
         def x(v):
             return f"{v:.2f}" if v is not None else "-"
         lines.append(f"{r['format']:9}{r['precision'] + (' *' if r['anchor'] else ''):26}"
-                     f"{r['size_bytes'] / 1e6:8.1f}M{r['full_size_bytes'] / 1e9:8.2f}G{r['kl']:9.4f}"
+                     f"{r['size_bytes'] / 1e6:8.1f}M{r['full_size_bytes'] / 1e9:8.2f}G"
+                     f"{'-' if r['kl'] is None else format(r['kl'], '.4f'):>9}"
                      f"{r['top1_short']:7.3f}{x(r['kl_ratio']):>7}{x(r['size_ratio']):>8}{x(r['full_size_ratio']):>8}"
                      f"  {'yes' if r['pareto'] else '':5}  {'PASS' if r['passed'] else 'FAIL'}")
     return "\n".join(lines) + "\n(* the tool's own default 4-bit; ratios are against it)"
@@ -153,7 +157,9 @@ def render(sweep: dict) -> str:
              "<p>Mean KL against PyTorch over the gate's probes (lower is better) against the artifact's size projected "
              "to Phi-4-mini's proportions. Filled: on the Pareto front; ringed: the tool's own default 4-bit.</p>"]
     for fmt in dict.fromkeys(r["format"] for r in sweep["rows"]):
-        parts.append(f"<h2>{fmt}</h2>" + _plot([r for r in sweep["rows"] if r["format"] == fmt]))
+        measured = [r for r in sweep["rows"] if r["format"] == fmt and r["kl"] is not None]
+        if measured:
+            parts.append(f"<h2>{fmt}</h2>" + _plot(measured))
     parts.append("<pre>" + html.escape(table(sweep)) + "</pre>")
     return ("<!doctype html><meta charset='utf-8'><title>phiedge sweep</title>"
             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}</style>" + "".join(parts))

@@ -15,7 +15,13 @@ head: logits are computed from layer 0's post-attention norm and the final norm 
 graph builds and loads, and is simply wrong (top-1 0.47 against PyTorch on the tiny model). Here the LM
 head is the model's own output embedding (`get_output_embeddings()`), and exactly one must be written.
 
-3. Memory: its int4/int8 pass quantizes the whole graph in fp32 at once (23.6 GB at 3.8 B parameters); here
+3. A tied LM head from a GPTQ checkpoint (phiedge's data-aware int4, _onnx_imatrix). The builder shares the
+   quantized head with the embedding's GatherBlockQuantized, which needs its scales and zero points as
+   (vocabulary, groups); the GPTQ loader leaves them flat, as MatMulNBits takes them, and onnxruntime refuses the
+   graph ("scales must have the same rank as data"). Here they are reshaped as the builder's own quant_auto loader
+   reshapes its tied head's.
+
+4. Memory: its int4/int8 pass quantizes the whole graph in fp32 at once (23.6 GB at 3.8 B parameters); here
    it runs one weight at a time with the same quantizer, byte for byte the same model (see _genai_nbits).
 
 Usage: python -m phiedge.exporters._genai_build [--threads N] BUILDER_ARGS...   (the builder's own command line;
@@ -34,6 +40,18 @@ def main() -> None:
 
     from phiedge.exporters import _genai_nbits
 
+    from loaders.gptq import GPTQModel
+    original_gptq = GPTQModel.__init__
+
+    def gptq_init(self, *args, **kwargs):
+        original_gptq(self, *args, **kwargs)
+        head = self.lm_head
+        if getattr(head, "qweight", None) is not None:
+            head.scales = head.scales.reshape(head.out_features, -1)
+            if head.qzeros is not None:
+                head.qzeros = head.qzeros.reshape(head.out_features, -1)
+
+    GPTQModel.__init__ = gptq_init
     original = Model.has_lm_head
     made = []
 

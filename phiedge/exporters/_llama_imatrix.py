@@ -22,34 +22,6 @@ from pathlib import Path
 import numpy as np
 
 
-def collect(model, windows) -> dict[str, tuple[np.ndarray, int]]:
-    """HF module name -> (sum over tokens of squared inputs per column, tokens), over every window."""
-    import torch
-    from phiedge.checks.reference import fp32_compute
-    sums: dict[str, list] = {}
-
-    def hook(name):
-        def pre(_mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            acc = sums.setdefault(name, [torch.zeros(x.shape[1], dtype=torch.float64), 0])
-            acc[0] += (x * x).sum(0)
-            acc[1] += x.shape[0]
-        return pre
-    head = model.get_output_embeddings()
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and m is not head]
-    try:
-        with torch.no_grad(), fp32_compute():
-            for w in windows:
-                # The decoder only: the LM head's input is its last hidden state (its 200k-wide logits are not needed).
-                h = model.get_decoder()(input_ids=torch.tensor([list(w)]), use_cache=False).last_hidden_state
-                hook("lm_head")(None, (h.float(),))
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: (s.numpy(), c) for n, (s, c) in sums.items()}
-
-
 def gguf_names(gguf_file: Path, hf_names: list[str]) -> tuple[dict[str, str], dict[str, int], str]:
     """HF module name -> GGUF tensor name, the GGUF's quantizable weights -> width, and its architecture."""
     import gguf
@@ -90,13 +62,13 @@ def write(path: Path, arch: str, entries: dict[str, tuple[np.ndarray, int]], chu
 def main() -> int:
     llama_dir, job = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     sys.path[:0] = [str(llama_dir / "gguf-py")]     # llama.cpp's own gguf-py, as the converter uses
-    from phiedge.calibration import sample
+    from phiedge.calibration import input_power, sample
     from phiedge.checks.reference import load
     t0 = time.perf_counter()
     s = sample(Path(job["model"]), job["texts"], job["seq_len"], job["budget"])
     if not s.windows:
         raise SystemExit("the importance matrix needs calibration text: the documents gave no token windows")
-    sums = collect(load(Path(job["model"])), s.windows)
+    sums = input_power(load(Path(job["model"])), s.windows)
     names, widths, arch = gguf_names(Path(job["gguf"]), list(sums))
     entries = {names[n]: v for n, v in sums.items() if n in names}
     for t, width in widths.items():

@@ -23,8 +23,9 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from ..calibration import DEFAULT_TOKENS
 from ..errors import ToolchainError, UnsupportedAdapterError, UsageError
-from .base import Artifact, Exporter, register, run_tool
+from .base import TOOL_BYTES, Artifact, Exporter, register, run_tool
 from .grammar import Grammar, Precision
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ EXECUTION_PROVIDERS: dict[str, tuple[str, ...]] = {
     "webgpu": ("int4",),
 }
 DEFAULT_EXECUTION_PROVIDER = "cpu"
-# int4 option token -> (option group, the builder's --extra_options KEY=VALUE). One token per group.
+IMAT = "imat"
+# int4 option token -> (option group, the builder's --extra_options KEY=VALUE, None: phiedge's own). One per group.
 INT4_TOKENS: dict[str, tuple[str, str]] = {
     "b16": ("block", "block_size=16"),          # MatMulNBits block size (builder default 32)
     "b32": ("block", "block_size=32"),
@@ -53,6 +55,9 @@ INT4_TOKENS: dict[str, tuple[str, str]] = {
     "asym": ("symmetry", "is_symmetric=false"),  # uint4 weights + zero points
     "rtn": ("algorithm", "algo_config=rtn"),     # onnxruntime's RTN quantizer (the default is MLAS's own RTN)
     "k_quant": ("algorithm", "algo_config=k_quant"),   # always stores zero points: -sym and -asym build alike
+    # importance-weighted asymmetric int4 from the --docs documents, handed to the builder as a GPTQ checkpoint
+    # (_onnx_imatrix); -head8 puts its LM head / tied embedding in 8 bits
+    IMAT: ("algorithm", None),
     "acc1": ("accuracy", "accuracy_level=1"),    # MatMulNBits compute: fp32 activations
     "acc2": ("accuracy", "accuracy_level=2"),    # fp16
     "acc3": ("accuracy", "accuracy_level=3"),    # bf16
@@ -82,14 +87,23 @@ GRAMMAR = Grammar(
          "initializer it never writes (lm_head.MatMul.weight_Q8G32: 'not a graph input, initializer, or output'); "
          "add -rtn or -k_quant (the targets use int4-k_quant-mixed8)"),
     ))
+IMAT_PEAK_PER_PARAM = 2.6   # the calibration pass is GGUF's importance matrix's (9.04 GiB at 3.84 B parameters)
+IMAT_SEQ_LEN = 512
 ARTIFACT_FILES = ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
                   "chat_template.jinja")
 
 
 def builder_options(p: Precision) -> tuple[str, ...]:
     """The builder's --extra_options for a precision: its explicit (non-default) tokens only, so the command
-    is the builder's own for a default int4."""
-    return tuple(INT4_TOKENS[t][1] for _, t in p.given)
+    is the builder's own for a default int4. A data-aware int4 (`imat`) arrives quantized: the builder is told
+    nothing of blocks, quantizer or head, which the checkpoint carries."""
+    calibrated = _calibrated(p)
+    return tuple(INT4_TOKENS[t][1] for g, t in p.given
+                 if INT4_TOKENS[t][1] is not None and not (calibrated and g in ("block", "head")))
+
+
+def _calibrated(p: Precision) -> bool:
+    return any(t == IMAT for _, t in p.given)
 
 
 def check_execution_provider(ep: str, plans: list[Precision]) -> str:
@@ -123,7 +137,8 @@ class ONNXExporter(Exporter):
     DEFAULT_PRECISION = "int4"
     CLI_FLAG = "--onnx-precision"
     CLI_HELP = "ONNX precisions: fp32, fp16, int4 or int4-<options> such as int4-b64-rtn-acc4"
-    TOOL_MODULES = ("phiedge.exporters._genai_build", "phiedge.exporters._genai_nbits", "phiedge.exporters._onnx_lora")
+    TOOL_MODULES = ("phiedge.exporters._genai_build", "phiedge.exporters._genai_nbits", "phiedge.exporters._onnx_lora",
+                    "phiedge.exporters._onnx_imatrix", "phiedge.calibration")
     # Measured: fp32 keeps the tied embedding once; int4 2.5 GB for 3.84 B parameters (FIELD-NOTES).
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int4": 0.66}
     # The builder maps the checkpoint and writes the graph lazily; phiedge's per-weight int4 pass (_genai_nbits)
@@ -134,7 +149,8 @@ class ONNXExporter(Exporter):
 
     TOOL_4BIT = "int4"
     # (block 64 with k_quant fails in the builder on SmolLM2's widths: "cannot reshape array of size 1296")
-    SWEEP = ("int4", "int4-k_quant", "int4-k_quant-head8", "int4-k_quant-mixed8", "int4-b16-k_quant-head8")
+    SWEEP = ("int4", "int4-k_quant", "int4-k_quant-head8", "int4-k_quant-mixed8", "int4-b16-k_quant-head8",
+             "int4-imat-head8", "int4-b64-imat-head8")
 
     def tensors(self, art: Artifact) -> list[tuple[str, int]]:
         import onnx
@@ -145,8 +161,26 @@ class ONNXExporter(Exporter):
     def check_precisions(self, precisions: list[str], execution_provider: str = DEFAULT_EXECUTION_PROVIDER
                          ) -> list[str]:
         names = self.GRAMMAR.canonical(precisions)
-        check_execution_provider(execution_provider, [self.parse(n) for n in names])
+        plans = [self.parse(n) for n in names]
+        check_execution_provider(execution_provider, plans)
+        for p in plans:
+            if _calibrated(p) and p.value("head") and "mixed_layers" in p.value("head"):
+                raise UsageError(f"onnx precision '{p.name}': data-aware int4 takes -head8 (its LM head in 8 bits), "
+                                 f"not the builder's mixed8 layer selection: use "
+                                 f"{p.name.replace('mixed8', 'head8')}")
         return names
+
+    def calibrates(self, precisions: list[str]) -> bool:
+        return any(_calibrated(self.parse(p)) for p in precisions)
+
+    def _needs(self, precisions: list[str], calibration: bool, settings: dict) -> list[str]:
+        return [f"onnx {p}: data-aware int4 is calibrated on the documents: pass --docs, or build the data-free "
+                f"{p.replace(IMAT, 'k_quant')} (--onnx-precision {p.replace(IMAT, 'k_quant')})"
+                for p in precisions if not calibration and _calibrated(self.parse(p))]
+
+    def peak_bytes(self, n_params: int, precision: str) -> int:
+        per_param = IMAT_PEAK_PER_PARAM if _calibrated(self.parse(precision)) else self.PEAK_BYTES_PER_PARAM
+        return int(per_param * n_params) + TOOL_BYTES
 
     ADAPTER_RUNTIME = "onnxruntime-genai"
     BASE_SETTINGS = {"separate_adapters": True}     # the base's graph takes LoRA weights as inputs
@@ -178,19 +212,23 @@ class ONNXExporter(Exporter):
         version = builder_version()
         threads = int(settings.get("threads", 1))
         slots = bool(settings.get("separate_adapters"))
-        artifacts = [self._build(merged_dir, out_dir, plan, ep, version, threads, slots) for plan in plans]
+        artifacts = [self._build(merged_dir, out_dir, plan, ep, version, threads, slots, settings) for plan in plans]
         shutil.rmtree(out_dir / ".work", ignore_errors=True)
         return artifacts
 
     def _build(self, merged_dir: Path, out_dir: Path, plan: Precision, ep: str, version: str, threads: int,
-               lora_inputs: bool = False) -> Artifact:
+               lora_inputs: bool = False, settings: dict | None = None) -> Artifact:
         """One precision: the builder writes `<name>.partial/`, renamed to `<name>/` once complete; with
-        `lora_inputs` (a base for adapters kept separate), its graph takes LoRA weights as inputs (_onnx_lora)."""
+        `lora_inputs` (a base for adapters kept separate), its graph takes LoRA weights as inputs (_onnx_lora).
+        A data-aware int4 is first written as a GPTQ checkpoint (_onnx_imatrix) that the builder reads instead."""
         dest, tmp = out_dir / plan.name, out_dir / f"{plan.name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         options = builder_options(plan)
+        source, calibration = merged_dir, None
+        if _calibrated(plan):
+            source, calibration = self._calibrate(merged_dir, out_dir / ".work", plan, settings or {})
         cmd = [sys.executable, "-m", "phiedge.exporters._genai_build", "--threads", str(threads),
-               "-i", str(merged_dir), "-o", str(tmp),
+               "-i", str(source), "-o", str(tmp),
                "-p", plan.base, "-e", ep, "-c", str(out_dir / ".work"), "--extra_options", "hf_token=false",
                *options]
         log.info("onnx %s: onnxruntime-genai %s builder (%s)", plan.name, version, " ".join(options) or "defaults")
@@ -205,11 +243,36 @@ class ONNXExporter(Exporter):
         meta = {"onnxruntime_genai": version, "execution_provider": ep, "builder_options": list(options),
                 "shared_embeddings": _shares_embedding(merged_dir), "export_seconds": cost["seconds"],
                 "export_peak_rss_mb": cost["peak_rss_mb"]}
+        if calibration:
+            meta["calibration"] = calibration
         if lora_inputs:
             from ._onnx_lora import add_lora_inputs
             config = json.loads((merged_dir / "config.json").read_text())
             meta["lora_inputs"] = len(add_lora_inputs(tmp / "model.onnx", _header(merged_dir), config))
         return self.finish(tmp, dest, plan.name, ARTIFACT_FILES, meta, f"onnxruntime-genai model builder ({plan.name})")
+
+
+    @staticmethod
+    def _calibrate(merged_dir: Path, work: Path, plan: Precision, settings: dict) -> tuple[Path, dict]:
+        """The importance-weighted GPTQ checkpoint of `plan` and its calibration record (one calibration pass
+        per export, shared by its data-aware precisions)."""
+        block = int(str(plan.value("block")).split("=")[1])
+        head_bits = 8 if plan.value("head") else 4
+        budget = int(settings.get("calibration_tokens") or DEFAULT_TOKENS)
+        work.mkdir(parents=True, exist_ok=True)
+        out = work / f"gptq-b{block}-h{head_bits}"
+        job = out.with_suffix(".job.json")
+        job.write_text(json.dumps({"model": str(merged_dir), "out": str(out), "stats": str(work / "stats.npz"),
+                                   "texts": [t for t in settings.get("calibration_text") or [] if t.strip()],
+                                   "seq_len": IMAT_SEQ_LEN, "budget": budget, "block": block,
+                                   "head_bits": head_bits}))
+        ran = run_tool([sys.executable, "-m", "phiedge.exporters._onnx_imatrix", str(job)],
+                       f"data-aware int4 ({plan.name})")
+        record = {**json.loads(out.with_suffix(".json").read_text()), "budget": budget,
+                  "peak_rss_mb": ran["peak_rss_mb"]}
+        log.info("onnx %s: importance-weighted int4 over %d calibration tokens, sha256 %s", plan.name,
+                 record["tokens"], record["sha256"][:12])
+        return out, record
 
 
 def _header(model_dir: Path) -> dict[str, list[int]]:

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.phiedge-installed
 export HF_HUB_OFFLINE ?= 1
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test bench bench-quick clean browser
+.PHONY: install demo test bench bench-quick bench-matrix clean browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ bench: $(STAMP)
 # The same harness on the tiny fixture in a few minutes → bench/results-quick.json (tests/test_bench.py runs it).
 bench-quick: $(STAMP)
 	$(BIN)/python scripts/bench.py --quick
+
+# A build matrix (tiny fixture: 2 adapters x 2 targets) as a shell loop of `phiedge build` and as `phiedge matrix`
+# on a local Ray, wall times, stages run and a model of N nodes → bench/matrix.json.
+bench-matrix: $(STAMP)
+	$(BIN)/python scripts/bench_matrix.py
 
 clean:
 	rm -rf $(VENV) .fixtures demo-out demo-out-adapters

@@ -70,7 +70,7 @@ def variants(adapters: dict[str, str], mode: str = "merged") -> list[Variant]:
     return [Variant(n, f"@{n}") for n in adapters]
 
 
-BASE = Variant(None)        # the base artifacts of --adapter-mode separate / both: stages "export <format>"
+BASE = Variant(None)        # the base artifacts of --adapter-mode separate / both: "export <format> <precision>"
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ def _choose(ctx: Context, fmt: str) -> list[ArtifactResult]:
     emb, other = sweep.params_split(ctx.inputs["config"], ctx.inputs["n_params"])
     picks = []
     for v in ctx.inputs["variants"]:
-        results = [ctx[Check(fmt, p, v, v.stage(f"export {fmt}")).name] for p in cands]
+        results = [ctx[Check(fmt, p, v, v.stage(f"export {fmt} {p}")).name] for p in cands]
         rows = sweep.rank([sweep.row_of(r, emb, other) for r in results])
         best = sweep.choose(rows, fmt, limit)
         if best is None:
@@ -246,8 +246,8 @@ def stage_peaks(formats: dict[str, list[str]], n_params: int, config: dict, *, d
         peaks["smoke reference"] = int(SMOKE_PEAK_PER_PARAM * n_params) + TOOL_BYTES
     for fmt, precs in formats.items():
         exp = exporters.get(fmt)
-        peaks[f"export {fmt}"] = max(exp.peak_bytes(n_params, p) for p in precs)
         for p in precs:
+            peaks[f"export {fmt} {p}"] = exp.peak_bytes(n_params, p)
             peaks[f"check {fmt} {p}"] = runtimes.get(fmt).check_peak_bytes(exp.estimate_bytes(n_params, [p]),
                                                                             vocab, probe_tokens)
     return peaks
@@ -299,8 +299,9 @@ def variant_graph(ctx: Context, v: Variant, *, merged: bool = True) -> list[Stag
     if not merged:
         return stages
     for fmt, precs in req.formats.items():
-        stages.append(_export_stage(ctx, fmt, precs, v, needs=(merge,)))
-        stages += [_check_stage(ctx, Check(fmt, p, v, v.stage(f"export {fmt}"))) for p in precs]
+        for p in precs:
+            stages += [_export_stage(ctx, fmt, p, v, needs=(merge,)),
+                       _check_stage(ctx, Check(fmt, p, v, v.stage(f"export {fmt} {p}")))]
     return stages
 
 
@@ -311,23 +312,26 @@ def separate_graph(ctx: Context) -> list[Stage]:
     stages = []
     for fmt, precs in ctx.req.formats.items():
         exp = exporters.get(fmt)
-        stages.append(_export_stage(ctx, fmt, precs, BASE, needs=("hash inputs",)))
+        stages += [_export_stage(ctx, fmt, p, BASE, needs=("hash inputs",)) for p in precs]
         for v in ctx.inputs["variants"]:
             name = v.stage(f"adapter {fmt}")
             stages.append(Stage(name, needs=("hash inputs",), cache_name=f"adapter-{fmt}",
                                 key=lambda c, fmt=fmt, v=v: _adapter_key(c, fmt, v),
                                 make=lambda c, d, fmt=fmt, v=v: _export_adapter(c, d, fmt, v),
                                 modules=(type(exp).__module__, *exp.TOOL_MODULES), peak_bytes=TOOL_BYTES))
-            stages += [_check_stage(ctx, Check(fmt, p, v, BASE.stage(f"export {fmt}"), name)) for p in precs]
+            stages += [_check_stage(ctx, Check(fmt, p, v, BASE.stage(f"export {fmt} {p}"), name)) for p in precs]
     return stages
 
 
-def _export_stage(ctx: Context, fmt: str, precs: list[str], v: Variant, needs: tuple[str, ...]) -> Stage:
+def _export_stage(ctx: Context, fmt: str, precision: str, v: Variant, needs: tuple[str, ...]) -> Stage:
+    """One precision's export: a stage per (variant, format, precision), so builds that want the same artifact
+    share it whatever else they build (phiedge matrix), and one failing precision fails its own artifact."""
     exp, n_params = exporters.get(fmt), ctx.inputs["n_params"]
-    return Stage(v.stage(f"export {fmt}"), needs=needs, cache_name=f"export-{fmt}",
-                 key=lambda c: _export_key(c, fmt, precs, v), make=lambda c, d: _export(c, d, fmt, precs, v),
-                 modules=(type(exp).__module__, *exp.TOOL_MODULES), peak_bytes=ctx.inputs["peaks"][f"export {fmt}"],
-                 disk_bytes=exp.estimate_bytes(n_params, precs))
+    name = f"export {fmt} {precision}"
+    return Stage(v.stage(name), needs=needs, cache_name=f"export-{fmt}",
+                 key=lambda c: _export_key(c, fmt, [precision], v), make=lambda c, d: _export(c, d, fmt, [precision], v),
+                 modules=(type(exp).__module__, *exp.TOOL_MODULES), peak_bytes=ctx.inputs["peaks"][name],
+                 disk_bytes=exp.estimate_bytes(n_params, [precision]))
 
 
 def _check_stage(ctx: Context, c: Check) -> Stage:
@@ -630,7 +634,7 @@ def _check_separable(adapter: source.Source, acfg: dict, name: str, formats: dic
 
 
 def stage_format(stage: str) -> str | None:
-    """The format an export or check stage is of ("export gguf", "check gguf Q4_K_M"), else None."""
+    """The format an export or check stage is of ("export gguf Q4_K_M", "check gguf Q4_K_M"), else None."""
     kind, *rest = stage.split()
     return rest[0] if kind in ("export", "check") and rest else None
 

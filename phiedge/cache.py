@@ -252,11 +252,7 @@ class StageCache:
         """(the finished folder of this stage for these inputs, whether it was already there), running
         `fn(folder)` only if it was not (or was damaged). `modules`: the code the stage runs (its key covers
         them and what they import; without them, all of phiedge)."""
-        roots = tuple(modules)
-        with self._lock:    # one thread at a time: CPython 3.11's ast.parse is not thread-safe
-            if roots not in self._codes:
-                self._codes[roots] = code_fingerprint(roots)
-        parts = {**parts, "code": self._codes[roots]}
+        parts = self._with_code(parts, modules)
         sid = f"{name}-{key_of(parts)}"
         final = self.root / sid
         if self._intact(final):
@@ -285,6 +281,21 @@ class StageCache:
             work.rename(final)
         self.ran.append(name)
         return final, False
+
+    def identity(self, name: str, parts: dict, modules=()) -> str:
+        """The folder name `stage(name, parts, ..., modules)` finishes in: the stage's identity across builds."""
+        return f"{name}-{key_of(self._with_code(parts, modules))}"
+
+    def intact(self, sid: str) -> bool:
+        """Whether the stage folder `sid` is finished and undamaged (read, never built)."""
+        return self._intact(self.root / sid)
+
+    def _with_code(self, parts: dict, modules) -> dict:
+        roots = tuple(modules)
+        with self._lock:    # one thread at a time: CPython 3.11's ast.parse is not thread-safe
+            if roots not in self._codes:
+                self._codes[roots] = code_fingerprint(roots)
+        return {**parts, "code": self._codes[roots]}
 
     @contextmanager
     def _writing(self, work: Path) -> Iterator[None]:

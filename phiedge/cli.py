@@ -131,15 +131,12 @@ def build(model, revision, adapters, adapter_revision, adapter_mode, target, for
     plan, profile = resolve_plan(target, _split(formats), _precision_flags(precision_flags))
     rep = run_build(BuildRequest(model=model, adapters=name_adapters(adapters), adapter_mode=adapter_mode,
                                  formats=plan, out=out, revision=revision, adapter_revision=adapter_revision,
-                                 force=force, threads=threads, allow_noop_adapter=allow_noop_adapter,
-                                 thresholds=profile.threshold_overrides() if profile else None,
-                                 target=profile.as_dict() if profile else None, docs=docs,
+                                 force=force, threads=threads, allow_noop_adapter=allow_noop_adapter, docs=docs,
                                  smoke_question=smoke_question, smoke_needle=smoke_needle,
                                  smoke_answer=smoke_answer, cache_dir=cache_dir, verify_cache=verify_cache,
                                  follow_links=follow_links, sign_key=sign_key, max_memory=max_memory, jobs=jobs,
                                  calibration_tokens=calibration_tokens,
-                                 auto={f: a for f, a in (profile.auto() if profile else {}).items()
-                                       if set(a[1]) <= set(plan.get(f, []))}))
+                                 **(profile.request_fields(plan) if profile else {})))
     click.echo(table(rep))
     click.echo(f"built {out} (report: {out / 'report.html'})")
 
@@ -185,6 +182,38 @@ def sweep(model, revision, adapters, adapter_revision, docs, formats, given, out
     result = sweep_mod.run(req, out)
     click.echo(sweep_mod.table(result))
     click.echo(f"wrote {out / 'sweep.json'} and {out / 'sweep.html'}")
+
+
+@cli.command()
+@click.argument("matrix_file", type=click.Path(path_type=Path))
+@click.option("--ray-address", default=None,
+              help="Ray cluster to run on: auto, HOST:PORT or ray://HOST:10001 (default: a local Ray started in this "
+                   "process, bound to 127.0.0.1).")
+@click.option("--max-parallel", type=click.IntRange(min=1), default=None,
+              help="Tasks at most at once (default: as many as Ray can place by their memory and CPUs).")
+@click.option("--dry-run", is_flag=True, help="Print the stage graph: what is cached, what runs, what each task reserves.")
+def matrix(matrix_file, ray_address, max_parallel, dry_run):
+    """Build one bundle per (adapter, target) of MATRIX_FILE on Ray, every shared stage once: matrix.toml names the
+    model, [adapters], targets, docs and out (bundles in out/<adapter>/<target>/, plus matrix.json and
+    matrix.html). A failed cell fails alone; running the same command again resumes from the cache."""
+    from . import cluster
+    from . import matrix as matrix_mod
+    spec = matrix_mod.load(matrix_file)
+    try:
+        summary = matrix_mod.run(spec, address=ray_address, max_parallel=max_parallel, dry_run=dry_run)
+    finally:
+        cluster.shutdown()
+    if dry_run:
+        for t in summary["tasks"]:
+            click.echo(f"{t['state']:9} {t['stage']:34} {t['memory_gb']:6.2f} GB {t['cpus']} CPU  "
+                       f"{', '.join(t['cells'])}")
+        return
+    click.echo(matrix_mod.table(summary))
+    click.echo(f"wrote {spec.out / 'matrix.json'} and {spec.out / 'matrix.html'}")
+    if not summary["passed"]:
+        failed = [c for c in summary["cells"] if not c["passed"]]
+        raise ParityError(f"{len(failed)} of {len(summary['cells'])} matrix cells failed: "
+                          + "; ".join(f"{c['adapter']}/{c['target']}: {c['error']}" for c in failed))
 
 
 def _precision_flags(flags: dict) -> dict[str, tuple[list[str], dict[str, str]]]:

@@ -10,7 +10,7 @@ An executor runs a stage list in dependency order behind one interface, `run(sta
 once, each in a thread of this process (every heavy stage works in child processes of its own), starting a stage
 only when its needs are done and its estimated peak memory fits beside the running stages' in the budget (a
 stage that does not fit waits; one alone always starts: the build refuses up front a stage over the budget).
-Ray plugs in behind the same interface.
+`phiedge.cluster.RayExecutor` runs the cached stages as Ray tasks behind the same interface.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class Hit:
 
 @dataclass(frozen=True)
 class Stage:
-    name: str                                        # the checklist line, e.g. "export gguf"
+    name: str                                        # the checklist line, e.g. "export gguf Q4_K_M"
     run: Callable[[Context], Any] | None = None      # uncached: its output
     needs: tuple[str, ...] = ()
     peak_bytes: int | None = None                    # estimated peak memory, when it is known to be large
@@ -99,11 +99,12 @@ class Clock:
     stages shows the running stage and its clock. Stages run side by side (ParallelExecutor) share the tree:
     each one's peak is the tree's while it ran."""
 
-    def __init__(self):
+    def __init__(self, bar: bool = True, label: str = ""):
+        self.label = label              # whose checklist (phiedge matrix: the cell), shown on each line
         self.timings: dict[str, float] = {}
         self.peaks_mb: dict[str, float] = {}
         self.bar = None
-        if sys.stderr.isatty():
+        if bar and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=1, unit="stage", leave=False, dynamic_ncols=True,
                             bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} stages [{elapsed}]")
@@ -136,17 +137,21 @@ class Clock:
             raise disk_full(stage.name, where, stage.disk_bytes, str(e)) from None
         finally:
             ticker.set()
-        self.timings[stage.name] = round(time.perf_counter() - t0, 2)
-        self.peaks_mb[stage.name] = mem.peak_mb
+        self.record(stage.name, time.perf_counter() - t0, mem.peak_mb, cached, out)
+        return out
+
+    def record(self, name: str, seconds: float, peak_mb: float, cached: bool, out: Any = None) -> None:
+        """A finished stage's checklist line, time and peak (run here, or elsewhere: phiedge.cluster's tasks)."""
+        self.timings[name] = round(seconds, 2)
+        self.peaks_mb[name] = peak_mb
         what = f"  {_size(out)}" if isinstance(out, Path) else ""
-        line = (f"✓ {stage.name:<24} {self.timings[stage.name]:7.1f} s  peak {mem.peak_mb / 1024:5.2f} GB"
-                f"{'  (cached)' if cached else ''}{what}")
+        line = (f"✓ {name:<24} {self.timings[name]:7.1f} s  peak {peak_mb / 1024:5.2f} GB"
+                f"{'  (cached)' if cached else ''}{what}{f'  [{self.label}]' if self.label else ''}")
         if self.bar is not None:
             self.bar.write(line, file=sys.stderr)
             self.bar.update(1)
         else:
             log.info(line)
-        return out
 
     def _tick(self, name: str) -> threading.Event:
         """Refresh the bar every half second while a stage runs, so a long export visibly advances."""

@@ -61,6 +61,12 @@ class Target:
         return {a.format: (int(a.max_size_gb * 1e9), tuple(a.choices())) for a in self.artifacts
                 if a.precision == AUTO}
 
+    def request_fields(self, plan: dict[str, list[str]]) -> dict:
+        """What the profile sets in a BuildRequest building `plan` (phiedge build --target, phiedge matrix): its
+        thresholds, itself for the manifest, and its "auto" rows still in the plan."""
+        return {"thresholds": self.threshold_overrides(), "target": self.as_dict(),
+                "auto": {f: a for f, a in self.auto().items() if set(a[1]) <= set(plan.get(f, []))}}
+
     def threshold_overrides(self) -> dict[str, tuple]:
         return {p.upper(): (*v, None)[:3] for p, v in self.thresholds}
 

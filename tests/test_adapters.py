@@ -93,7 +93,7 @@ def test_separate_adapters_build_proves_every_pair_and_ask_and_validate_pick_the
     stages = stage_lines(stderr)
     assert stages["merge@lora"] and "merge@rs" in stages, stages      # the session's merge, from its cache
     for f, (p,) in formats.items():
-        assert {f"export {f}", f"adapter {f}@lora", f"adapter {f}@rs", f"check {f} {p}+lora",
+        assert {f"export {f} {p}", f"adapter {f}@lora", f"adapter {f}@rs", f"check {f} {p}+lora",
                 f"check {f} {p}+rs"} <= set(stages), (f, stages)
         ok = run_cli("ask", str(out), DEMO["question"], "--max-tokens", "4", "--adapter", "rs", "--runtime", f)
         assert ok.returncode == 0 and f"({f} {p}+rs:" in ok.stderr, ok.stderr

@@ -34,8 +34,9 @@ def results(tiny, tmp_path_factory) -> dict:
 def test_build_stages_are_timed_and_measured(results):
     b = results["build"]
     names = [s["stage"] for s in b["stages"]]
-    for stage in ("resolve", "merge", "retriever", "smoke reference", "export gguf", "export onnx",
-                  "export openvino", "export mlx (unchecked)", "check gguf Q5_K_S", "bundle"):
+    for stage in ("resolve", "merge", "retriever", "smoke reference", "export gguf Q5_K_S",
+                  "export onnx int4-b128-k_quant-head8", "export openvino int4-g32", "export mlx (unchecked)",
+                  "check gguf Q5_K_S", "bundle"):
         assert stage in names, names
     assert b["unchecked"] == ["mlx"]
     measured = [s for s in b["stages"] if s["stage"] != "process start"]

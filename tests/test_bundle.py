@@ -203,7 +203,7 @@ def test_new_docs_rebuild_only_retriever_and_checks(tiny, session, tmp_path):
     r = run_cli(*_session_args(tiny, tmp_path / "b2", session, formats={"gguf": SESSION["gguf"]}, docs=more))
     assert r.returncode == 0, r.stderr[-2000:]
     s = stage_lines(r.stderr)
-    assert s["merge"] and s["export gguf"]
+    assert s["merge"] and all(s[f"export gguf {p}"] for p in SESSION["gguf"])
     assert not s["retriever"] and not s["smoke reference"] and not any(s[n] for n in s if n.startswith("check"))
 
 
@@ -211,7 +211,7 @@ def test_new_adapter_rebuilds_merge_and_exports_not_retriever(tiny, session, tmp
     r = run_cli(*_session_args(tiny, tmp_path / "b3", session, formats={"gguf": ["F16"]}, adapter="rslora"))
     assert r.returncode == 0, r.stderr[-2000:]
     s = stage_lines(r.stderr)
-    assert not s["merge"] and not s["export gguf"] and s["retriever"]
+    assert not s["merge"] and not s["export gguf F16"] and s["retriever"]
 
 
 def test_several_adapters_each_get_their_artifacts_golden_and_answers(tiny, session, tmp_path):
@@ -226,7 +226,8 @@ def test_several_adapters_each_get_their_artifacts_golden_and_answers(tiny, sess
     s = stage_lines(r.stderr)
     ours = [n for n in s if n.endswith("@lora")]
     assert ours and all(s[n] for n in ours), s                    # the session's adapter: nothing ran again
-    assert s["export gguf@rs"] is False and not any(k in s for k in ("merge", "export gguf", "golden"))
+    assert all(s[f"export gguf {p}@rs"] is False for p in SESSION["gguf"])
+    assert not any(k in s for k in ("merge", *(f"export gguf {p}" for p in SESSION["gguf"]), "golden"))
     m = json.loads((out / "manifest.json").read_text())
     want = [f"gguf-{p}@{a}" for a in ("lora", "rs") for p in SESSION["gguf"]]
     assert [a["path"] for a in m["artifacts"]] == want and all(a["passed"] for a in m["artifacts"])

@@ -66,10 +66,10 @@ def test_every_stage_has_a_peak_estimate_and_all_fit_in_10_gb_at_full_size():
     """Every stage of the `all` 4-bit build of Phi-4-mini has an estimate from the full-size measurements, each
     within 10 GB (the ONNX int4 export's own pass needed 23.6 GB; phiedge's per-weight pass a fraction of it)."""
     peaks = build.stage_peaks(ALL_4BIT, PHI4_MINI_PARAMS, PHI4_MINI, docs=True)
-    assert set(peaks) == {"merge", "retriever", "smoke reference", *(f"export {f}" for f in ALL_4BIT),
+    assert set(peaks) == {"merge", "retriever", "smoke reference", *(f"export {f} {p[0]}" for f, p in ALL_4BIT.items()),
                           *(f"check {f} {p[0]}" for f, p in ALL_4BIT.items())}
     assert max(peaks.values()) <= 10 * 2**30, peaks
-    assert peaks["export onnx"] < 8e9
+    assert peaks["export onnx int4-b128-k_quant-head8"] < 8e9
     # Every runtime's LM head runs on the compared rows only (4200 rows' logits would be 3.4 GB at 200,064); the
     # ONNX check scores on onnxruntime's sliced session, lets it go, then generates on onnxruntime-genai's model:
     # its estimate covers the 7.02 GB measured at full size (both engines at once: 13.3 GB).
@@ -88,15 +88,16 @@ def test_a_stage_over_max_memory_is_refused_up_front_with_every_other_problem():
     estimate is over --max-memory (naming it, its estimate, and what to do)."""
     formats = {"onnx": ["int4-k_quant-mixed8"], "openvino": ["int4-awq"]}
     peaks = build.stage_peaks(formats, PHI4_MINI_PARAMS, PHI4_MINI, docs=False)
-    budget = peaks["export onnx"] - 1
+    budget = peaks["export onnx int4-k_quant-mixed8"] - 1
     with pytest.raises(errors.UsageError) as e:
         build.preflight(formats, peaks, budget, calibration=False)
     msg = str(e.value)
     assert "\n" not in msg
     assert "(1) openvino int4-awq: data-aware AWQ / scale estimation need calibration text: pass --docs" in msg
     over = [s for s, n in peaks.items() if n > budget]
-    assert msg.startswith(f"{1 + len(over)} problems: ") and "export onnx" in over
-    assert (f"the export onnx stage of this model needs about {peaks['export onnx'] / 1e9:.1f} GB of memory at its "
+    assert msg.startswith(f"{1 + len(over)} problems: ") and "export onnx int4-k_quant-mixed8" in over
+    need = peaks["export onnx int4-k_quant-mixed8"]
+    assert (f"the export onnx int4-k_quant-mixed8 stage of this model needs about {need / 1e9:.1f} GB of memory at its "
             f"peak, more than the build's --max-memory {budget / 1e9:.1f} GB") in msg
     assert "or leave onnx out of --formats" in msg
     with pytest.raises(errors.MemoryShortError, match="the merge stage of this model needs about 9.1 GB"):

@@ -114,23 +114,24 @@ def test_the_calibration_sample_takes_every_document_within_its_budget(tiny):
     assert small.seq_len == 256 and small.tokens == 256 and len(small.windows) == 1
 
 
-def _sweep_export(root):
-    """The sweep's GGUF export stage (the auto tests add exports of other candidate lists to the same cache)."""
+def _sweep_export(root, precision):
+    """The sweep's GGUF export stage of one precision (the auto tests add exports to the same cache)."""
     for p in root.glob("cache/export-gguf-*/artifacts.json"):
-        by = {a["precision"]: a for a in json.loads(p.read_text())}
-        if "Q5_K_S-imat" in by and "Q4_K_M" in by:
-            return p.parent, by
-    raise AssertionError("the sweep's export stage is not in its cache")
+        (art,) = json.loads(p.read_text())
+        if art["precision"] == precision:
+            return p.parent, art
+    raise AssertionError(f"the sweep's {precision} export is not in its cache")
 
 
 def test_the_importance_matrix_is_llama_cpps_and_recorded(swept):
     root, _, rows, _ = swept
-    folder, by = _sweep_export(root)
-    rec = by["Q4_K_M-imat"]["meta"]["imatrix"]
+    by = {p: _sweep_export(root, p) for p in ("Q4_K_M", "Q4_K_M-imat", "Q4_K_M-imat-emb8")}
+    rec = by["Q4_K_M-imat"][1]["meta"]["imatrix"]
     assert 0 < rec["tokens"] <= TOKENS == rec["budget"] and rec["seq_len"] == 512
-    assert "imatrix" not in by["Q4_K_M"]["meta"]
+    assert "imatrix" not in by["Q4_K_M"][1]["meta"]
     for prec, embedding in (("Q4_K_M-imat", "Q6_K"), ("Q4_K_M-imat-emb8", "Q8_0"), ("Q4_K_M", "Q6_K")):
-        r = _gguf(folder / by[prec]["path"] / "model.gguf")
+        folder, art = by[prec]
+        r = _gguf(folder / art["path"] / "model.gguf")
         fields = {k: r.fields[k] for k in r.fields if k.startswith("quantize.imatrix")}
         types = {t.name: t.tensor_type.name for t in r.tensors}
         assert types["token_embd.weight"] == embedding        # tied: quantized as the output tensor

@@ -337,7 +337,7 @@ def test_disk_full_in_the_middle_of_an_export(tiny, small_disk, tmp_path):
     _, err = p.communicate(timeout=600)
     assert p.returncode == 1, err[-2000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "the export gguf stage ran out of disk space in" in lines[0], err[-2000:]
+    assert len(lines) == 1 and "the export gguf F16 stage ran out of disk space in" in lines[0], err[-2000:]
     assert "it needs about" in lines[0] and "free" in lines[0] and "Traceback" not in err
     assert not list(cache.glob("export-gguf-*.partial-*")), "the failed stage keeps nothing partial"
     assert not [d for d in cache.glob("export-gguf-*") if d.is_dir()] and not out.exists()

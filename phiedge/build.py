@@ -190,14 +190,17 @@ def _plan(req: BuildRequest, out: Path, clock: Clock, bundle: bool = True) -> tu
     stages = graph(ctx)
     if not bundle:
         stages = [s for s in stages if s.name != "bundle"]
+    ctx.inputs["order"] = [s.name for s in stages]
     clock.expect(1 + len(stages))
     return ctx, stages
 
 
 def _results(ctx: Context) -> list[ArtifactResult]:
-    """Every check's result; of a format whose profile precision is "auto", the chosen candidate only."""
-    auto = ctx.req.auto
-    out = [v for k, v in ctx.outputs.items() if k.startswith("check ")
+    """Every check's result in the graph's order, whatever order they finished in (an executor running stages
+    side by side); of a format whose profile precision is "auto", the chosen candidate only."""
+    auto, order = ctx.req.auto, {n: i for i, n in enumerate(ctx.inputs.get("order", ()))}
+    out = [v for k, v in sorted(ctx.outputs.items(), key=lambda kv: order.get(kv[0], len(order)))
+           if k.startswith("check ")
            and not (v.artifact.format in auto and v.artifact.precision in auto[v.artifact.format][1])]
     return out + [r for k, picks in ctx.outputs.items() if k.startswith("choose ") for r in picks]
 
@@ -246,6 +249,8 @@ def stage_peaks(formats: dict[str, list[str]], n_params: int, config: dict, *, d
         peaks["smoke reference"] = int(SMOKE_PEAK_PER_PARAM * n_params) + TOOL_BYTES
     for fmt, precs in formats.items():
         exp = exporters.get(fmt)
+        if exp.PREPARES:
+            peaks[f"prepare {fmt}"] = max(exp.peak_bytes(n_params, p) for p in precs)
         for p in precs:
             peaks[f"export {fmt} {p}"] = exp.peak_bytes(n_params, p)
             peaks[f"check {fmt} {p}"] = runtimes.get(fmt).check_peak_bytes(exp.estimate_bytes(n_params, [p]),
@@ -299,10 +304,27 @@ def variant_graph(ctx: Context, v: Variant, *, merged: bool = True) -> list[Stag
     if not merged:
         return stages
     for fmt, precs in req.formats.items():
+        needs = _prepare_stages(ctx, fmt, v, stages, needs=(merge,))
         for p in precs:
-            stages += [_export_stage(ctx, fmt, p, v, needs=(merge,)),
+            stages += [_export_stage(ctx, fmt, p, v, needs=needs),
                        _check_stage(ctx, Check(fmt, p, v, v.stage(f"export {fmt} {p}")))]
     return stages
+
+
+def _prepare_stages(ctx: Context, fmt: str, v: Variant, stages: list[Stage], needs: tuple[str, ...]
+                    ) -> tuple[str, ...]:
+    """The format's shared starting point for `v` (Exporter.PREPARES: OpenVINO's trace), appended to `stages`;
+    what its export stages need."""
+    exp = exporters.get(fmt)
+    if not exp.PREPARES:
+        return needs
+    name = v.stage(f"prepare {fmt}")
+    stages.append(Stage(name, needs=needs, cache_name=f"prepare-{fmt}",
+                        key=lambda c: {**_source_key(c, fmt, v), "format": fmt, "v": __version__},
+                        make=lambda c, d: exp.prepare(_checkpoint(c, v), d, {"threads": c.req.threads}),
+                        modules=(type(exp).__module__, *exp.TOOL_MODULES),
+                        peak_bytes=ctx.inputs["peaks"][f"prepare {fmt}"]))
+    return (*needs, name)
 
 
 def separate_graph(ctx: Context) -> list[Stage]:
@@ -312,7 +334,8 @@ def separate_graph(ctx: Context) -> list[Stage]:
     stages = []
     for fmt, precs in ctx.req.formats.items():
         exp = exporters.get(fmt)
-        stages += [_export_stage(ctx, fmt, p, BASE, needs=("hash inputs",)) for p in precs]
+        needs = _prepare_stages(ctx, fmt, BASE, stages, needs=("hash inputs",))
+        stages += [_export_stage(ctx, fmt, p, BASE, needs=needs) for p in precs]
         for v in ctx.inputs["variants"]:
             name = v.stage(f"adapter {fmt}")
             stages.append(Stage(name, needs=("hash inputs",), cache_name=f"adapter-{fmt}",
@@ -415,10 +438,14 @@ def _checkpoint(ctx: Context, v: Variant) -> Path:
     return ctx.inputs["model"].path if v is BASE else ctx[v.stage("merge")] / "merged"
 
 
-def _export_key(ctx: Context, fmt: str, precs: list[str], v: Variant) -> dict:
-    source_key = {"model": ctx["hash inputs"]["model"], "settings": exporters.get(fmt).BASE_SETTINGS} if v is BASE \
+def _source_key(ctx: Context, fmt: str, v: Variant) -> dict:
+    """What an export of `v` is made from: the base model (with the format's base settings) or its merge."""
+    return {"model": ctx["hash inputs"]["model"], "settings": exporters.get(fmt).BASE_SETTINGS} if v is BASE \
         else {"merge": ctx[v.stage("merge")].name}
-    key = {**source_key, "format": fmt, "precisions": precs, "v": __version__}
+
+
+def _export_key(ctx: Context, fmt: str, precs: list[str], v: Variant) -> dict:
+    key = {**_source_key(ctx, fmt, v), "format": fmt, "precisions": precs, "v": __version__}
     if _calibration(ctx, fmt, precs) is not None:
         key["calibration"] = docs_digest(ctx.cache, Path(ctx.req.docs), ctx.req.follow_links)
         key["calibration_tokens"] = ctx.req.calibration_tokens
@@ -432,6 +459,8 @@ def _calibration(ctx: Context, fmt: str, precs: list[str]) -> Path | None:
 
 def _export(ctx: Context, d: Path, fmt: str, precs: list[str], v: Variant) -> None:
     settings: dict = {"threads": ctx.req.threads, **(exporters.get(fmt).BASE_SETTINGS if v is BASE else {})}
+    if exporters.get(fmt).PREPARES:
+        settings["prepared"] = ctx[v.stage(f"prepare {fmt}")]
     if _calibration(ctx, fmt, precs) is not None:
         settings["calibration_text"] = calibration_text(Path(ctx.req.docs), ctx.req.follow_links)
         settings["calibration_tokens"] = ctx.req.calibration_tokens
@@ -591,9 +620,10 @@ def _cheap_checks(req: BuildRequest, out: Path) -> dict:
     copies = max(1, len(req.adapters))    # a merged checkpoint and an artifact set per adapter
     exports = copies * sum(exporters.get(f).estimate_bytes(n_params, p) for f, p in req.formats.items())
     cache_root = Path(req.cache_dir) if req.cache_dir else default_root()
-    # The cache holds the merged checkpoint and the exporters' intermediates (a 16-bit GGUF, OpenVINO's IR) beside
-    # the artifacts; the bundle copies the artifacts.
-    source.check_disk([(cache_root, (1 + copies) * weight_bytes + exports),
+    # The cache holds the merged checkpoint and the exporters' intermediates (a 16-bit GGUF while it quantizes;
+    # OpenVINO's traced IR, kept as its prepare stage) beside the artifacts; the bundle copies the artifacts.
+    kept = sum(copies * weight_bytes for f in req.formats if exporters.get(f).PREPARES)
+    source.check_disk([(cache_root, (1 + copies) * weight_bytes + kept + exports),
                        (out.parent if not out.exists() else out, int(exports * 1.05))])
     return {"model": model, "adapters": adapters, "variants": variants(req.adapters, req.adapter_mode),
             "config": config,
@@ -634,9 +664,9 @@ def _check_separable(adapter: source.Source, acfg: dict, name: str, formats: dic
 
 
 def stage_format(stage: str) -> str | None:
-    """The format an export or check stage is of ("export gguf Q4_K_M", "check gguf Q4_K_M"), else None."""
+    """The format a prepare, export or check stage is of ("export gguf Q4_K_M", "check gguf Q4_K_M"), else None."""
     kind, *rest = stage.split()
-    return rest[0] if kind in ("export", "check") and rest else None
+    return rest[0] if kind in ("prepare", "export", "check") and rest else None
 
 
 def memory_shortfalls(peaks: dict[str, int], budget: int) -> dict[str, str]:

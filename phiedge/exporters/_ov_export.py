@@ -3,7 +3,8 @@ checkpoint's dtype), then one folder per precision.
 
     python -m phiedge.exporters._ov_export JOB_JSON
 
-JOB_JSON names the merged checkpoint, the output folder, the plans (see phiedge.exporters.openvino.Plan) and
+JOB_JSON names the merged checkpoint, the output folder, the base IR's folder (the `prepare openvino` stage's;
+traced here when it is not complete), the plans (see phiedge.exporters.openvino.Plan; none: only the trace) and
 the calibration texts; this writes `<out>/<plan>.partial/` per plan and `<out>/result.json` with what each
 compression actually did (group size chosen, data-aware or not, how many calibration samples).
 
@@ -194,7 +195,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     job = json.loads(Path(sys.argv[1]).read_text())
     merged, out = Path(job["merged"]), Path(job["out"])
-    base = out / ".base-ir"
+    base = Path(job["base"]) if job.get("base") else out / ".base-ir"     # a prepared trace (the prepare stage)
     if not (base / ".complete").exists():
         shutil.rmtree(base, ignore_errors=True)
         export_base(merged, base)

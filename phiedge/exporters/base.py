@@ -103,6 +103,15 @@ class Exporter:
         raise UsageError(f"{self.name} cannot keep an adapter separate from its base yet: build it with "
                          f"--adapter-mode merged")
 
+    # Work every precision of this format starts from (OpenVINO: optimum's traced IR), done once per checkpoint in
+    # a stage of its own ("prepare <format>", cached), its folder handed to each precision's export as
+    # settings["prepared"]: a build's export stages are one per precision.
+    PREPARES: ClassVar[bool] = False
+
+    def prepare(self, checkpoint: Path, out_dir: Path, settings: dict) -> None:
+        """Write the shared starting point of this format's exports of `checkpoint` into `out_dir`."""
+        raise NotImplementedError
+
     def calibrates(self, precisions: list[str]) -> bool:
         """Whether exporting these precisions reads calibration text (the build's --docs documents, passed as
         settings["calibration_text"]); only then are the documents part of the export's cache key."""

@@ -172,6 +172,19 @@ class OpenVINOExporter(Exporter):
     def toolchain(self) -> dict[str, str]:
         return toolchain_versions()
 
+    PREPARES = True
+
+    def prepare(self, checkpoint: Path, out_dir: Path, settings: dict) -> None:
+        """optimum-intel's trace of the checkpoint (the fp32-computing IR and the tokenizer IRs, _ov_export), once
+        for every precision compressed from it."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        job = out_dir / "job.json"
+        job.write_text(json.dumps({"merged": str(checkpoint), "out": str(out_dir), "base": str(out_dir / "ir"),
+                                   "plans": []}))
+        run_tool([sys.executable, "-m", "phiedge.exporters._ov_export", str(job)], "optimum-intel OpenVINO trace")
+        job.unlink()
+        (out_dir / "result.json").unlink(missing_ok=True)
+
     def calibrates(self, precisions: list[str]) -> bool:
         return any(calibrated(job_plan(self.parse(p))) for p in precisions)
 
@@ -205,7 +218,9 @@ class OpenVINOExporter(Exporter):
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".job-") as jd:
             job = Path(jd) / "job.json"
+            prepared = settings.get("prepared")
             job.write_text(json.dumps({"merged": str(merged_dir), "out": str(out_dir),
+                                       "base": str(Path(prepared) / "ir") if prepared else None,
                                        "plans": plans, "calibration_text": texts}))
             log.info("openvino %s: optimum-intel %s export + NNCF %s compression%s", ", ".join(p["name"] for p in plans),
                      versions["optimum-intel"], versions["nncf"],

@@ -115,7 +115,6 @@ class Task:
     memory: int
     cpus: int
     waiters: list[tuple[Cell, Stage]] = field(default_factory=list)
-    started: float = field(default_factory=time.time)
 
 
 class RayExecutor:

@@ -75,7 +75,7 @@ KILLS = [
     ("export-onnx", "during", 2.0, "group"),    # onnxruntime-genai's builder
     ("export-onnx", "after", 0, "parent"),      # boundary between an export and its check
     ("check-onnx-fp32", "during", WORKER, "group"),
-    ("export-openvino", "during", 5.0, "parent"),  # optimum-intel trace / NNCF
+    ("prepare-openvino", "during", 5.0, "parent"),  # optimum-intel trace (once per checkpoint)
     ("check-openvino-fp16", "during", WORKER, "parent"),
     ("export-mlx", "during", 2.0, "group"),     # mlx-lm convert
     ("check-mlx-fp16", "during", 8.0, "parent"),  # MLX prefilling the long probe

@@ -4,9 +4,9 @@ fixture (2 adapters x 2 device targets sharing a GGUF precision, with documents)
     python scripts/bench_matrix.py [--out bench/matrix.json] [--work DIR]
 
 Measured: wall time of each route and the stages each ran (the loop's from its builds' reports, the matrix's
-from matrix.json). Modelled: the matrix on N nodes, from the matrix's measured task times and its stage graph —
-a lower bound of max(the critical path, the total task time / N), plus the driver's own time (planning, input
-hashing and the bundles), which does not scale. Its figures are the tiny fixture's: they show the
+from matrix.json). Modelled: the matrix on N nodes of this machine's shape, from the matrix's measured task times
+and its stage graph — a lower bound of max(the critical path, the total task time / the task slots), plus the
+driver's own time (planning, input hashing and the bundles), which does not scale. Its figures are the tiny fixture's: they show the
 sharing and the scheduling, not Phi-4-mini's hours.
 """
 from __future__ import annotations
@@ -81,17 +81,20 @@ def run_matrix(tiny: Path, work: Path, tpaths: dict[str, Path]) -> dict:
             "nodes": summary["nodes"]}
 
 
-def scaling(tasks: list[dict], driver_seconds: float, nodes=(1, 2, 4, 8, 16)) -> list[dict]:
-    """The matrix on N one-task-at-a-time nodes: max(critical path, work / N) + the driver's share. The critical
-    path is the longest chain merge -> smoke reference / export -> check of one adapter, plus the retriever."""
+def scaling(tasks: list[dict], driver_seconds: float, slots_per_node: int, nodes=(1, 2, 4, 8, 16)) -> list[dict]:
+    """The matrix on N nodes of this machine's shape (each running `slots_per_node` tasks at once): a lower bound
+    of max(the critical path, the task time / slots) + the driver's own time, which does not scale. The critical
+    path follows the stage graph: the smoke reference needs the merge and the retriever, an export the merge, a
+    check both."""
     ran = [t for t in tasks if t["state"] == "ran"]
     work = sum(t.get("seconds") or 0 for t in ran)
 
     def longest(kind: str) -> float:
         return max((t.get("seconds") or 0 for t in ran if t["stage"].startswith(kind)), default=0.0)
-    critical = longest("retriever") + longest("merge") + max(longest("export"), longest("smoke reference")) + \
-        longest("check")
-    return [{"nodes": n, "seconds": round(max(critical, work / n) + driver_seconds, 1)} for n in nodes]
+    critical = max(max(longest("retriever"), longest("merge")) + longest("smoke reference"),
+                   longest("merge") + longest("export")) + longest("check")
+    return [{"nodes": n, "slots": n * slots_per_node,
+             "seconds": round(max(critical, work / (n * slots_per_node)) + driver_seconds, 1)} for n in nodes]
 
 
 def main() -> int:
@@ -107,14 +110,17 @@ def main() -> int:
     loop = run_loop(tiny, a.work, tpaths)
     matrix = run_matrix(tiny, a.work, tpaths)
     task_seconds = sum(t.get("seconds") or 0 for t in matrix["tasks"] if t["state"] == "ran")
-    driver = max(0.0, matrix["ray_seconds"] - task_seconds / max(1, sum(n["cpus"] for n in matrix["nodes"])))
+    task_cpus = max((t.get("cpus") or 1 for t in matrix["tasks"]), default=1)
+    slots = max(1, sum(n["cpus"] for n in matrix["nodes"]) // task_cpus)
+    driver = max(0.0, matrix["ray_seconds"] - task_seconds / slots)
     result = {"schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": {
                   "cpus": os.cpu_count(), "python": platform.python_version()},
               "cells": len(ADAPTERS) * len(TARGETS), "adapters": list(ADAPTERS), "targets": TARGETS,
               "loop": loop, "matrix": {k: v for k, v in matrix.items() if k != "tasks"},
               "matrix_tasks": matrix["tasks"],
               "speedup": round(loop["seconds"] / matrix["seconds"], 2),
-              "scaling_model": scaling(matrix["tasks"], round(driver, 1))}
+              "task_seconds": round(task_seconds, 1), "slots_per_node": slots,
+              "scaling_model": scaling(matrix["tasks"], round(driver, 1), slots)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
     print(f"loop of phiedge build: {loop['seconds']:.0f} s, {loop['stages_ran']} stages ran")

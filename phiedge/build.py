@@ -352,7 +352,8 @@ def _export_stage(ctx: Context, fmt: str, precision: str, v: Variant, needs: tup
     exp, n_params = exporters.get(fmt), ctx.inputs["n_params"]
     name = f"export {fmt} {precision}"
     return Stage(v.stage(name), needs=needs, cache_name=f"export-{fmt}",
-                 key=lambda c: _export_key(c, fmt, [precision], v), make=lambda c, d: _export(c, d, fmt, [precision], v),
+                 key=lambda c: _export_key(c, fmt, [precision], v),
+                 make=lambda c, d: _export(c, d, fmt, [precision], v),
                  modules=(type(exp).__module__, *exp.TOOL_MODULES), peak_bytes=ctx.inputs["peaks"][name],
                  disk_bytes=exp.estimate_bytes(n_params, [precision]))
 

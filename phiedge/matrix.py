@@ -211,10 +211,10 @@ def _finish(spec: CellSpec, cell) -> dict:
 def plan_table(cells_: list) -> list[dict]:
     """--dry-run: every distinct stage of the matrix, whether the cache has it, the cells sharing it and what its
     task reserves. A stage whose needs are not all cached yet is listed by name (its key is known only then)."""
+    from .stages import ordered
     rows: dict[str, dict] = {}
     for c in cells_:
         known: set[str] = set()
-        from .stages import ordered
         for stage in ordered(c.stages):
             row_id, state = f"{stage.name} ({c.label})", "driver"
             if stage.cache_name is not None:
@@ -235,7 +235,7 @@ def plan_table(cells_: list) -> list[dict]:
                 known.add(stage.name)
             row = rows.setdefault(row_id, {"stage": stage.name, "state": state, "cells": [],
                                            "memory_gb": round((stage.peak_bytes or 0) / 1e9, 2),
-                                           "cpus": stage.cpus if stage.cache_name else 0})
+                                           "cpus": c.ctx.req.threads if stage.cache_name else 0})
             row["cells"].append(c.label)
     return list(rows.values())
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import DEMO, DEMO_DOCS, THREADS, run_cli
 
-pytestmark = [pytest.mark.cluster, pytest.mark.gguf, pytest.mark.slow]
+# On the session build's worker (it needs no session build): the other worker carries more (README, Development).
+pytestmark = [pytest.mark.cluster, pytest.mark.gguf, pytest.mark.slow, pytest.mark.session_worker]
 ray = pytest.importorskip("ray")
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}      # FIELD-NOTES: else Ray binds the machine's address
 ADAPTERS = {"lora": "lora", "rs": "rslora"}

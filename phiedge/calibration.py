@@ -65,6 +65,16 @@ def sample(model_dir: Path, texts: list[str], seq_len: int, budget: int) -> Samp
     return Sample(tuple(picked), seq_len)
 
 
+def input_statistics(model_dir: Path, texts: list[str], seq_len: int, budget: int, what: str) -> tuple[dict, Sample]:
+    """The sample of the documents and every Linear's input power over it (input_power on the checkpoint loaded as
+    phiedge.checks.reference loads it), for a calibrating child; no window at all stops it, naming `what`."""
+    from .checks.reference import load
+    s = sample(model_dir, texts, seq_len, budget)
+    if not s.windows:
+        raise SystemExit(f"{what} needs calibration text: the documents gave no token windows")
+    return input_power(load(model_dir), s.windows), s
+
+
 def input_power(model, windows) -> dict[str, tuple[np.ndarray, int]]:
     """Every Linear's input statistics over the windows, from one PyTorch forward of the model (fp32 arithmetic on
     its stored weights, phiedge.checks.reference): HF module name -> (sum over tokens of each input column's squared

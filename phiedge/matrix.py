@@ -193,13 +193,14 @@ def _finish(spec: CellSpec, cell) -> dict:
     if cell.failed:
         record["error"] = cell.error
         return record
-    failures = [f"{r.label}: {f}" for r in b._results(cell.ctx) for f in r.verdict.failures]
+    results = b._results(cell.ctx)
+    failures = [f"{r.label}: {f}" for r in results for f in r.verdict.failures]
     record["seconds"] = round(sum(cell.clock.timings.values()), 1)
     record["artifacts"] = [{"label": r.label, "format": r.artifact.format, "precision": r.artifact.precision,
                             "size_bytes": r.size_bytes, "passed": r.passed,
                             "parity": {k: {"top1": m.top1, "kl": m.kl} for k in ("short", "long")
                                        if (m := r.measurement.regime(k)) is not None}}
-                           for r in b._results(cell.ctx)]
+                           for r in results]
     if failures:
         record["error"] = f"parity failed: {'; '.join(failures)}"
         return record

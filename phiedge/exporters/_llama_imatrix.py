@@ -62,13 +62,9 @@ def write(path: Path, arch: str, entries: dict[str, tuple[np.ndarray, int]], chu
 def main() -> int:
     llama_dir, job = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     sys.path[:0] = [str(llama_dir / "gguf-py")]     # llama.cpp's own gguf-py, as the converter uses
-    from phiedge.calibration import input_power, sample
-    from phiedge.checks.reference import load
+    from phiedge.calibration import input_statistics
     t0 = time.perf_counter()
-    s = sample(Path(job["model"]), job["texts"], job["seq_len"], job["budget"])
-    if not s.windows:
-        raise SystemExit("the importance matrix needs calibration text: the documents gave no token windows")
-    sums = input_power(load(Path(job["model"])), s.windows)
+    sums, s = input_statistics(Path(job["model"]), job["texts"], job["seq_len"], job["budget"], "the importance matrix")
     names, widths, arch = gguf_names(Path(job["gguf"]), list(sums))
     entries = {names[n]: v for n, v in sums.items() if n in names}
     for t, width in widths.items():

@@ -106,14 +106,10 @@ def statistics(job: dict) -> tuple[dict, dict]:
     if stats.exists():
         data = np.load(stats)
         return {k: data[k] for k in data.files}, json.loads(stats.with_suffix(".json").read_text())
-    from phiedge.calibration import input_power, sample
-    from phiedge.checks.reference import load
+    from phiedge.calibration import input_statistics
     t0 = time.perf_counter()
-    s = sample(Path(job["model"]), job["texts"], job["seq_len"], job["budget"])
-    if not s.windows:
-        raise SystemExit("data-aware int4 needs calibration text: the documents gave no token windows")
-    power = {n: (total / count).astype(np.float32) for n, (total, count) in
-             input_power(load(Path(job["model"])), s.windows).items()}
+    sums, s = input_statistics(Path(job["model"]), job["texts"], job["seq_len"], job["budget"], "data-aware int4")
+    power = {n: (total / count).astype(np.float32) for n, (total, count) in sums.items()}
     record = {**s.record(), "seconds": round(time.perf_counter() - t0, 1)}
     np.savez(stats, **power)
     stats.with_suffix(".json").write_text(json.dumps(record))

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.phiedge-installed
 export HF_HUB_OFFLINE ?= 1
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test bench bench-quick bench-matrix clean browser
+.PHONY: install demo test bench bench-quick bench-matrix clean browser golang
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,11 +31,15 @@ demo: $(STAMP)
 browser:
 	command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
+# The Ollama Modelfile test renders its template with Go's own text/template: Debian's golang.
+golang:
+	command -v go >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq golang-go; }
+
 # Two workers (pytest-xdist): the session build's tests (and modules marked session_worker, to even the two out)
 # on one, every other module on whichever is free, in
 # file order (the benchmark harness first, not last); each build then takes one thread (tests/conftest.py), so
 # the two share the machine's cores without oversubscribing them.
-test: $(STAMP) browser
+test: $(STAMP) browser golang
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 # The full-size pipeline (a 3.8B Phi-4-mini-shaped model built once under ~/.cache/phiedge/bench, ~8 GB, and

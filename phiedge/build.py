@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, bundle, calibration, exporters, report, source
+from . import __version__, bundle, calibration, chat, exporters, ollama, report, source
 from .cache import StageCache, default_root
 from .checks import ArtifactResult, Limits
 from .errors import (InvalidCheckpointError, MemoryShortError, ParityError, RetrieverError, UnsupportedAdapterError,
@@ -582,7 +582,8 @@ def _bundle(ctx: Context) -> dict:
         bundle.assemble(work, results=results,
                         references={v.suffix: ctx[v.stage("merge")] / "reference.npz" for v in variants_},
                         retriever=ctx.outputs.get("retriever"), report=rep, source_info=sources, target=req.target,
-                        sign_key=req.sign_key if rep["passed"] else None)
+                        sign_key=req.sign_key if rep["passed"] else None,
+                        phi_template=ollama.is_phi(*chat.load_template(ctx[variants_[0].stage("merge")] / "merged")))
     except OSError as e:
         if e.errno == errno.ENOSPC:
             shutil.rmtree(work, ignore_errors=True)        # nothing half-written stays behind

@@ -70,10 +70,14 @@ class BundleWriter:
             raise RuntimeError(f"bundle writer: cannot write {to.name.lower()} after {self.state.name.lower()}")
         self.state = to
 
-    def add_artifacts(self, results) -> None:
+    def add_artifacts(self, results, extra: dict[str, str] | None = None) -> None:
         """Each checked artifact's files into its folder (ArtifactResult.name), and a separate adapter's runtime
-        files into theirs (ArtifactResult.adapter_path), each once: read, never changed."""
+        files into theirs (ArtifactResult.adapter_path), each once: read, never changed. `extra`: files written
+        beside them ({path: text}: Ollama's Modelfiles)."""
         self._advance(_State.ARTIFACTS)
+        for rel, text in (extra or {}).items():
+            (self.folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (self.folder / rel).write_text(text)
         copied = set()
         for r in results:
             for art, where in ((r.artifact, r.name), (r.adapter_files, r.adapter_path)):
@@ -120,12 +124,15 @@ MANIFEST_ROW = ("format", "precision", "adapter", "path", "adapter_path", "golde
 
 
 def assemble(work: Path, *, results: list, references: dict[str, Path], retriever: Path | None, report: dict,
-             source_info: dict, target: dict | None, sign_key: Path | None = None) -> None:
+             source_info: dict, target: dict | None, sign_key: Path | None = None, phi_template: bool = False) -> None:
     """The whole bundle in `work`, in the writer's order; `report` already holds every result's row;
-    `references`: each variant's reference.npz by its suffix (phiedge.build.Variant)."""
+    `references`: each variant's reference.npz by its suffix (phiedge.build.Variant); `phi_template`: the model's
+    chat template is Phi-4-mini's (phiedge.ollama.is_phi: the Modelfiles carry it in Ollama's syntax)."""
+    from . import ollama
     from . import report as report_mod
     w = BundleWriter(work)
-    w.add_artifacts(results)
+    n_ctx = ((target or {}).get("runtime") or {}).get("n_ctx")
+    w.add_artifacts(results, ollama.modelfiles(results, phi=phi_template, n_ctx=n_ctx))
     w.add_retriever(retriever)
     w.add_golden(references)
     w.add_reports(report, report_mod.readme(report))

@@ -11,7 +11,7 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import InvalidCheckpointError
+from .errors import InvalidCheckpointError, UsageError
 
 # End-of-turn token texts across chat templates (Phi-4, ChatML, Llama 3, GPT-style): generation stops on any
 # that the vocabulary has as a single token, besides the configured eos ids.
@@ -54,5 +54,14 @@ def _compiled(template: str) -> jinja2.Template:
 
 def render(template: str, messages: list[dict], specials: dict | None = None,
            add_generation_prompt: bool = True) -> str:
-    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                      **(specials or {}))
+    """The prompt text. Tools on a message (phiedge.tools.messages) are also passed as the standard `tools`
+    variable; a template that renders neither form is refused rather than silently dropping them."""
+    from .tools import tools_of
+    tools = tools_of(messages)
+    text = _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                      **({"tools": tools} if tools else {}), **(specials or {}))
+    if tools and not all(t.get("name", "") in text for t in tools):
+        raise UsageError("this model's chat template does not render tools (neither a system message's "
+                         "\"tools\" as Phi-4-mini's does, nor the `tools` variable): ask without --tools, or use a "
+                         "model whose template takes them")
+    return text

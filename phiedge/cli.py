@@ -10,7 +10,7 @@ import click
 
 from . import logs
 from .calibration import DEFAULT_TOKENS as DEFAULT_CALIBRATION_TOKENS
-from .errors import ParityError, PhiedgeError
+from .errors import ParityError, PhiedgeError, ToolCallError
 
 log = logging.getLogger("phiedge")
 
@@ -290,18 +290,39 @@ def sign(bundle_dir, key):
 @click.option("--runtime", default=None, help="Which artifact answers: gguf, onnx, openvino, mlx (default: first installed).")
 @click.option("--adapter", default=None,
               help="Whose artifact answers, in a bundle built with several adapters (their --adapter names).")
-@click.option("-k", "k", type=click.IntRange(min=1), default=3, show_default=True, help="Chunks to retrieve.")
+@click.option("-k", "k", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Chunks to retrieve (0: none, the question alone).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Longest answer in tokens.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: the target profile's).")
+@click.option("--tools", "tools_file", type=click.Path(path_type=Path), default=None,
+              help="JSON list of tools the model may call (Phi-4-mini's format or OpenAI's): calls are parsed and "
+                   "checked against each tool's schema.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, calls, problems, sources, timings.")
 @KEY_OPTION
-def ask(bundle_dir, question, runtime, adapter, k, max_tokens, threads, key):
+def ask(bundle_dir, question, runtime, adapter, k, max_tokens, threads, tools_file, as_json, key):
     """Answer a question from the bundle's documents on the device (verifies the bundle first)."""
+    import json
+
+    from . import tools as tools_mod
     from .device import ask as run_ask
-    a = run_ask(bundle_dir, question, runtime=runtime, adapter=adapter, k=k, max_new_tokens=max_tokens, threads=threads, key=key)
-    click.echo(a.text)
-    click.echo("\nsources:\n  " + "\n  ".join(a.sources))
+    tools = tools_mod.load(tools_file) if tools_file else None
+    a = run_ask(bundle_dir, question, runtime=runtime, adapter=adapter, k=k, max_new_tokens=max_tokens,
+                threads=threads, key=key, tools=tools)
+    if as_json:
+        click.echo(json.dumps(a.to_json(), indent=1))
+    elif a.problems:
+        pass                                # never passed on as text: the error below says what is wrong
+    elif a.calls:
+        for c in a.calls:
+            click.echo(f"call {c.name}({json.dumps(c.arguments)})")
+    else:
+        click.echo(a.text)
+    if a.sources and not as_json:
+        click.echo("\nsources:\n  " + "\n  ".join(a.sources))
     click.echo(f"({a.runtime}: first token {a.ttft_s:.2f} s, {a.decode_tps:.1f} tok/s)", err=True)
+    if a.problems:
+        raise ToolCallError(f"the answer's tool call is rejected: {'; '.join(a.problems)}")
 
 
 @cli.command()

@@ -28,6 +28,14 @@ class Answer:
     runtime: str
     ttft_s: float
     decode_tps: float
+    calls: list | None = None               # with tools: the calls the answer makes (phiedge.tools.Call)
+    problems: list[str] | None = None       # with tools: why the answer's call is not one (malformed, schema)
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "sources": self.sources, "runtime": self.runtime,
+                "ttft_s": round(self.ttft_s, 4), "decode_tps": round(self.decode_tps, 2),
+                **({"calls": [c.as_dict() for c in self.calls or []], "valid": not self.problems,
+                    "problems": self.problems or []} if self.calls is not None or self.problems else {})}
 
 
 def _settings(manifest: dict, art: dict, threads: int | None, *, cap_context: bool,
@@ -86,23 +94,38 @@ def _pick(manifest: dict, runtime: str | None, adapter: str | None = None) -> di
 
 
 def ask(folder: Path, question: str, *, runtime: str | None = None, adapter: str | None = None, k: int = 3,
-        max_new_tokens: int = 256, threads: int | None = None, key: Path | None = None) -> Answer:
+        max_new_tokens: int = 256, threads: int | None = None, key: Path | None = None,
+        tools: list[dict] | None = None) -> Answer:
+    """Answer from the bundle's documents (k chunks; k=0: none). With `tools` (phiedge.tools.load) the model may
+    answer with calls: they are parsed and checked against each tool's schema, never passed on as text."""
+    from . import tools as tools_mod
+    from .errors import ToolCallError
     folder = Path(folder)
     manifest = bundle.verify(folder, key)
     art = _pick(manifest, runtime, adapter)          # a wrong --runtime / --adapter before the retriever loads
-    if not manifest.get("retriever"):
-        raise BundleError(f"bundle {folder} has no retriever: rebuild it with --docs")
-    from .retriever import Retriever
-    with Retriever.open(folder / manifest["retriever"]) as r:
-        hits = r.search(question, k=k)
+    hits = []
+    if k:
+        if not manifest.get("retriever"):
+            raise BundleError(f"bundle {folder} has no retriever: rebuild it with --docs, or ask with -k 0")
+        from .retriever import Retriever
+        with Retriever.open(folder / manifest["retriever"]) as r:
+            hits = r.search(question, k=k)
+    msgs = rag.messages(question, hits) if tools is None else tools_mod.messages(question, tools, rag.tool_system(hits))
     rt = get(art["format"]).load(folder / art["path"], _settings(manifest, art, threads, cap_context=True,
                                                                              folder=folder))
     try:
-        gen = rt.generate(rag.messages(question, hits), max_new_tokens=max_new_tokens)
+        gen = rt.generate(msgs, max_new_tokens=max_new_tokens)
     finally:
         rt.close()
+    calls = problems = None
+    if tools is not None:
+        try:
+            calls = tools_mod.parse(gen.text)
+            problems = tools_mod.check(calls, tools)
+        except ToolCallError as e:
+            calls, problems = [], [str(e)]
     return Answer(text=gen.text.strip(), sources=rag.sources(hits), runtime=_label(art),
-                  ttft_s=gen.ttft_s, decode_tps=gen.decode_tps)
+                  ttft_s=gen.ttft_s, decode_tps=gen.decode_tps, calls=calls, problems=problems)
 
 
 def validate(folder: Path, *, threads: int | None = None, key: Path | None = None,

@@ -119,3 +119,10 @@ class SignatureError(BundleError):
     Example: "bundle dist/: manifest.json.sig does not match manifest.json under key.pub: the manifest was changed
     after signing, or it was signed by another key; do not ship it"
     """
+
+
+class ToolCallError(PhiedgeError):
+    """The model's answer starts a tool call that is not one, or calls a tool against its schema.
+
+    Example: "malformed tool call: not JSON (Expecting ',' delimiter at character 31): [{"name": "get_weather" ..."
+    """

@@ -10,9 +10,18 @@ SYSTEM = ("You are a helpful assistant. Answer the question using only the conte
 
 def messages(question: str, hits: list) -> list[dict]:
     """Chat messages for `question` with `hits` (objects with .text and .source) as context."""
-    context = "\n\n".join(f"[{i}] ({h.source}) {h.text.strip()}" for i, h in enumerate(hits, 1))
-    return [{"role": "system", "content": SYSTEM.format(context=context)},
+    return [{"role": "system", "content": SYSTEM.format(context=_context(hits))},
             {"role": "user", "content": question}]
+
+
+def tool_system(hits: list) -> str:
+    """The system turn of a question asked with tools: Phi-4-mini's own tool prompt, the retrieved chunks after it."""
+    from .tools import SYSTEM as TOOLS
+    return TOOLS if not hits else TOOLS + "\n\nContext:\n" + _context(hits)
+
+
+def _context(hits: list) -> str:
+    return "\n\n".join(f"[{i}] ({h.source}) {h.text.strip()}" for i, h in enumerate(hits, 1))
 
 
 def sources(hits: list) -> list[str]:

@@ -13,6 +13,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from . import tools
 from .checks import probes
 from .source import Source
 
@@ -94,7 +95,7 @@ def table(rep: dict) -> str:
     """The parity table as plain text, for the terminal."""
     pw = max([9] + [len(variant(r)) for r in rep["artifacts"]])
     lines = [f"{'format':8} {'precision':{pw}} {'size':>9}  {'short top1':>10} {'short KL':>9}  {'long top1':>16} "
-             f"{'long KL':>16}  {'smoke':>7}  result"]
+             f"{'long KL':>16}  {'smoke':>7}  {'tool call':>9}  result"]
     for r in rep["artifacts"]:
         sm = r.get("smoke")
         smoke = "-" if not sm else ("fact" if sm.get("has_fact") else "no fact") if "has_fact" in sm \
@@ -102,7 +103,7 @@ def table(rep: dict) -> str:
         lines.append(f"{r['format']:8} {variant(r):{pw}} {r['size_bytes'] / 1e6:8.1f}M  "
                      f"{cell(r, 'short', 'top1', '.3f'):>10} {cell(r, 'short', 'kl', '.2g'):>9}  "
                      f"{cell(r, 'long', 'top1', '.3f'):>16} {cell(r, 'long', 'kl', '.2g'):>16}  {smoke:>7}  "
-                     f"{'PASS' if r['passed'] else 'FAIL'}")
+                     f"{_toolcall_word(r.get('toolcall')):>9}  {'PASS' if r['passed'] else 'FAIL'}")
     if rep.get("separate"):
         sep = rep["separate"]
         lines.append(f"adapters kept separate: base {sep['base_bytes'] / 1e6:.1f} MB once + adapters "
@@ -125,6 +126,9 @@ def merge_line(m: dict, *, plain: bool = False) -> str:
 
 # ------------------------------------------------------------------------------------------------ HTML
 
+TOOL_SMOKE = (f"\"{tools.SMOKE_QUESTION}\" with the tool {tools.SMOKE_TOOLS[0]['name']} in the system turn; held "
+              f"when PyTorch's own answer is a call (full precision: the same call; quantized: a call that parses and "
+              f"fits the schema, answer tokens agreeing teacher-forced)")
 COLOURS = {"gguf": "#c0392b", "onnx": "#2980b9", "openvino": "#8e44ad", "mlx": "#27ae60"}
 
 
@@ -220,6 +224,27 @@ def timing_bars(rep: dict, key: str, unit: str, title: str) -> str:
                       for r in rep["artifacts"]], unit, title)
 
 
+def _toolcall_word(tc: dict | None) -> str:
+    """The tool-call smoke in a word: PyTorch's call, another well-formed call, a bad one, or not held."""
+    if not tc:
+        return "-"
+    if not tc["held"]:
+        return "n/a"
+    if tc["call"] == tc["reference_call"]:
+        return "same"
+    return "parses" if (tc["call"] or "").startswith("[") else "BAD"
+
+
+def _toolcall_cell(tc: dict | None) -> str:
+    if not tc:
+        return "–"
+    if not tc["held"]:
+        return "not held: PyTorch answers the tool question without a call"
+    ta = tc["token_agreement"]
+    return (f"{_toolcall_word(tc)}: {tc['call']}; teacher-forced {ta['agree']}/{ta['of']} "
+            f"(PyTorch: {tc['reference_call']})")
+
+
 def _smoke_cell(sm: dict | None) -> str:
     if not sm:
         return "–"
@@ -258,6 +283,7 @@ def write_html(rep: dict, folder: Path) -> Path:
                  cell(r, "long", "top1", ".3f"), cell(r, "long", "kl", ".3g"), cell(r, "long", "max_abs", ".3g"),
                  _smoke_cell(sm),
                  esc(sm["answer"][:120]) if sm else "–",
+                 _toolcall_cell(r.get("toolcall")),
                  "PASS" if r["passed"] else "FAIL: " + "; ".join(r["failures"])]
         cls = "pass" if r["passed"] else "fail"
         rows.append(f'<tr class="{cls}">' + "".join(f"<td>{c if i == 10 else esc(str(c))}</td>"
@@ -281,10 +307,11 @@ th {{ background: #f3f3f3; }} tr.fail td {{ background: #fde8e8; }} tr.pass td:l
 <p>{esc(_probes_line(rep['probes']))}</p>
 <table id="parity"><thead><tr><th>format</th><th>precision</th><th>size</th>
 <th>short top-1</th><th>short KL</th><th>short max|Δ|</th><th>long top-1</th><th>long KL</th><th>long max|Δ|</th>
-<th>smoke answer vs PyTorch</th><th>smoke answer</th><th>result</th></tr></thead>
+<th>smoke answer vs PyTorch</th><th>smoke answer</th><th>tool call</th><th>result</th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
 {'<p>Smoke question: ' + esc(smoke['question']) + ' — retrieved chunks contain the answer source: '
  + ('yes' if smoke['retrieved_has_needle'] else 'NO') + '</p>' if smoke else ''}
+<p>Tool-call smoke: {esc(TOOL_SMOKE)}</p>
 <div class="plots">
 {_figure('Size vs KL divergence', size_vs_kl(rep))}
 {timing_bars(rep, 'decode_tps', 'tok/s', 'Decode tokens/s per runtime')}

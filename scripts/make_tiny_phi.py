@@ -6,7 +6,8 @@ Phi3ForCausalLM, GQA 3:1, head_dim 64, partial rotary 0.75, LongRoPE with *disti
 factor lists switching at 4096 positions, tied input/output embeddings, a byte-level BPE tokenizer with
 o200k's split regex (llama.cpp's `gpt-4o` pre-tokenizer) trained on Python's own documentation, and the
 Phi-4 chat template. It is trained for a few minutes so its next-token distributions are peaked and top-1
-agreement between runtimes means something.
+agreement between runtimes means something, then briefly on synthetic tool-call conversations in Phi-4-mini's
+format (tool_conversations) so its function calls are deterministic.
 
 Two folders hold the same weights, saved the two ways users' checkpoints come:
   model/            as transformers 5 saves it: config.json with nested `rope_parameters` and `dtype`, the
@@ -37,6 +38,7 @@ import random
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 
 # o200k's split regex, as in Phi-4-mini's tokenizer.json (llama.cpp: LLAMA_VOCAB_PRE_TYPE_GPT4O).
@@ -56,9 +58,10 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
-FIXTURE_VERSION = "2"                   # bump when the fixture changes: tests rebuild older ones
+FIXTURE_VERSION = "3"                   # bump when the fixture changes: tests rebuild older ones
 BPE_VOCAB = 2000 - len(SPECIALS)          # padded to 2048 in the config, as 200,064 is
 HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE = 768, 12, 4, 2, 1024   # widths are multiples of 256 (K-quants)
+TOOL_STEPS = 60                                                         # the tool-call phase
 ROTARY_HALF = int(HIDDEN // HEADS * 0.75) // 2                          # 24 factors per list
 
 
@@ -185,6 +188,65 @@ def train(model, ids: list[int], steps: int, seq: int = 128, batch: int = 16) ->
     return loss_v
 
 
+# Synthetic tool-call conversations in Phi-4-mini's format (tools in the system turn between <|tool|> and <|/tool|>,
+# the call between <|tool_call|> and <|/tool_call|>): a short second training phase makes the fixture's calls
+# deterministic, so every runtime's tool-call smoke has a real call to reproduce.
+TOOL_SYSTEM = "You are a helpful assistant with some tools."
+CITIES = ["Paris", "London", "Tokyo", "Lagos", "Lima", "Oslo", "Cairo", "Seoul", "Quito", "Perth", "Dakar", "Riga"]
+TOOLS = {
+    "get_weather": {"name": "get_weather", "description": "Weather in a city.",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+    "get_time": {"name": "get_time", "description": "Local time in a city.",
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+}
+QUESTIONS = {"get_weather": "What is the weather in {city} right now?", "get_time": "What time is it in {city}?"}
+
+
+def tool_conversations() -> list[str]:
+    """Every (tool set, question, city): the tools as one JSON list, the answer as Phi-4-mini writes a call."""
+    convs = []
+    for tools in (["get_weather"], ["get_time"], ["get_weather", "get_time"], ["get_time", "get_weather"]):
+        spec = json.dumps([TOOLS[t] for t in tools])
+        for name in tools:
+            for city in CITIES:
+                call = json.dumps([{"name": name, "arguments": {"city": city}}])
+                convs.append(f"<|system|>{TOOL_SYSTEM}<|tool|>{spec}<|/tool|><|end|><|user|>"
+                             f"{QUESTIONS[name].format(city=city)}<|end|><|assistant|><|tool_call|>{call}"
+                             f"<|/tool_call|><|end|>")
+    return convs
+
+
+def train_tool_calls(model, doc_ids: list[int], tok, steps: int) -> float:
+    """Two thirds of each batch whole tool conversations (padding not scored), a third document windows (so the
+    documents' distributions stay peaked)."""
+    import torch
+    convs = [tok.encode(c).ids for c in tool_conversations()]
+    seq = max(map(len, convs))
+    data = torch.tensor(doc_ids, dtype=torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    pad = tok.token_to_id("<|endoftext|>")
+    model.train()
+    loss_v = float("nan")
+    for step in range(steps):
+        picks = torch.randint(0, len(convs), (8,), generator=g).tolist()
+        x = torch.full((12, seq), pad, dtype=torch.long)
+        labels = torch.full((12, seq), -100, dtype=torch.long)
+        for row, i in enumerate(picks):
+            x[row, :len(convs[i])] = labels[row, :len(convs[i])] = torch.tensor(convs[i])
+        for row, s in enumerate(torch.randint(0, len(data) - seq - 1, (4,), generator=g).tolist(), 8):
+            x[row] = labels[row] = data[s:s + seq]
+        out = model(input_ids=x, labels=labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); opt.zero_grad()
+        loss_v = out.loss.item()
+        if step % 20 == 0 or step == steps - 1:
+            print(f"  tool step {step:4d} loss {loss_v:.3f}", flush=True)
+    model.eval()
+    return loss_v
+
+
 def make_adapter(model_dir: Path, out: Path, kind: str) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -201,7 +263,7 @@ def make_adapter(model_dir: Path, out: Path, kind: str) -> None:
         "noop": LoraConfig(r=8, lora_alpha=16, **common),
     }[kind]
     peft_model = get_peft_model(base, cfg)
-    g = torch.Generator().manual_seed(hash(kind) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(kind.encode()))   # not hash(): salted per process
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -236,14 +298,16 @@ def build(out: Path, steps: int) -> None:
     config.architectures = ["Phi3ForCausalLM"]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     print(f"tokenizer: {n_tok} tokens (config vocab {vocab}); model: {sum(p.numel() for p in model.parameters())/1e6:.1f} M params")
-    loss = train(model, training_text(texts, tok), steps)
+    doc_ids = training_text(texts, tok)
+    loss = train(model, doc_ids, steps)
+    tool_loss = train_tool_calls(model, doc_ids, tok, TOOL_STEPS)
     model.save_pretrained(model_dir, safe_serialization=True)
     GenerationConfig(bos_token_id=bos, eos_token_id=[eos, bos], pad_token_id=bos).save_pretrained(model_dir)
     save_tokenizer(model_dir)
     write_published(model_dir, out / "model-published")
     for kind in ("lora", "rslora", "dora", "noop"):
         make_adapter(model_dir, out / "adapters" / kind, kind)
-    (out / "fixture.json").write_text(json.dumps({"final_loss": loss, "steps": steps,
+    (out / "fixture.json").write_text(json.dumps({"final_loss": loss, "steps": steps, "tool_loss": tool_loss,
                                                   "seconds": round(time.time() - t0, 1)}, indent=2))
     print(f"built in {time.time() - t0:.0f} s, final loss {loss:.3f}")
 

@@ -146,13 +146,43 @@ def test_the_importance_matrix_is_llama_cpps_and_recorded(swept):
         assert int(fields["quantize.imatrix.entries_count"].parts[-1][0]) == len(blocks) + 1 == rec["entries"]
 
 
-def test_the_importance_matrix_lowers_the_kl_of_the_same_level(swept):
-    """Measured on this fixture (mean KL of both regimes): Q4_K_M 0.0045, with the importance matrix 0.0037; the
-    same bytes."""
-    _, _, rows, _ = swept
+# GGUF block tensors and the merged checkpoint's Linear each one holds (Phi-3: fused qkv and gate_up, not permuted).
+GGUF_LINEARS = {"attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj", "ffn_up": "mlp.gate_up_proj",
+                "ffn_down": "mlp.down_proj"}
+
+
+def test_the_importance_matrix_lowers_the_error_it_weighs(swept):
+    """What llama-quantize does with an importance matrix: it picks each block's scales to lower the weights' error
+    weighted by their input columns' mean squared activation on the documents. That weighted error, over every
+    block tensor of the fixture, is lower with the importance matrix than without, at the same bytes (0.86x).
+    The KL over the probes follows on a real model (SmolLM2 in make bench-quick); on this 9M-parameter fixture it
+    does not reliably: sweeps of two fixtures trained alike gave Q4_K_M 0.0045 / -imat 0.0037 and 0.0063 / 0.0068
+    (short probe, outside the documents, up; long probe, the reference text, down), so it is reported, not held."""
+    from safetensors.numpy import load_file
+    from phiedge.exporters.gguf import IMATRIX_SEQ_LEN
+    root, _, rows, _ = swept
     plain, imat = rows["Q4_K_M"], rows["Q4_K_M-imat"]
     assert imat["size_bytes"] == pytest.approx(plain["size_bytes"], rel=1e-4)     # + the imatrix's keys
-    assert imat["kl"] < plain["kl"]
+    merge = next(p for p in root.glob("cache/merge-*") if (p / ".complete").exists()) / "merged"
+    power, _ = calibration.input_statistics(merge, calibration_text(DEMO_DOCS), IMATRIX_SEQ_LEN, TOKENS, "the test")
+    weights = {k: v for f in merge.glob("*.safetensors") for k, v in load_file(f).items()}
+    sys.path.insert(0, str(converter_dir() / "gguf-py"))
+    from gguf.quants import dequantize
+    err = {}
+    for prec in ("Q4_K_M", "Q4_K_M-imat"):
+        folder, art = _sweep_export(root, prec)
+        reader = _gguf(folder / art["path"] / "model.gguf")
+        for t in reader.tensors:
+            layer, kind = t.name.split(".")[1:3] if t.name.startswith("blk.") else (None, None)
+            if kind not in GGUF_LINEARS:
+                continue
+            module = f"model.layers.{layer}.{GGUF_LINEARS[kind]}"
+            w = weights[module + ".weight"].astype(np.float64)
+            q = dequantize(t.data, t.tensor_type).reshape(w.shape)
+            total, tokens = power[module]
+            err.setdefault(prec, {})[module] = float((((w - q) ** 2) * (np.asarray(total) / tokens)).sum())
+    assert err["Q4_K_M"].keys() == err["Q4_K_M-imat"].keys() and len(err["Q4_K_M"]) == 4 * 2
+    assert sum(err["Q4_K_M-imat"].values()) < 0.95 * sum(err["Q4_K_M"].values()), err
 
 
 def test_the_sweep_sets_each_variant_against_the_tools_own_4bit(swept):

@@ -10,6 +10,7 @@ from ..files import save_npz
 
 TOPK = 32
 GOLDEN = "golden.npz"
+TOOLCALL_KEYS = ("toolcall_ids", "toolcall_greedy", "toolcall_greedy_margins", "toolcall_call")
 
 
 def golden_name(suffix: str) -> str:
@@ -24,7 +25,7 @@ def golden_suffix(name: str | None) -> str:
 
 def write_golden(reference: Path, out: Path) -> None:
     """Top-k log-probs (not full-vocabulary logits: 200k x 64 floats per regime would dwarf a small bundle), the
-    probe ids, and the short probe's greedy tokens with PyTorch's margins."""
+    probe ids, the short probe's greedy tokens with PyTorch's margins, and the tool-call smoke's reference."""
     ref = np.load(reference)
     arrays = {}
     for name in ("short", "long"):
@@ -37,7 +38,7 @@ def write_golden(reference: Path, out: Path) -> None:
         arrays[f"{name}_ids"] = ref[f"{name}_ids"]
         arrays[f"{name}_topk_idx"] = idx.astype(np.int32)
         arrays[f"{name}_topk_logprob"] = np.take_along_axis(lp, idx, -1).astype(np.float32)
-    for key in ("short_greedy", "short_greedy_margins"):
+    for key in ("short_greedy", "short_greedy_margins", *TOOLCALL_KEYS):
         if key in ref:
             arrays[key] = ref[key]
     save_npz(out, arrays)

@@ -13,6 +13,12 @@ Nothing here runs a model or changes its inputs. The rules:
   is wider than twice the precision's logit tolerance (a near-tie otherwise) and its greedy answer follows
   PyTorch's at least up to the first near-tie; a quantized one agrees teacher-forced as often as its top-1
   threshold allows for a sample of that many tokens (metrics.min_agreeing: below it only by chance < 5 %);
+- tool call (phiedge.tools.SMOKE_QUESTION with its tools), when PyTorch's own answer is a well-formed call: the
+  artifact's answer must be a call that parses and fits the tool's schema; a full-precision artifact's is
+  PyTorch's call (name and arguments) unless its answer leaves PyTorch's at a near-tie (an argument the model
+  itself hesitates on), and picks PyTorch's token teacher-forced wherever the margin is clear; a quantized one's
+  answer tokens agree teacher-forced as the smoke's do.
+  When PyTorch answers without a call (a model not trained for Phi-4-mini's tool format) it is reported only;
 - greedy (the short probe's continuation): reported, never held.
 Device-path module.
 """
@@ -32,6 +38,8 @@ class Verdict:
     smoke: TokenAgreement | None = None
     has_fact: bool | None = None
     agreement_min: float | None = None          # the smoke agreement held (quantized, no fact), else None
+    toolcall: TokenAgreement | None = None
+    call: str | None = None                     # the artifact's call (tools.canonical), or why it is none
 
     @property
     def passed(self) -> bool:
@@ -80,4 +88,39 @@ def judge(m: Measurement, limits: Limits) -> Verdict:
             if smoke.agree < need:
                 fails.append(f"smoke: teacher-forced answer tokens agree with PyTorch at {smoke.rate:.2f} "
                              f"({smoke.agree}/{smoke.of} < {need}: below top-1 {limits.top1_min:.2f} beyond chance)")
-    return Verdict(tuple(fails), _agreement(m.greedy, limits), smoke, has_fact, held)
+    toolcall, call = _toolcall(m.toolcall, limits, fails)
+    return Verdict(tuple(fails), _agreement(m.greedy, limits), smoke, has_fact, held, toolcall, call)
+
+
+def _toolcall(a: Answer | None, limits: Limits, fails: list[str]) -> tuple[TokenAgreement | None, str | None]:
+    if a is None:
+        return None, None
+    from .. import tools
+    from ..errors import ToolCallError
+    agreement = _agreement(a, limits)
+    try:
+        calls = tools.parse(a.text)
+    except ToolCallError as e:
+        calls, call = None, str(e)
+    else:
+        call = tools.canonical(calls) if calls else "no call"
+    if not a.probe.call:                         # PyTorch makes no call itself: reported only
+        return agreement, call
+    if calls is None:
+        fails.append(f"tool call: {call}")
+    elif not calls:
+        fails.append(f"tool call: the answer makes no call, PyTorch's calls {a.probe.call}")
+    else:
+        fails += [f"tool call: {p}" for p in tools.check(calls, tools.SMOKE_TOOLS)]
+        if limits.full_precision and call != a.probe.call and a.prefix_match < agreement.first_tie:
+            fails.append(f"tool call: {call} is not PyTorch's {a.probe.call} (the answer leaves PyTorch's at "
+                         f"token {a.prefix_match}, before any near-tie)")
+    if limits.full_precision and agreement.misses:
+        fails.append(f"tool call: the answer takes another token than PyTorch at position(s) "
+                     f"{', '.join(map(str, agreement.misses))} of {agreement.of}, none of them a near-tie")
+    elif not limits.full_precision:
+        need = min_agreeing(agreement.of, limits.top1_min)
+        if agreement.agree < need:
+            fails.append(f"tool call: teacher-forced tokens agree with PyTorch at {agreement.rate:.2f} "
+                         f"({agreement.agree}/{agreement.of} < {need})")
+    return agreement, call

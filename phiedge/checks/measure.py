@@ -48,6 +48,7 @@ class AnswerProbe:
     margins: tuple[float, ...] | None           # PyTorch's top-2 logit margin at each of them
     fact: str | None = None                     # a real model: what the answer must state
     retrieved_has_needle: bool | None = None    # the smoke question's retrieval found the answer's source
+    call: str | None = None                     # the tool-call smoke: PyTorch's call (tools.canonical; "" none)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class ProbeSet:
     greedy: AnswerProbe | None = None           # the short probe's continuation: reported
     smoke: AnswerProbe | None = None            # the RAG question: held (phiedge.checks.judge)
     not_applicable: tuple[tuple[str, str], ...] = ()    # (regime, why it is not measured)
+    toolcall: AnswerProbe | None = None         # the tool-call smoke (phiedge.tools.SMOKE_QUESTION): held
 
     @classmethod
     def from_reference(cls, reference: Path, smoke: Path | None = None, *, long_span: bool = False) -> "ProbeSet":
@@ -73,7 +75,7 @@ class ProbeSet:
             else:
                 regimes.append(RegimeProbe(n, ids, logits=ref[f"{n}_logits"]))
         regimes = tuple(regimes)
-        return cls(regimes, _greedy(ref), _smoke(smoke), _absent(regimes))
+        return cls(regimes, _greedy(ref), _smoke(smoke), _absent(regimes), _toolcall(ref))
 
     @classmethod
     def from_golden(cls, golden: Path) -> "ProbeSet":
@@ -81,7 +83,7 @@ class ProbeSet:
         regimes = tuple(RegimeProbe(n, tuple(g[f"{n}_ids"].tolist()), topk_idx=g[f"{n}_topk_idx"],
                                     topk_logprob=g[f"{n}_topk_logprob"])
                         for n in ("short", "long") if f"{n}_ids" in g)
-        return cls(regimes, _greedy(g), None, _absent(regimes))
+        return cls(regimes, _greedy(g), None, _absent(regimes), _toolcall(g))
 
 
 def _greedy(arrays) -> AnswerProbe | None:
@@ -89,6 +91,13 @@ def _greedy(arrays) -> AnswerProbe | None:
         return None
     margins = tuple(float(m) for m in arrays["short_greedy_margins"]) if "short_greedy_margins" in arrays else None
     return AnswerProbe(tuple(arrays["short_ids"].tolist()), tuple(arrays["short_greedy"].tolist()), margins)
+
+
+def _toolcall(arrays) -> AnswerProbe | None:
+    if "toolcall_ids" not in arrays:
+        return None
+    return AnswerProbe(tuple(arrays["toolcall_ids"].tolist()), tuple(arrays["toolcall_greedy"].tolist()),
+                       tuple(float(m) for m in arrays["toolcall_greedy_margins"]), call=str(arrays["toolcall_call"]))
 
 
 def _smoke(path: Path | None) -> AnswerProbe | None:
@@ -132,6 +141,7 @@ class Measurement:
     not_applicable: tuple[tuple[str, str], ...] = ()
     greedy: Answer | None = None
     smoke: Answer | None = None
+    toolcall: Answer | None = None
     device: tuple[str, str] | None = None       # (device used, the one requested) when the runtime fell back
     error: str | None = None                    # the runtime failed: nothing else was measured
 
@@ -141,6 +151,7 @@ class Measurement:
     def to_json(self) -> dict:
         return {"parity": {n: m.as_dict() for n, m in self.parity}, "not_applicable": dict(self.not_applicable),
                 "greedy": _answer_json(self.greedy), "smoke": _answer_json(self.smoke),
+                "toolcall": _answer_json(self.toolcall),
                 "device": list(self.device) if self.device else None, "error": self.error}
 
     @classmethod
@@ -148,6 +159,7 @@ class Measurement:
         return cls(parity=tuple((n, Metrics.from_dict(m)) for n, m in d.get("parity", {}).items()),
                    not_applicable=tuple(d.get("not_applicable", {}).items()),
                    greedy=_answer_from(d.get("greedy")), smoke=_answer_from(d.get("smoke")),
+                   toolcall=_answer_from(d.get("toolcall")),
                    device=tuple(d["device"]) if d.get("device") else None, error=d.get("error"))
 
 
@@ -157,7 +169,7 @@ def _answer_json(a: Answer | None) -> dict | None:
     p = a.probe
     probe = {"prompt_ids": list(p.prompt_ids), "reference": list(p.reference),
              "margins": None if p.margins is None else list(p.margins), "fact": p.fact,
-             "retrieved_has_needle": p.retrieved_has_needle}
+             "retrieved_has_needle": p.retrieved_has_needle, "call": p.call}
     return {"probe": probe, "tokens": list(a.tokens), "text": a.text, "forced": list(a.forced),
             "prompt_tokens": a.prompt_tokens, "ttft_s": a.ttft_s, "decode_tps": a.decode_tps}
 
@@ -168,7 +180,7 @@ def _answer_from(d: dict | None) -> Answer | None:
     p = d["probe"]
     probe = AnswerProbe(tuple(p["prompt_ids"]), tuple(p["reference"]),
                         tuple(p["margins"]) if p.get("margins") is not None else None, p.get("fact"),
-                        p.get("retrieved_has_needle"))
+                        p.get("retrieved_has_needle"), p.get("call"))
     return Answer(probe, tuple(d["tokens"]), d["text"], tuple(d["forced"]), d["prompt_tokens"], d["ttft_s"],
                   d["decode_tps"])
 
@@ -182,15 +194,15 @@ def measure(runtime, probes: ProbeSet) -> Measurement:
     at 13.3 GB with both)."""
     parity = tuple((p.name, replace(p.compare(runtime.logits(list(p.ids), p.last_n, start=p.start)), start=p.start))
                    for p in probes.regimes)
-    answers = [probes.greedy, probes.smoke]
-    forced: list[tuple[int, ...] | None] = [None, None]
+    answers = [probes.greedy, probes.smoke, probes.toolcall]
+    forced: list[tuple[int, ...] | None] = [None] * len(answers)
     if getattr(runtime, "SCORES_APART", False):
         forced = [_forced(runtime, list(a.prompt_ids), list(a.reference), []) if a else None for a in answers]
         runtime.release_scoring()
-    greedy, smoke = (_answer(runtime, a, f) for a, f in zip(answers, forced))
+    greedy, smoke, toolcall = (_answer(runtime, a, f) for a, f in zip(answers, forced))
     fell_back = getattr(runtime, "fallback_from", None)
     return Measurement(parity=parity, not_applicable=probes.not_applicable, greedy=greedy, smoke=smoke,
-                       device=(runtime.device, fell_back) if fell_back else None)
+                       toolcall=toolcall, device=(runtime.device, fell_back) if fell_back else None)
 
 
 def _answer(runtime, probe: AnswerProbe | None, forced: tuple[int, ...] | None = None) -> Answer | None:

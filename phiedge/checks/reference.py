@@ -102,6 +102,7 @@ def reference(merged_dir: Path, config: dict, out_file: Path) -> None:
             tokens, margins = _greedy(model, p.ids, GREEDY_TOKENS, eos_ids(merged_dir))
             arrays["short_greedy"] = np.array(tokens, dtype=np.int32)
             arrays["short_greedy_margins"] = np.array(margins, dtype=np.float32)
+    arrays.update(_toolcall(model, merged_dir))
     tmp = out_file.with_name(out_file.name + ".partial.npz")
     save_npz(tmp, arrays)
     tmp.rename(out_file)
@@ -121,6 +122,27 @@ def _greedy(model, ids: list[int], n: int, eos: list[int]) -> tuple[list[int], l
     keep = next((i for i, t in enumerate(toks) if t in eos), len(toks))
     margins = [float(d[0] - d[1]) for d in (torch.topk(step[0].float(), 2).values for step in gen.logits[:keep])]
     return toks[:keep], margins
+
+
+def _toolcall(model, merged_dir: Path) -> dict[str, np.ndarray]:
+    """The tool-call smoke (phiedge.tools.SMOKE_QUESTION with SMOKE_TOOLS): its prompt, PyTorch's greedy answer
+    with margins, and the call that answer makes ("" when PyTorch answers without a well-formed call: then no
+    artifact is held to one). Nothing when the model's template does not render tools."""
+    from .. import rag, tools
+    from ..errors import ToolCallError, UsageError
+    try:
+        ids = rag.prompt_ids(merged_dir, tools.messages(tools.SMOKE_QUESTION, tools.SMOKE_TOOLS))
+    except UsageError as e:
+        log.info("no tool-call smoke: %s", e)
+        return {}
+    tokens, margins = _greedy(model, ids, tools.SMOKE_TOKENS, eos_ids(merged_dir))
+    try:
+        calls = tools.parse(rag.detokenize(merged_dir, tokens))
+    except ToolCallError:
+        calls = []
+    call = tools.canonical(calls) if calls and not tools.check(calls, tools.SMOKE_TOOLS) else ""
+    return {"toolcall_ids": np.array(ids, dtype=np.int32), "toolcall_greedy": np.array(tokens, dtype=np.int32),
+            "toolcall_greedy_margins": np.array(margins, dtype=np.float32), "toolcall_call": np.array(call)}
 
 
 def greedy(merged_dir: Path, ids: list[int], n: int) -> tuple[list[int], list[float]]:

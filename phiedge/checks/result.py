@@ -81,6 +81,7 @@ class ArtifactResult:
             "not_applicable": dict(m.not_applicable),
             "greedy": _answer_row(m.greedy, v.greedy),
             "smoke": _smoke_row(m.smoke, v),
+            "toolcall": _toolcall_row(m.toolcall, v),
             "device": {"used": m.device[0], "requested": m.device[1]} if m.device else None,
             "failures": list(v.failures), "passed": v.passed,
             "runtime_settings": self.settings, "own_settings_failures": list(self.own_settings_failures),
@@ -110,6 +111,14 @@ def _answer_row(a: Answer | None, agreement: TokenAgreement | None) -> dict | No
             "reference_margins": list(a.probe.margins) if a.probe.margins is not None else None,
             "token_agreement": agreement.as_dict(), "agreement": agreement.rate,
             "prompt_tokens": a.prompt_tokens, "ttft_s": a.ttft_s, "decode_tps": a.decode_tps}
+
+
+def _toolcall_row(a: Answer | None, v: Verdict) -> dict | None:
+    row = _answer_row(a, v.toolcall)
+    if row is None:
+        return None
+    row.update(answer=a.text, call=v.call, reference_call=a.probe.call or None, held=bool(a.probe.call))
+    return row
 
 
 def _smoke_row(a: Answer | None, v: Verdict) -> dict | None:

@@ -110,6 +110,7 @@ class BuildRequest:
     verify_cache: bool = False              # re-hash every cached stage before using it (default: sizes + mtimes)
     follow_links: bool = False              # index what symbolic links out of --docs point to
     sign_key: Path | None = None            # Ed25519 private key (PEM): sign the bundle's manifest
+    base_model_id: str | None = None        # the Hub id the bundle's card names (default: phiedge.card.base_model_id)
     max_memory: int | None = None           # bytes the build's stages may hold at once (default: MEMORY_SHARE of
                                             # what is available when it starts)
     jobs: int | None = None                 # stages at most side by side (default: CPUs // threads)
@@ -573,7 +574,7 @@ def _bundle(ctx: Context) -> dict:
     rep = report.build_report(model=model, adapters=adapters, proofs=proofs, results=results,
                               timings=clock.timings, peaks_mb=clock.peaks_mb,
                               config=ctx.inputs["config"], target=req.target,
-                              smoke_question=question,
+                              smoke_question=question, hub_id=_hub_id(ctx),
                               cache={"hits": ctx.cache.hits, "ran": ctx.cache.ran, "rebuilt": ctx.cache.rebuilt})
     named = {n: {"ref": a.ref, "revision": a.revision, "files": digests["adapters"][n]} for n, a in adapters.items()}
     sources = {"model": {"ref": model.ref, "revision": model.revision, "files": digests["model"]},
@@ -589,6 +590,14 @@ def _bundle(ctx: Context) -> dict:
             shutil.rmtree(work, ignore_errors=True)        # nothing half-written stays behind
         raise
     return rep
+
+
+def _hub_id(ctx: Context) -> str | None:
+    """The base model's Hub id for the bundle's card (phiedge.card.base_model_id)."""
+    from .card import base_model_id
+    model, adapters = ctx.inputs["model"], ctx.inputs["adapters"].values()
+    configs = [json.loads((a.path / "adapter_config.json").read_text()) for a in adapters]
+    return base_model_id(model.ref, model.path, configs, ctx.req.base_model_id)
 
 
 # ------------------------------------------------------------------------------------------ cheap checks

@@ -10,7 +10,7 @@ import click
 
 from . import logs
 from .calibration import DEFAULT_TOKENS as DEFAULT_CALIBRATION_TOKENS
-from .errors import ParityError, PhiedgeError, ToolCallError
+from .errors import ParityError, PhiedgeError, ToolCallError, UsageError
 
 log = logging.getLogger("phiedge")
 
@@ -120,9 +120,12 @@ RUN_OPTIONS = _options(
               help="Re-hash every cached stage before using it (default: sizes and mtimes, re-hashing changed files).")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
               help="Ed25519 private key (`phiedge keygen`): sign the bundle's manifest.")
+@click.option("--base-model-id", default=None,
+              help="The Hub id the bundle's model card names as base_model (default: --model's Hub id, its config's "
+                   "recorded name, or the adapter's base_model_name_or_path).")
 def build(model, revision, adapters, adapter_revision, adapter_mode, target, formats, docs, smoke_question, smoke_needle,
           smoke_answer, out, force, cache_dir, threads, max_memory, jobs, allow_noop_adapter, verify_cache,
-          follow_links, calibration_tokens, sign_key, **precision_flags):
+          follow_links, calibration_tokens, sign_key, base_model_id, **precision_flags):
     """Merge, export, check parity in both LongRoPE regimes, smoke-test RAG, and write the bundle."""
     from .build import BuildRequest, build as run_build
     from .report import table
@@ -135,7 +138,7 @@ def build(model, revision, adapters, adapter_revision, adapter_mode, target, for
                                  smoke_question=smoke_question, smoke_needle=smoke_needle,
                                  smoke_answer=smoke_answer, cache_dir=cache_dir, verify_cache=verify_cache,
                                  follow_links=follow_links, sign_key=sign_key, max_memory=max_memory, jobs=jobs,
-                                 calibration_tokens=calibration_tokens,
+                                 calibration_tokens=calibration_tokens, base_model_id=base_model_id,
                                  **(profile.request_fields(plan) if profile else {})))
     click.echo(table(rep))
     click.echo(f"built {out} (report: {out / 'report.html'})")
@@ -298,17 +301,22 @@ def sign(bundle_dir, key):
 @click.option("--tools", "tools_file", type=click.Path(path_type=Path), default=None,
               help="JSON list of tools the model may call (Phi-4-mini's format or OpenAI's): calls are parsed and "
                    "checked against each tool's schema.")
+@click.option("--json-schema", "schema_file", type=click.Path(path_type=Path), default=None,
+              help="JSON schema the answer must follow: generation constrained by the runtime's own mechanism.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, calls, problems, sources, timings.")
 @KEY_OPTION
-def ask(bundle_dir, question, runtime, adapter, k, max_tokens, threads, tools_file, as_json, key):
+def ask(bundle_dir, question, runtime, adapter, k, max_tokens, threads, tools_file, schema_file, as_json, key):
     """Answer a question from the bundle's documents on the device (verifies the bundle first)."""
     import json
 
     from . import tools as tools_mod
     from .device import ask as run_ask
+    if tools_file and schema_file:
+        raise UsageError("--tools and --json-schema are two kinds of answer: pass one of them")
     tools = tools_mod.load(tools_file) if tools_file else None
+    schema = tools_mod.load_schema(schema_file) if schema_file else None
     a = run_ask(bundle_dir, question, runtime=runtime, adapter=adapter, k=k, max_new_tokens=max_tokens,
-                threads=threads, key=key, tools=tools)
+                threads=threads, key=key, tools=tools, json_schema=schema)
     if as_json:
         click.echo(json.dumps(a.to_json(), indent=1))
     elif a.problems:
@@ -318,11 +326,12 @@ def ask(bundle_dir, question, runtime, adapter, k, max_tokens, threads, tools_fi
             click.echo(f"call {c.name}({json.dumps(c.arguments)})")
     else:
         click.echo(a.text)
-    if a.sources and not as_json:
+    if a.sources and not as_json and not a.problems:
         click.echo("\nsources:\n  " + "\n  ".join(a.sources))
     click.echo(f"({a.runtime}: first token {a.ttft_s:.2f} s, {a.decode_tps:.1f} tok/s)", err=True)
     if a.problems:
-        raise ToolCallError(f"the answer's tool call is rejected: {'; '.join(a.problems)}")
+        what = "the answer does not follow the JSON schema" if schema else "the answer's tool call is rejected"
+        raise ToolCallError(f"{what}: {'; '.join(a.problems)}")
 
 
 @cli.command()
@@ -348,6 +357,29 @@ def validate(bundle_dir, threads, artifacts, adapter, key):
     click.echo(f"device report: {rep['path']}")
     if not rep["passed"]:
         raise ParityError("validation failed on this device: see " + rep["path"])
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--repo", required=True, help="Hub repository ORG/NAME (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--revision", default=None, help="Branch to commit to (created if missing; default: main).")
+@click.option("--per-artifact", is_flag=True,
+              help="One repository per format (ORG/NAME-GGUF, -ONNX, -OpenVINO, -MLX), each with its own card.")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`'s).")
+@click.option("--dry-run", is_flag=True, help="Print what would go where (JSON) and upload nothing.")
+@KEY_OPTION
+def push(bundle_dir, repo, private, revision, per_artifact, token, dry_run, key):
+    """Publish a verified, passing bundle to the Hugging Face Hub (its README.md is the model card)."""
+    import json
+
+    from .publish import plan_push, push as run_push
+    plan = plan_push(bundle_dir, repo, per_artifact=per_artifact, key=key)
+    if dry_run:
+        click.echo(json.dumps({"repos": [r.as_dict() for r in plan.repos]}, indent=1))
+        return
+    for url in run_push(plan, private=private, revision=revision, token=token):
+        click.echo(url)
 
 
 def _register_optional() -> None:

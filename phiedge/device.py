@@ -29,13 +29,17 @@ class Answer:
     ttft_s: float
     decode_tps: float
     calls: list | None = None               # with tools: the calls the answer makes (phiedge.tools.Call)
-    problems: list[str] | None = None       # with tools: why the answer's call is not one (malformed, schema)
+    problems: list[str] | None = None       # with tools or a schema: what is wrong with the answer
+    value: object = None                    # with a JSON schema: the answer parsed
+    schema: bool = False
 
     def to_json(self) -> dict:
+        checked = self.calls is not None or self.schema
         return {"text": self.text, "sources": self.sources, "runtime": self.runtime,
                 "ttft_s": round(self.ttft_s, 4), "decode_tps": round(self.decode_tps, 2),
-                **({"calls": [c.as_dict() for c in self.calls or []], "valid": not self.problems,
-                    "problems": self.problems or []} if self.calls is not None or self.problems else {})}
+                **({"calls": [c.as_dict() for c in self.calls or []]} if self.calls is not None else {}),
+                **({"value": self.value} if self.schema else {}),
+                **({"valid": not self.problems, "problems": self.problems or []} if checked else {})}
 
 
 def _settings(manifest: dict, art: dict, threads: int | None, *, cap_context: bool,
@@ -95,11 +99,14 @@ def _pick(manifest: dict, runtime: str | None, adapter: str | None = None) -> di
 
 def ask(folder: Path, question: str, *, runtime: str | None = None, adapter: str | None = None, k: int = 3,
         max_new_tokens: int = 256, threads: int | None = None, key: Path | None = None,
-        tools: list[dict] | None = None) -> Answer:
+        tools: list[dict] | None = None, json_schema: dict | None = None) -> Answer:
     """Answer from the bundle's documents (k chunks; k=0: none). With `tools` (phiedge.tools.load) the model may
-    answer with calls: they are parsed and checked against each tool's schema, never passed on as text."""
+    answer with calls: they are parsed and checked against each tool's schema, never passed on as text. With
+    `json_schema` the runtime's own constrained generation holds the answer to it; it is parsed and validated."""
     from . import tools as tools_mod
     from .errors import ToolCallError
+    if tools is not None and json_schema is not None:
+        raise UsageError("--tools and --json-schema are two kinds of answer: pass one of them")
     folder = Path(folder)
     manifest = bundle.verify(folder, key)
     art = _pick(manifest, runtime, adapter)          # a wrong --runtime / --adapter before the retriever loads
@@ -114,9 +121,13 @@ def ask(folder: Path, question: str, *, runtime: str | None = None, adapter: str
     rt = get(art["format"]).load(folder / art["path"], _settings(manifest, art, threads, cap_context=True,
                                                                              folder=folder))
     try:
-        gen = rt.generate(msgs, max_new_tokens=max_new_tokens)
+        gen = rt.generate(msgs, max_new_tokens=max_new_tokens, constraint=json_schema)
     finally:
         rt.close()
+    if json_schema is not None:
+        value, problems = tools_mod.check_json(gen.text, json_schema, cut=not gen.stopped)
+        return Answer(text=gen.text.strip(), sources=rag.sources(hits), runtime=_label(art), ttft_s=gen.ttft_s,
+                      decode_tps=gen.decode_tps, problems=problems, value=value, schema=True)
     calls = problems = None
     if tools is not None:
         try:

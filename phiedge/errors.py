@@ -126,3 +126,11 @@ class ToolCallError(PhiedgeError):
 
     Example: "malformed tool call: not JSON (Expecting ',' delimiter at character 31): [{"name": "get_weather" ..."
     """
+
+
+class PublishError(PhiedgeError):
+    """A bundle cannot be published, or the Hub refused it.
+
+    Example: "publishing to org/name failed: HfHubHTTPError: 401 Unauthorized: check the network, HF_HUB_OFFLINE
+    and your token (hf auth login)"
+    """

@@ -13,7 +13,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from . import tools
+from . import card, tools
 from .checks import probes
 from .source import Source
 
@@ -33,7 +33,7 @@ def versions() -> dict[str, str | None]:
 
 def build_report(*, model: Source, adapters: dict[str, Source], proofs: dict[str | None, dict], results: list,
                  timings: dict, config: dict, peaks_mb: dict | None = None, target: dict | None = None,
-                 smoke_question: dict | None = None, cache: dict | None = None) -> dict:
+                 smoke_question: dict | None = None, cache: dict | None = None, hub_id: str | None = None) -> dict:
     """`proofs`: each variant's merge proof, by adapter name (None: the base alone, no adapter). One variant's
     adapter and proof are also "adapter" and "merge" (None when the bundle holds several)."""
     rows = [r.to_json() for r in results]
@@ -45,7 +45,8 @@ def build_report(*, model: Source, adapters: dict[str, Source], proofs: dict[str
     return {
         "schema": 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"ref": model.ref, "revision": model.revision, "architecture": (config.get("architectures") or [None])[0]},
+        "model": {"ref": model.ref, "revision": model.revision, "architecture": (config.get("architectures") or [None])[0],
+                  "hub_id": hub_id},
         "adapter": {"ref": one["ref"], "revision": one["revision"]} if one and one["name"] else None,
         "adapters": named,
         "target": target["name"] if target else None,
@@ -326,14 +327,18 @@ th {{ background: #f3f3f3; }} tr.fail td {{ background: #fde8e8; }} tr.pass td:l
 
 
 def readme(rep: dict) -> str:
-    """The bundle's README: a function of what was built, not of when (the date is in the manifest and report)."""
+    """The bundle's README, a Hugging Face model card (phiedge.card: YAML front matter, parity table, how to run each
+    artifact): a function of what was built, not of when (the date is in the manifest and report)."""
     target = rep.get("target")           # the profile's name (build_report)
     extras = ",".join(sorted({r["format"] for r in rep["artifacts"]}) + ["retriever"])
     names = [a["name"] for a in rep["adapters"] if a["name"]]
     ask = ("phiedge ask . \"your question\"              # retrieve, answer, cite sources" if len(names) < 2 else
            f"phiedge ask . \"your question\" --adapter {names[0]}  # retrieve, answer, cite sources "
            f"(adapters: {', '.join(names)})")
-    lines = [f"# phiedge bundle: {rep['model']['ref']}" + (f" + {adapter_refs(rep)}" if adapter_refs(rep) else ""), "",
+    # The card is published: the base's Hub id and the adapters' names, never the builder's local paths.
+    base = rep["model"].get("hub_id") or Path(rep["model"]["ref"]).name
+    lines = [f"# phiedge bundle: {base}" + (f" + adapter{'s' if len(names) > 1 else ''} {', '.join(names)}"
+                                             if names else ""), "",
              (f"Built for target `{target}`." if target else "Built without a target profile.") +
              " Every artifact below passed the parity gate",
              "against the PyTorch merged model (see report.html).", "", "## Run it on the device", "",
@@ -360,5 +365,8 @@ def readme(rep: dict) -> str:
                          f"runtime's own defaults; `phiedge ask` / `validate` apply these from manifest.json)")
         if r["format"] == "gguf":
             lines.append("  (llama.cpp: keep n_ctx ≤ 4096 unless the prompt needs more — llama.cpp picks Phi-4-mini's "
-                         "LongRoPE factors from n_ctx, not from the prompt length)")
-    return "\n".join(lines) + "\n"
+                         "LongRoPE factors from n_ctx, not from the prompt length; Ollama: `ollama create NAME -f "
+                         f"{r['path']}/Modelfile`)")
+    lines += ["", "## Parity against PyTorch", "", *card.parity_table(rep["artifacts"]), "",
+              "## Each artifact on its own runtime", "", *card.run_lines(rep["artifacts"])]
+    return card.render(card.front_matter(rep, rep["artifacts"]), "\n".join(lines) + "\n")

@@ -49,14 +49,18 @@ class Call:
 
 def load(path: Path) -> list[dict]:
     """Tools from a JSON file, each as {"name", "description", "parameters"} (OpenAI's wrapped form unwrapped)."""
-    path = Path(path)
+    return normalize(_read_json(Path(path), "tools file", "a JSON file with a list of tools", "a JSON list of tools"),
+                     str(path))
+
+
+def _read_json(path: Path, what: str, give: str, write: str):
+    """A JSON file the user named, or one line saying what is wrong with it."""
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
-        raise UsageError(f"tools file {path} does not exist: pass a JSON file with a list of tools") from None
+        raise UsageError(f"{what} {path} does not exist: pass {give}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"tools file {path} is not JSON ({e}): write a JSON list of tools") from None
-    return normalize(data, str(path))
+        raise UsageError(f"{what} {path} is not JSON ({e}): write {write}") from None
 
 
 def normalize(data, where: str = "tools") -> list[dict]:
@@ -173,6 +177,34 @@ def check(calls: list[Call], tools: list[dict]) -> list[str]:
             where = "/".join(map(str, err.path))
             problems.append(f"{c.name}: {where + ': ' if where else ''}{err.message}")
     return problems
+
+
+def load_schema(path: Path) -> dict:
+    """A JSON schema from a file, checked as a schema (Draft 2020-12)."""
+    import jsonschema
+    path = Path(path)
+    schema = _read_json(path, "schema file", "a JSON schema file", "a JSON schema")
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise UsageError(f"schema file {path} is not a valid JSON schema: {e.message}") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"schema file {path} is not a JSON schema object: write {{\"type\": ...}}")
+    return schema
+
+
+def check_json(text: str, schema: dict, *, cut: bool = False) -> tuple[object, list[str]]:
+    """(the answer parsed, what is wrong with it): not JSON (and why: cut at the token limit), or refused by the
+    schema, one line per problem."""
+    import jsonschema
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        why = "the answer stopped at --max-tokens before the JSON closed: raise --max-tokens" if cut else \
+            f"the answer is not JSON ({e.msg} at character {e.pos})"
+        return None, [why]
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.path))
+    return value, [("/".join(map(str, e.path)) + ": " if e.path else "") + e.message for e in errors]
 
 
 def canonical(calls: list[Call]) -> str:

@@ -251,7 +251,9 @@ BAD_INPUTS = [
     ("sign-without-key", "sign {not-a-bundle}", 2, ["Missing option '--key'"]),
     # ask / validate
     ("ask-not-a-bundle", "ask {not-a-bundle} question", 1, ["no manifest.json", "phiedge build"]),
-    ("ask-k-zero", "ask {not-a-bundle} question -k 0", 2, ["Invalid value for '-k'"]),
+    ("ask-k-negative", "ask {not-a-bundle} question -k -1", 2, ["Invalid value for '-k'"]),
+    ("ask-tools-missing", "ask {not-a-bundle} question --tools {root}/none.json", 1, ["none.json does not exist",
+                                                                                    "JSON file with a list of tools"]),
     ("ask-no-question", "ask {not-a-bundle}", 2, ["Missing argument 'QUESTION'"]),
     ("validate-not-a-bundle", "validate {not-a-bundle}", 1, ["no manifest.json"]),
     ("validate-threads-negative", "validate {not-a-bundle} --threads -2", 2, ["Invalid value for '--threads'"]),

@@ -55,6 +55,10 @@ class Runtime:
     format: ClassVar[str]
     package: ClassVar[str]             # the Python package a device needs, for `validate` and error messages
     SUPPORTS: ClassVar[frozenset[str]] = frozenset()     # of "adapter", "constraint"
+    # The JSON schema (a dict) the generation in progress is held to (generate_ids' `constraint`): each runtime
+    # applies it with its own mechanism; None outside generate_ids.
+    _constraint: dict | None = None
+    _until_max = False                  # no stop ids given: generate max_new_tokens, the model's own eos included
     # Whether a prefill hands back fp32 logits for every position (the LM head over all of them) or only for
     # the rows asked for: at a 200,064 vocabulary a 4200-token probe's are 3.4 GB.
     ALL_ROW_LOGITS: ClassVar[bool] = True
@@ -158,7 +162,11 @@ class Runtime:
         stop = self.stop_ids() if stop_ids is None else set(stop_ids)
         self.check_length(len(ids) + max_new_tokens)
         t0 = time.perf_counter()
-        out, t_first, stopped = self._generate(list(ids), max_new_tokens, stop)
+        self._constraint, self._until_max = constraint, not stop
+        try:
+            out, t_first, stopped = self._generate(list(ids), max_new_tokens, stop)
+        finally:
+            self._constraint, self._until_max = None, False
         end = time.perf_counter()
         ttft = (t_first or end) - t0
         tps = (len(out) - 1) / (end - t_first) if t_first and len(out) > 1 and end > t_first else 0.0

@@ -8,6 +8,7 @@ the sequence fits in it, larger only when the sequence itself is past it. Then b
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import ToolchainError
+from ..errors import ToolchainError, UsageError
 from ..pages import drop_mapped_pages
 from .base import Runtime, RuntimeSettings, register
 
@@ -39,6 +40,7 @@ def _cpu_has_amx() -> bool:
 @register
 class GGUFRuntime(Runtime):
     format = "gguf"
+    SUPPORTS = frozenset({"constraint"})
     package = "llama_cpp"
     ALL_ROW_LOGITS = False          # llama.cpp computes logits only for the batch rows flagged for them
     POSITION_SPANS = True           # a batch states each token's position
@@ -184,6 +186,7 @@ class GGUFRuntime(Runtime):
 
     # -- step-wise generation (the loop is the base class's): the pick reads llama.cpp's logits in place
     def _start(self, ids: list[int], total: int) -> int:
+        self._sampler = None if self._constraint is None else self._grammar_sampler(self._constraint)
         self._gen_ctx = self._context(total)
         self._gen_batch = self._int.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
         self._gen_pos = len(ids)
@@ -196,7 +199,22 @@ class GGUFRuntime(Runtime):
     def _decode_pick(self, ids: list[int], n_past: int) -> int:
         """Decode `ids` at positions n_past.. and pick the next token from the last one's logits, in place."""
         *_, last = self._decode(self._gen_ctx, self._gen_batch, ids, n_past, n_past + len(ids) - 1)
+        if self._sampler is not None:       # grammar then greedy over the last logits; it accepts the token itself
+            return int(self._sampler.sample(self._gen_ctx, -1))
         return self._pick(last)
+
+    def _grammar_sampler(self, schema: dict):
+        """llama.cpp's own constraint: the schema as a GBNF grammar (llama-cpp-python's converter) in a sampler
+        chain ending in greedy."""
+        from llama_cpp.llama_grammar import LlamaGrammar
+        try:
+            grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        except Exception as e:
+            raise UsageError(f"llama.cpp cannot turn the JSON schema into a grammar ({e}): simplify the schema") from None
+        sampler = self._int.LlamaSampler()
+        sampler.add_grammar(self.model, grammar)
+        sampler.add_greedy()
+        return sampler
 
     # -- tokenizer and template: the GGUF's own, as on a device
     def tokenize(self, text: str) -> list[int]:

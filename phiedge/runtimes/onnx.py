@@ -45,6 +45,12 @@ PROVIDERS: dict[str, tuple[str | None, str | None]] = {
 }
 
 
+def compact_json(schema: dict) -> dict:
+    """The schema with llguidance's own option for JSON without free whitespace between tokens (onnxruntime-genai's
+    guidance is llguidance): no tokens spent on layout."""
+    return {**schema, "x-guidance": {"whitespace_flexible": False, **schema.get("x-guidance", {})}}
+
+
 def _import_og():
     try:
         import onnxruntime_genai as og
@@ -83,6 +89,7 @@ def slice_before_lm_head(graph) -> bool:
 @register
 class ONNXRuntime(Runtime):
     format = "onnx"
+    SUPPORTS = frozenset({"constraint"})
     package = "onnxruntime_genai"
     ALL_ROW_LOGITS = False            # on CPU: slice_before_lm_head (other providers: every row, as before)
     SCORES_APART = True               # ... in onnxruntime, beside onnxruntime-genai's model
@@ -197,6 +204,14 @@ class ONNXRuntime(Runtime):
         params = self.og.GeneratorParams(self.model)
         # max_length sizes the KV cache (shared past/present buffer): never the config's 131072.
         params.set_search_options(max_length=max_length, do_sample=False)
+        if self._until_max:                 # the config's eos would end the search: hold it to max_length
+            params.set_search_options(min_length=max_length)
+        if self._constraint is not None:
+            try:
+                params.set_guidance("json_schema", json.dumps(compact_json(self._constraint)))
+            except Exception as e:
+                raise UsageError(f"this onnxruntime-genai ({self.og.__version__}) cannot constrain generation to a "
+                                 f"JSON schema ({e}): install a build with guidance (the PyPI wheels >= 0.8)") from None
         gen = self.og.Generator(self.model, params)
         if self._active is not None:
             name = self._genai_adapter()

@@ -181,6 +181,7 @@ def add_lora_inputs(ov, model) -> dict[str, tuple[int, int]]:
 @register
 class OpenVINORuntime(Runtime):
     format = "openvino"
+    SUPPORTS = frozenset({"constraint"})
     package = "openvino_genai"
     ALL_ROW_LOGITS = False            # slice_before_lm_head
     POSITION_SPANS = True             # the IR takes position_ids
@@ -343,6 +344,12 @@ class OpenVINORuntime(Runtime):
         cfg.do_sample = False
         cfg.num_beams = 1
         cfg.stop_token_ids = {int(i) for i in stop}
+        cfg.ignore_eos = not stop           # no stop ids: the caller wants max_new_tokens, eos included
+        if self._constraint is not None:
+            if not hasattr(self.ov_genai, "StructuredOutputConfig"):
+                raise UsageError(f"this OpenVINO GenAI ({self.ov_genai.__version__}) has no structured output: "
+                                 f"install openvino-genai >= 2025.2")
+            cfg.structured_output_config = self.ov_genai.StructuredOutputConfig(json_schema=json.dumps(self._constraint))
         arr = np.asarray([ids], dtype=np.int64)
         inputs = self.ov_genai.TokenizedInputs(self.ov.Tensor(arr), self.ov.Tensor(np.ones_like(arr)))
         t0 = time.perf_counter()

@@ -103,6 +103,11 @@ def test_separate_adapters_build_proves_every_pair_and_ask_and_validate_pick_the
     done = [a for a in dev["artifacts"] if a["status"] != "not validated"]
     assert [(a["path"], a["adapter"], a["status"]) for a in done] == [("gguf-Q8_0", "lora", "passed")]
     assert run_cli("verify", str(out)).returncode == 0
+    base = out / f"gguf-{formats['gguf'][0]}"          # Ollama: a Modelfile per adapter beside the base GGUF
+    for a in ("lora", "rs"):
+        text = (base / f"Modelfile.{a}").read_text()
+        assert "FROM ./model.gguf\n" in text and f"ADAPTER ../adapters/{a}/gguf/{ADAPTER_FILES['gguf']}\n" in text
+        assert (base / f"../adapters/{a}/gguf/{ADAPTER_FILES['gguf']}").resolve().is_file()
 
 
 def test_an_openvino_base_for_adapters_is_compressed_without_awq(separate, session):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import __version__, bundle, calibration, chat, exporters, ollama, report, source
 from .cache import StageCache, default_root
-from .checks import ArtifactResult, Limits
+from .checks import ArtifactResult, Limits, probes
 from .errors import (InvalidCheckpointError, MemoryShortError, ParityError, RetrieverError, UnsupportedAdapterError,
                      UsageError)
 from .exporters.base import TOOL_BYTES
@@ -240,7 +240,6 @@ def stage_peaks(formats: dict[str, list[str]], n_params: int, config: dict, *, d
     """Stage name -> its estimated peak memory in bytes, from the per-parameter figures measured at full size
     (merge and smoke reference here, each exporter's PEAK_BYTES_PER_PARAM, each runtime's check_peak_bytes)."""
     from . import runtimes
-    from .checks import probes
     switch = probes.switch_point(config)
     probe_tokens = switch + probes.LONG_MARGIN if switch else 512
     vocab = int(config.get("vocab_size") or 0)
@@ -584,7 +583,8 @@ def _bundle(ctx: Context) -> dict:
                         references={v.suffix: ctx[v.stage("merge")] / "reference.npz" for v in variants_},
                         retriever=ctx.outputs.get("retriever"), report=rep, source_info=sources, target=req.target,
                         sign_key=req.sign_key if rep["passed"] else None,
-                        phi_template=ollama.is_phi(*chat.load_template(ctx[variants_[0].stage("merge")] / "merged")))
+                        phi_template=ollama.is_phi(*chat.load_template(ctx[variants_[0].stage("merge")] / "merged")),
+                        longrope_switch=probes.switch_point(ctx.inputs["config"]))
     except OSError as e:
         if e.errno == errno.ENOSPC:
             shutil.rmtree(work, ignore_errors=True)        # nothing half-written stays behind

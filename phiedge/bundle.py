@@ -124,15 +124,17 @@ MANIFEST_ROW = ("format", "precision", "adapter", "path", "adapter_path", "golde
 
 
 def assemble(work: Path, *, results: list, references: dict[str, Path], retriever: Path | None, report: dict,
-             source_info: dict, target: dict | None, sign_key: Path | None = None, phi_template: bool = False) -> None:
+             source_info: dict, target: dict | None, sign_key: Path | None = None, phi_template: bool = False,
+             longrope_switch: int | None = None) -> None:
     """The whole bundle in `work`, in the writer's order; `report` already holds every result's row;
     `references`: each variant's reference.npz by its suffix (phiedge.build.Variant); `phi_template`: the model's
-    chat template is Phi-4-mini's (phiedge.ollama.is_phi: the Modelfiles carry it in Ollama's syntax)."""
+    chat template is Phi-4-mini's (phiedge.ollama.is_phi: the Modelfiles carry it in Ollama's syntax);
+    `longrope_switch`: the model's (the Modelfiles' num_ctx stays below it)."""
     from . import ollama
     from . import report as report_mod
     w = BundleWriter(work)
     n_ctx = ((target or {}).get("runtime") or {}).get("n_ctx")
-    w.add_artifacts(results, ollama.modelfiles(results, phi=phi_template, n_ctx=n_ctx))
+    w.add_artifacts(results, ollama.modelfiles(results, phi=phi_template, n_ctx=n_ctx, switch=longrope_switch))
     w.add_retriever(retriever)
     w.add_golden(references)
     w.add_reports(report, report_mod.readme(report))

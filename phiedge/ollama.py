@@ -77,10 +77,11 @@ def is_phi(template: str, specials: dict) -> bool:
         return False
 
 
-def modelfile(gguf: str, *, phi: bool, n_ctx: int | None = None, adapter: str | None = None) -> str:
+def modelfile(gguf: str, *, phi: bool, n_ctx: int | None = None, adapter: str | None = None,
+              switch: int | None = None) -> str:
     """A Modelfile for `gguf` (a path relative to the Modelfile's folder), with `adapter` (llama.cpp LoRA file,
-    relative too) applied by Ollama when given."""
-    ctx = min(NUM_CTX, n_ctx or NUM_CTX)
+    relative too) applied by Ollama when given. `switch`: the model's LongRoPE switch (None: no LongRoPE)."""
+    ctx = min(NUM_CTX, n_ctx or NUM_CTX, switch or NUM_CTX)
     lines = ["# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM {gguf}"]
     if adapter:
         lines += ["# The adapter kept separate, applied by Ollama at load. Recent Ollama versions load a GGUF LoRA",
@@ -94,14 +95,17 @@ def modelfile(gguf: str, *, phi: bool, n_ctx: int | None = None, adapter: str | 
     else:
         lines += ["# No TEMPLATE: Ollama maps the GGUF's own chat template (tokenizer.chat_template) to one it knows."]
     lines += [f'PARAMETER stop "{STOP}"'] if phi else []
-    lines += ["# num_ctx at most 4096: llama.cpp picks LongRoPE's factors from the context size, not from the prompt's",
-              "# length, so a larger num_ctx would run every short prompt with the long factors (the model was",
-              "# checked with the short ones below 4096 positions and the long ones past them).",
-              f"PARAMETER num_ctx {ctx}"]
+    if switch:
+        lines += [f"# num_ctx at most {switch}: llama.cpp picks LongRoPE's factors from the context size, not from the",
+                  "# prompt's length, so a larger num_ctx would run every short prompt with the long factors (the",
+                  f"# model was checked with the short ones below {switch} positions and the long ones past them)."]
+    else:
+        lines += ["# num_ctx: the target's context size, at most 4096."]
+    lines += [f"PARAMETER num_ctx {ctx}"]
     return "\n".join(lines) + "\n"
 
 
-def modelfiles(results, *, phi: bool, n_ctx: int | None = None) -> dict[str, str]:
+def modelfiles(results, *, phi: bool, n_ctx: int | None = None, switch: int | None = None) -> dict[str, str]:
     """{path in the bundle: text} for every GGUF artifact (phiedge.checks.ArtifactResult): `<folder>/Modelfile`
     for a merged one (or one without adapter), `<folder>/Modelfile.<adapter>` with ADAPTER for a base artifact
     with an adapter kept separate."""
@@ -112,9 +116,10 @@ def modelfiles(results, *, phi: bool, n_ctx: int | None = None) -> dict[str, str
             continue
         gguf = "./" + next(f for f in r.artifact.files if f.endswith(".gguf"))
         if r.adapter_files is None:
-            out[f"{r.name}/{MODELFILE}"] = modelfile(gguf, phi=phi, n_ctx=n_ctx)
+            out[f"{r.name}/{MODELFILE}"] = modelfile(gguf, phi=phi, n_ctx=n_ctx, switch=switch)
         else:
             lora = next(f for f in r.adapter_files.files if f.endswith(".gguf"))
             rel = posixpath.relpath(f"{r.adapter_path}/{lora}", r.name)
-            out[f"{r.name}/{MODELFILE}.{r.adapter}"] = modelfile(gguf, phi=phi, n_ctx=n_ctx, adapter=rel)
+            out[f"{r.name}/{MODELFILE}.{r.adapter}"] = modelfile(gguf, phi=phi, n_ctx=n_ctx, adapter=rel,
+                                                                 switch=switch)
     return out

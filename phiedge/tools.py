@@ -113,7 +113,7 @@ def parse(text: str) -> list[Call]:
         body = body.split(CALL_CLOSE, 1)[0]
     elif s.startswith("functools["):
         body = s[len("functools"):]
-    elif s.startswith(("[", "{")):
+    elif re.match(r"\[\s*[{\]]|\{\s*\"", s):   # a JSON list of objects (or none) or an object; "[1] says" is prose
         body = s
     else:
         return []

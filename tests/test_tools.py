@@ -45,6 +45,7 @@ def test_a_malformed_call_is_an_error_not_text(text, message):
 
 def test_an_answer_in_words_makes_no_call():
     assert tools.parse("It is sunny in Paris.") == []
+    assert tools.parse("[1] says it is sunny in Paris.") == []           # a RAG citation, not a list of calls
 
 
 def test_calls_are_checked_against_each_tools_schema():
@@ -192,7 +193,9 @@ def test_a_template_that_is_not_phi_4_minis_leaves_template_to_ollama(tiny):
     assert not ollama.is_phi(chatml, {}) and ollama.is_phi(*chat.load_template(tiny / "model-published"))
     text = ollama.modelfile("./model.gguf", phi=False, n_ctx=2048, adapter="../adapters/a/gguf/lora.gguf")
     assert "TEMPLATE" not in text.replace("No TEMPLATE", "") and "PARAMETER num_ctx 2048" in text
-    assert "ADAPTER ../adapters/a/gguf/lora.gguf" in text and "ignore it" in text
+    assert "ADAPTER ../adapters/a/gguf/lora.gguf" in text and "ignore it" in text and "LongRoPE" not in text
+    phi = ollama.modelfile("./model.gguf", phi=True, n_ctx=8192, switch=4096)
+    assert "PARAMETER num_ctx 4096" in phi and "LongRoPE's factors" in phi
 
 
 # --------------------------------------------------------------------------------- JSON output

@@ -1,6 +1,6 @@
 """The Hugging Face model card of a bundle (its README.md) and of each per-format repository `phiedge push
 --per-artifact` makes: YAML front matter (base_model, base_model_relation, library_name, tags) and a body with the
-parity table and how to run each artifact on its runtime.
+parity table (phiedge.report.markdown_table) and how to run each artifact on its runtime.
 
     base_model_id(model, config, adapter_configs, given)   # the Hub id the card names, or None
     front_matter(rep, rows, per_format=None)               # dict for the YAML header
@@ -99,21 +99,4 @@ def run_lines(rows: list[dict], root: str = ".") -> list[str]:
         first = next(r for r in rows if r["format"] == fmt)
         out += [f"**{fmt}** (`{first['path']}/`)", "", "```"] + \
             [line.format(dir=f"{root}/{first['path']}") for line in RUN[fmt]] + ["```", ""]
-    return out
-
-
-def parity_table(rows: list[dict]) -> list[str]:
-    """Markdown: each artifact's size and parity against PyTorch, as the report has it."""
-    def cell(r, regime, key, fmt):
-        m = (r.get("parity") or {}).get(regime)
-        return "–" if not m else format(m[key], fmt)
-    out = ["| artifact | size | short top-1 | short KL | long top-1 | long KL | tool call | result |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        tc = r.get("toolcall") or {}
-        tool = "–" if not tc else ("not held" if not tc.get("held") else
-                                   "PyTorch's call" if tc["call"] == tc["reference_call"] else "parses")
-        out.append(f"| `{r['path']}` | {r['size_bytes'] / 1e6:.1f} MB | {cell(r, 'short', 'top1', '.3f')} | "
-                   f"{cell(r, 'short', 'kl', '.2g')} | {cell(r, 'long', 'top1', '.3f')} | {cell(r, 'long', 'kl', '.2g')} "
-                   f"| {tool} | {'PASS' if r['passed'] else 'FAIL'} |")
     return out

@@ -37,8 +37,7 @@ PHI_TEMPLATE = (
 
 def phi_render(messages: list[dict], tools: list[dict] | None) -> str:
     """What PHI_TEMPLATE renders, in Python: detects a model whose own template is Phi-4-mini's (is_phi)."""
-    text = ""
-    spec = "[" + ",".join(json.dumps(t, separators=(",", ":")) for t in tools or []) + "]"
+    text, spec = "", _tools_json(tools or [])
     if tools and (not messages or messages[0]["role"] != "system"):
         text += f"<|system|><|tool|>{spec}<|/tool|><|end|>"
     for i, m in enumerate(messages):
@@ -54,12 +53,17 @@ def hf_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
     first system message (an empty one when there is none), in the compact form Ollama's `json` writes."""
     if not tools:
         return [dict(m) for m in messages]
-    spec = "[" + ",".join(json.dumps(t, separators=(",", ":")) for t in tools) + "]"
+    spec = _tools_json(tools)
     msgs = [dict(m) for m in messages]
     if not msgs or msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": ""})
     msgs[0]["tools"] = spec
     return msgs
+
+
+def _tools_json(tools: list[dict]) -> str:
+    """The tools as PHI_TEMPLATE writes them: Ollama's `json` (compact) of each function, joined by commas."""
+    return "[" + ",".join(json.dumps(t, separators=(",", ":")) for t in tools) + "]"
 
 
 SAMPLE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"},

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bundle, card
+from . import bundle, card, report
 from .errors import PublishError, UsageError
 
 SUFFIX = {"gguf": "GGUF", "onnx": "ONNX", "openvino": "OpenVINO", "mlx": "MLX"}
@@ -64,7 +64,7 @@ def plan_push(folder: Path, repo: str, *, per_artifact: bool = False, key: Path 
         body = "\n".join([f"# {rep['model']['hub_id']}: {fmt} artifacts", "",
                           f"Built and checked by phiedge from `{rep['model']['hub_id']}`"
                           + (f" with {card_adapters(rep)}" if card_adapters(rep) else "") + ": every artifact below "
-                          "passed its parity gate against the PyTorch model.", "", *card.parity_table(rows), "",
+                          "passed its parity gate against the PyTorch model.", "", *report.markdown_table(rows), "",
                           "## Run it", "", *card.run_lines(rows)])
         repos.append(RepoPlan(f"{repo}-{SUFFIX[fmt]}", files, card.render(meta, body), meta))
     return Plan(folder, repos)

@@ -236,6 +236,17 @@ def _toolcall_word(tc: dict | None) -> str:
     return "parses" if (tc["call"] or "").startswith("[") else "BAD"
 
 
+def markdown_table(rows: list[dict]) -> list[str]:
+    """The parity table as Markdown (the model cards, phiedge.card): size, both regimes, the tool-call smoke."""
+    out = ["| artifact | size | short top-1 | short KL | long top-1 | long KL | tool call | result |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| `{r['path']}` | {r['size_bytes'] / 1e6:.1f} MB | {cell(r, 'short', 'top1', '.3f')} | "
+                   f"{cell(r, 'short', 'kl', '.2g')} | {cell(r, 'long', 'top1', '.3f')} | {cell(r, 'long', 'kl', '.2g')} "
+                   f"| {_toolcall_word(r.get('toolcall'))} | {'PASS' if r['passed'] else 'FAIL'} |")
+    return out
+
+
 def _toolcall_cell(tc: dict | None) -> str:
     if not tc:
         return "–"
@@ -367,6 +378,6 @@ def readme(rep: dict) -> str:
             lines.append("  (llama.cpp: keep n_ctx ≤ 4096 unless the prompt needs more — llama.cpp picks Phi-4-mini's "
                          "LongRoPE factors from n_ctx, not from the prompt length; Ollama: `ollama create NAME -f "
                          f"{r['path']}/Modelfile`)")
-    lines += ["", "## Parity against PyTorch", "", *card.parity_table(rep["artifacts"]), "",
+    lines += ["", "## Parity against PyTorch", "", *markdown_table(rep["artifacts"]), "",
               "## Each artifact on its own runtime", "", *card.run_lines(rep["artifacts"])]
     return card.render(card.front_matter(rep, rep["artifacts"]), "\n".join(lines) + "\n")

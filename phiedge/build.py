@@ -250,7 +250,7 @@ def stage_peaks(formats: dict[str, list[str]], n_params: int, config: dict, *, d
     for fmt, precs in formats.items():
         exp = exporters.get(fmt)
         if exp.PREPARES:
-            peaks[f"prepare {fmt}"] = max(exp.peak_bytes(n_params, p) for p in precs)
+            peaks[f"prepare {fmt}"] = exp.prepare_peak_bytes(n_params)
         for p in precs:
             peaks[f"export {fmt} {p}"] = exp.peak_bytes(n_params, p)
             peaks[f"check {fmt} {p}"] = runtimes.get(fmt).check_peak_bytes(exp.estimate_bytes(n_params, [p]),

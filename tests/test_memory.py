@@ -94,7 +94,7 @@ def test_a_stage_over_max_memory_is_refused_up_front_with_every_other_problem():
         build.preflight(formats, peaks, budget, calibration=False)
     msg = str(e.value)
     assert "\n" not in msg
-    assert "(1) openvino int4-awq: data-aware AWQ / scale estimation need calibration text: pass --docs" in msg
+    assert "(1) openvino int4-awq: data-aware AWQ / scale estimation / GPTQ need calibration text: pass --docs" in msg
     over = [s for s, n in peaks.items() if n > budget]
     assert msg.startswith(f"{1 + len(over)} problems: ") and "export onnx int4-k_quant-mixed8" in over
     need = peaks["export onnx int4-k_quant-mixed8"]

@@ -158,11 +158,12 @@ def compress_nncf(model, plan: dict, merged: Path, texts: list[str]) -> dict:
     nncf.compress_weights(model, mode=mode, group_size=group, ratio=o["ratio"], dataset=dataset,
                           all_layers=o.get("all_layers", False) or None,
                           awq=awq or None, scale_estimation=(se and dataset is not None) or None,
+                          gptq=o["gptq"] or None,
                           subset_size=len(samples) or 128, advanced_parameters=advanced)
     return {"mode": mode.value, "group_size_requested": o["group_size"], "group_size": group,
             "layer_widths": widths, "ratio": o["ratio"],
             "awq": ("data-aware" if dataset else "data-free") if awq else None,
-            "scale_estimation": bool(se and dataset), "awq_steps": o["awq_steps"] if awq and dataset else None,
+            "scale_estimation": bool(se and dataset), "gptq": o["gptq"], "awq_steps": o["awq_steps"] if awq and dataset else None,
             "scale_estimation_samples": min(o["se_subset"], len(samples)) if se and dataset else None,
             "calibration_samples": len(samples), "embedding": "int4" if o.get("all_layers") else "int8 (NNCF's backup)",
             "calibration_seq_len": o["seq_len"] if samples else None,

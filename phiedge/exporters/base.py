@@ -108,6 +108,10 @@ class Exporter:
     # settings["prepared"]: a build's export stages are one per precision.
     PREPARES: ClassVar[bool] = False
 
+    def prepare_peak_bytes(self, n_params: int) -> int:
+        """The prepare stage's peak: the format's own figure, before any precision's compression."""
+        return Exporter.peak_bytes(self, n_params, "")
+
     def prepare(self, checkpoint: Path, out_dir: Path, settings: dict) -> None:
         """Write the shared starting point of this format's exports of `checkpoint` into `out_dir`."""
         raise NotImplementedError

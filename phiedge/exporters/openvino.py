@@ -13,8 +13,9 @@
 - Precision names (phiedge.exporters.grammar): `fp32`, `fp16` (weights), `int8` (per-channel asym), `int4`, and int4 variants
   `int4-<token>-...` from INT4_TOKENS: group size, symmetry, int4 ratio `r<percent>` (the rest int8), and the
   algorithms: plain `int4` is AWQ computed from the weights alone (NNCF's data-free AWQ), `awq` makes AWQ
-  data-aware and `se` adds scale estimation (both calibrate on the `--docs` documents), `rtn` is plain
-  round-to-nearest; the artifact's meta says which ran. A group size that does not divide every layer width is lowered to a power of two that
+  data-aware and `se` adds scale estimation, `gptq` rounds each layer by GPTQ (with data-aware AWQ before it
+  unless `rtn`; all three calibrate on the `--docs` documents), `rtn` is plain round-to-nearest; the artifact's
+  meta says which ran. A group size that does not divide every layer width is lowered to a power of two that
   does, and the chosen one recorded.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from ..errors import ToolchainError, UsageError
 from ..runtimes.openvino import EXACT_CPU
-from .base import Artifact, Exporter, register, run_tool
+from .base import TOOL_BYTES, Artifact, Exporter, register, run_tool
 from .grammar import Grammar, Pattern, Precision
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ INT4_TOKENS: dict[str, tuple[str, dict]] = {
     "awq": ("awq", {"data": "explicit"}),          # AWQ's scales searched on the documents' activations: needs --docs
     "se": ("se", {"data": "explicit", "scale_estimation": True}),  # + scale estimation (with AWQ): needs --docs
     "rtn": ("awq", {"awq": False}),                # round to nearest: no AWQ at all
+    "gptq": ("gptq", {"data": "explicit", "gptq": True}),  # NNCF's GPTQ on the documents (after data-aware AWQ)
     # NNCF keeps the embedding and the last layer (the tied LM head) in int8 by default ("backup" precision);
     # emb4 compresses them to int4 too (its `all_layers`): 16 % of Phi-4-mini's parameters at half the bits
     "emb4": ("embed", {"all_layers": True}),
@@ -65,7 +67,7 @@ INT4_TOKENS: dict[str, tuple[str, dict]] = {
 # tokens, scale estimation over 8 of them, AWQ's grid in 20 steps instead of NNCF's 100 (0.157 against NNCF's
 # defaults' 0.187 on other held-out text, 38 s against 83 s).
 INT4_BASE = {"data": "none", "awq": True, "scale_estimation": False, "seq_len": 128, "num_samples": 12,
-             "awq_steps": 20, "se_subset": 8, "all_layers": False}
+             "awq_steps": 20, "se_subset": 8, "all_layers": False, "gptq": False}
 
 
 def _ratio(m) -> dict:
@@ -79,7 +81,7 @@ GRAMMAR = Grammar(
     "openvino", bases=BASE_PRECISIONS, option_bases=frozenset({"int4"}), tokens=INT4_TOKENS,
     patterns=(Pattern(r"r(\d{1,3})", "ratio", _ratio, "r<percent>"),),   # r80: 80 % in int4, the rest int8
     defaults={"group": "g128", "symmetry": "asym", "ratio": "r100"},
-    order=("group", "symmetry", "ratio", "embed", "awq", "se"),
+    order=("group", "symmetry", "ratio", "embed", "awq", "se", "gptq"),
     refused=((frozenset({"rtn", "se"}), None, "'rtn' is data-free, 'se' needs data: keep one"),),
     noun="weight format", option_noun="int4 option", takes_options="only int4 takes options",
     options_hint="int4 takes options, e.g. int4-g64-sym-r80-awq")
@@ -102,7 +104,7 @@ CPU_PROPERTIES: dict[str, dict[str, str]] = {"fp32": EXACT_CPU, "fp16": EXACT_CP
 
 
 def calibrated(plan: dict) -> bool:
-    """Whether a job plan's compression calibrates on the documents (int4-awq, int4-se)."""
+    """Whether a job plan's compression calibrates on the documents (int4-awq, -se, -gptq)."""
     return plan["int4"] is not None and plan["int4"]["data"] == "explicit"
 
 
@@ -146,6 +148,9 @@ class OpenVINOExporter(Exporter):
     # as it goes (pages.MappedPagesDropped), in 90 s instead of 100 (the trace before it: 50 s). optimum-cli's own
     # int4 export: 10.0 GB (it loaded an fp32 copy before: 23.1 GB).
     PEAK_BYTES_PER_PARAM = 2.35
+    # -gptq: 10.6 GB (max RSS of one child that traced and then ran NNCF's GPTQ, stopped 22 minutes in, a third of
+    # the layers done: the layer-by-layer engine holds one layer's inputs at a time).
+    GPTQ_PEAK_BYTES_PER_PARAM = 2.8
 
     ADAPTER_RUNTIME = "OpenVINO GenAI"
     # A base for adapters kept separate compresses without AWQ: AWQ divides a MatMul's input channels by scales it
@@ -198,9 +203,16 @@ class OpenVINOExporter(Exporter):
                 seen.setdefault((int(data.get("offset", 0)), int(data.get("size"))), layer.get("name", ""))
         return [(name, size) for (_, size), name in seen.items()]
 
+    def peak_bytes(self, n_params: int, precision: str) -> int:
+        plan = job_plan(self.parse(precision))
+        if plan["int4"] and plan["int4"]["gptq"]:
+            return int(self.GPTQ_PEAK_BYTES_PER_PARAM * n_params) + TOOL_BYTES
+        return super().peak_bytes(n_params, precision)
+
     def _needs(self, precisions: list[str], calibration: bool, settings: dict) -> list[str]:
-        return [f"openvino {p}: data-aware AWQ / scale estimation need calibration text: pass --docs (the build's "
-                f"documents are used), or drop -awq / -se (plain int4's AWQ is data-free)" for p in precisions
+        return [f"openvino {p}: data-aware AWQ / scale estimation / GPTQ need calibration text: "
+                f"pass --docs (the build's documents are used), or drop -awq / -se / -gptq (plain int4's AWQ "
+                f"is data-free)" for p in precisions
                 if not calibration and calibrated(job_plan(self.parse(p)))]
 
     def export(self, merged_dir: Path, out_dir: Path, precisions: list[str], settings: dict) -> list[Artifact]:

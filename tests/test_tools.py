@@ -7,12 +7,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import run_cli
 
-from phiedge import chat, ollama, tools
+from phiedge import chat, device, ollama, tools
 from phiedge.errors import ToolCallError, UsageError
 
 PARIS = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
@@ -224,6 +225,33 @@ def test_ask_with_a_json_schema_answers_json_that_follows_it_on_every_runtime(se
         out = json.loads(r.stdout)
         assert out["valid"] and out["problems"] == [] and json.loads(out["text"]) == out["value"], out
         assert out["value"]["city"] in ("Paris", "London", "Oslo") and isinstance(out["value"]["sunny"], bool)
+
+
+@pytest.mark.parametrize("fmt, missing, message", [
+    ("onnx", ("onnxruntime_genai", "GeneratorParams", "set_guidance"),
+     "cannot constrain generation to a JSON schema"),
+    ("openvino", ("openvino_genai", None, "StructuredOutputConfig"),
+     "has no structured output: install openvino-genai >= 2025.2"),
+    ("mlx", ("llguidance", None, None), "constrained generation on MLX needs llguidance: pip install 'phiedge[mlx]'"),
+], ids=["onnx", "openvino", "mlx"])
+def test_a_runtime_without_its_constraint_is_one_clear_error(session, monkeypatch, fmt, missing, message):
+    """The installed runtime as an older release would be: without the API its constraint uses (onnxruntime-genai
+    before guidance, OpenVINO GenAI before structured output; MLX without llguidance installed). The real runtime
+    loads and runs the artifact; asking it for JSON is refused in one line naming what to install."""
+    import importlib
+    if not session.rows(fmt):
+        pytest.skip(f"no {fmt} artifact in the session build")
+    module, owner, attr = missing
+    if attr is None:
+        monkeypatch.setitem(sys.modules, module, None)            # `import llguidance` fails as when absent
+    else:
+        mod = importlib.import_module(module)
+        monkeypatch.delattr(getattr(mod, owner) if owner else mod, attr)
+    row = session.rows(fmt)[0]
+    with pytest.raises(UsageError) as e:
+        device.ask(session.bundle, "Which city?", runtime=row["path"], k=0, max_new_tokens=8, threads=1,
+                   json_schema=WEATHER)
+    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_json_answer_cut_short_or_a_bad_schema_is_one_clear_error(session, tmp_path):

@@ -110,6 +110,8 @@ def ask(folder: Path, question: str, *, runtime: str | None = None, adapter: str
     folder = Path(folder)
     manifest = bundle.verify(folder, key)
     art = _pick(manifest, runtime, adapter)          # a wrong --runtime / --adapter before the retriever loads
+    if json_schema is not None:
+        get(art["format"]).check_schema(json_schema)  # a keyword the constraint cannot hold, before any load
     hits = []
     if k:
         if not manifest.get("retriever"):

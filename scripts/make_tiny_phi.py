@@ -23,6 +23,10 @@ Adapters (all with non-zero B, on qkv_proj, o_proj, gate_up_proj, down_proj):
   dora/      DoRA
   noop/      LoRA with B = 0 (changes nothing: the merge proof must refuse it)
 
+Beside them, model-random/: the same shape, config and tokenizer, randomly initialised (transformers' own
+initialisation, seed RANDOM_SEED) and never trained. It has no preference for well-formed text, so it is the
+model that proves a constraint (`ask --json-schema`) holds by itself (tests/test_schemas.py).
+
 Usage: python scripts/make_tiny_phi.py OUT_DIR [--steps N]
 Writes OUT_DIR/model, OUT_DIR/model-published, OUT_DIR/adapters/<kind>, then OUT_DIR/.complete holding
 FIXTURE_VERSION (the directory is built under a temporary name and renamed, so an interrupted run never looks
@@ -58,7 +62,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
-FIXTURE_VERSION = "3"                   # bump when the fixture changes: tests rebuild older ones
+FIXTURE_VERSION = "4"                   # bump when the fixture changes: tests rebuild older ones
+RANDOM_SEED = 1234                      # model-random's weights
 BPE_VOCAB = 2000 - len(SPECIALS)          # padded to 2048 in the config, as 200,064 is
 HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE = 768, 12, 4, 2, 1024   # widths are multiples of 256 (K-quants)
 TOOL_STEPS = 60                                                         # the tool-call phase
@@ -278,6 +283,18 @@ def make_adapter(model_dir: Path, out: Path, kind: str) -> None:
     cfg_path.write_text(json.dumps(data, indent=2))
 
 
+def save_random(config, model_dir: Path, out: Path) -> None:
+    """The untrained model: the trained one's config and tokenizer, weights as transformers initialises them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(RANDOM_SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in model_dir.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy2(f, out / f.name)
+
+
 def build(out: Path, steps: int) -> None:
     import torch
     from tokenizers import Tokenizer
@@ -305,6 +322,7 @@ def build(out: Path, steps: int) -> None:
     GenerationConfig(bos_token_id=bos, eos_token_id=[eos, bos], pad_token_id=bos).save_pretrained(model_dir)
     save_tokenizer(model_dir)
     write_published(model_dir, out / "model-published")
+    save_random(config, model_dir, out / "model-random")
     for kind in ("lora", "rslora", "dora", "noop"):
         make_adapter(model_dir, out / "adapters" / kind, kind)
     (out / "fixture.json").write_text(json.dumps({"final_loss": loss, "steps": steps, "tool_loss": tool_loss,

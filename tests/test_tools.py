@@ -207,10 +207,10 @@ WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "London",
 
 @pytest.mark.parametrize("fmt", ["gguf", "onnx", "openvino", "mlx"])
 def test_ask_with_a_json_schema_answers_json_that_follows_it_on_every_runtime(session, tmp_path, fmt):
-    """Each runtime's own constrained generation (llama.cpp's grammar from the schema, onnxruntime-genai's
-    guidance, OpenVINO GenAI's structured output, llguidance as MLX's logits processor), on full precision and
-    4-bit: the tiny fixture answers this RAG question in prose when unconstrained, so valid JSON is the
-    constraint's doing. OpenVINO's (XGrammar) allows free whitespace, which the fixture spends tokens on."""
+    """Each runtime's constrained generation (onnxruntime-genai's guidance, llguidance's mask on GGUF, OpenVINO
+    and MLX), on full precision and 4-bit: the tiny fixture answers this RAG question in prose when
+    unconstrained, so valid JSON is the constraint's doing (tests/test_schemas.py: a table of schemas on a
+    random model)."""
     if not session.rows(fmt):
         pytest.skip(f"no {fmt} artifact in the session build")
     (tmp_path / "schema.json").write_text(json.dumps(WEATHER))
@@ -230,14 +230,14 @@ def test_ask_with_a_json_schema_answers_json_that_follows_it_on_every_runtime(se
 @pytest.mark.parametrize("fmt, missing, message", [
     ("onnx", ("onnxruntime_genai", "GeneratorParams", "set_guidance"),
      "cannot constrain generation to a JSON schema"),
-    ("openvino", ("openvino_genai", None, "StructuredOutputConfig"),
-     "has no structured output: install openvino-genai >= 2025.2"),
-    ("mlx", ("llguidance", None, None), "constrained generation on MLX needs llguidance: pip install 'phiedge[mlx]'"),
-], ids=["onnx", "openvino", "mlx"])
+    *[(fmt, ("llguidance", None, None),
+       f"constrained generation on the {fmt} runtime needs llguidance: pip install 'phiedge[{fmt}]'")
+      for fmt in ("gguf", "openvino", "mlx")],
+], ids=["onnx", "gguf", "openvino", "mlx"])
 def test_a_runtime_without_its_constraint_is_one_clear_error(session, monkeypatch, fmt, missing, message):
     """The installed runtime as an older release would be: without the API its constraint uses (onnxruntime-genai
-    before guidance, OpenVINO GenAI before structured output; MLX without llguidance installed). The real runtime
-    loads and runs the artifact; asking it for JSON is refused in one line naming what to install."""
+    before guidance), or without llguidance installed (GGUF, OpenVINO, MLX): asking for JSON is refused in one
+    line naming what to install (without llguidance, before the model loads)."""
     import importlib
     if not session.rows(fmt):
         pytest.skip(f"no {fmt} artifact in the session build")

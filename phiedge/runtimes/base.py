@@ -31,6 +31,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import ToolchainError, UsageError
+from . import guidance
 
 
 @dataclass
@@ -58,6 +59,9 @@ class Runtime:
     # The JSON schema (a dict) the generation in progress is held to (generate_ids' `constraint`): each runtime
     # applies it with its own mechanism; None outside generate_ids.
     _constraint: dict | None = None
+    _guide = None                       # its llguidance matcher, for runtimes that pick tokens themselves (_choose)
+    _llg = None                         # llguidance's tokenizer, made on the first constrained generation
+    path: Path
     _until_max = False                  # no stop ids given: generate max_new_tokens, the model's own eos included
     # Whether a prefill hands back fp32 logits for every position (the LM head over all of them) or only for
     # the rows asked for: at a 200,064 vocabulary a 4200-token probe's are 3.4 GB.
@@ -92,6 +96,14 @@ class Runtime:
         artifact that fails its check with what it ships is checked again with these, and ships with them when
         it passes so (phiedge.worker.measure_files / result_of)."""
         return None
+
+    @classmethod
+    def check_schema(cls, schema: dict) -> None:
+        """Refuse, before any model loads, a JSON schema this runtime's constraint cannot hold whole: one line
+        naming the keyword (phiedge.runtimes.guidance). Generation checks it again, so no caller can skip it."""
+        if "constraint" not in cls.SUPPORTS:
+            raise UsageError(f"the {cls.format} runtime cannot constrain answers to a JSON schema yet")
+        guidance.compile_schema(schema, cls.format)
 
     @classmethod
     def load(cls, artifact_dir: Path, settings: RuntimeSettings | None = None) -> "Runtime":
@@ -143,6 +155,25 @@ class Runtime:
         """Greedy: the runtime's next token from one position's logits (numpy or a runtime array with argmax)."""
         return int(logits.argmax())
 
+    def _choose(self, logits: np.ndarray) -> int:
+        """The next token from one position's numpy logits, held to the constraint when one is set: llguidance's
+        mask over the runtime's own vocabulary (phiedge.runtimes.guidance), then `_pick`."""
+        if self._constraint is None:
+            return self._pick(logits)
+        if self._guide is None:
+            self._guide = guidance.Guide(self._llg_tokenizer(logits.shape[-1]),
+                                         guidance.compile_schema(self._constraint, self.format), self.format)
+        token = self._pick(self._guide.mask(logits))
+        self._guide.consume(token)
+        return token
+
+    def _llg_tokenizer(self, n_vocab: int):
+        """llguidance's view of this artifact's vocabulary, every stop id an end of the answer (made once): its
+        tokenizer.json, rows past it (a padded vocabulary) never allowed."""
+        if self._llg is None:
+            self._llg = guidance.tokenizer(self.path / "tokenizer.json", n_vocab, sorted(self.stop_ids()), self.format)
+        return self._llg
+
     # -- written once
     def check_length(self, n_tokens: int) -> None:
         """A device profile's context size (settings.extra['max_ctx']) and the model's own bound what may run."""
@@ -159,14 +190,16 @@ class Runtime:
         for what, value in (("adapter", adapter), ("constraint", constraint)):
             if value is not None and what not in self.SUPPORTS:
                 raise UsageError(f"the {self.format} runtime does not take a per-call {what} yet")
+        if constraint is not None:
+            self.check_schema(constraint)
         stop = self.stop_ids() if stop_ids is None else set(stop_ids)
         self.check_length(len(ids) + max_new_tokens)
         t0 = time.perf_counter()
-        self._constraint, self._until_max = constraint, not stop
+        self._constraint, self._until_max, self._guide = constraint, not stop, None
         try:
             out, t_first, stopped = self._generate(list(ids), max_new_tokens, stop)
         finally:
-            self._constraint, self._until_max = None, False
+            self._constraint, self._until_max, self._guide = None, False, None
         end = time.perf_counter()
         ttft = (t_first or end) - t0
         tps = (len(out) - 1) / (end - t_first) if t_first and len(out) > 1 and end > t_first else 0.0

@@ -8,7 +8,6 @@ the sequence fits in it, larger only when the sequence itself is past it. Then b
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 from pathlib import Path
@@ -16,8 +15,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import ToolchainError, UsageError
+from ..errors import ToolchainError
 from ..pages import drop_mapped_pages
+from . import guidance
 from .base import Runtime, RuntimeSettings, register
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,6 @@ class GGUFRuntime(Runtime):
 
     # -- step-wise generation (the loop is the base class's): the pick reads llama.cpp's logits in place
     def _start(self, ids: list[int], total: int) -> int:
-        self._sampler = None if self._constraint is None else self._grammar_sampler(self._constraint)
         self._gen_ctx = self._context(total)
         self._gen_batch = self._int.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
         self._gen_pos = len(ids)
@@ -199,22 +198,13 @@ class GGUFRuntime(Runtime):
     def _decode_pick(self, ids: list[int], n_past: int) -> int:
         """Decode `ids` at positions n_past.. and pick the next token from the last one's logits, in place."""
         *_, last = self._decode(self._gen_ctx, self._gen_batch, ids, n_past, n_past + len(ids) - 1)
-        if self._sampler is not None:       # grammar then greedy over the last logits; it accepts the token itself
-            return int(self._sampler.sample(self._gen_ctx, -1))
-        return self._pick(last)
+        return self._choose(last)
 
-    def _grammar_sampler(self, schema: dict):
-        """llama.cpp's own constraint: the schema as a GBNF grammar (llama-cpp-python's converter) in a sampler
-        chain ending in greedy."""
-        from llama_cpp.llama_grammar import LlamaGrammar
-        try:
-            grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
-        except Exception as e:
-            raise UsageError(f"llama.cpp cannot turn the JSON schema into a grammar ({e}): simplify the schema") from None
-        sampler = self._int.LlamaSampler()
-        sampler.add_grammar(self.model, grammar)
-        sampler.add_greedy()
-        return sampler
+    def _llg_tokenizer(self, n_vocab: int):
+        """llguidance's view of the GGUF's own vocabulary (about a second at 200,064 tokens: made once)."""
+        if self._llg is None:
+            self._llg = guidance.tokenizer_from_llama(self.model.vocab, n_vocab, sorted(self.stop_ids()))
+        return self._llg
 
     # -- tokenizer and template: the GGUF's own, as on a device
     def tokenize(self, text: str) -> list[int]:

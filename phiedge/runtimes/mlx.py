@@ -127,7 +127,6 @@ class MLXRuntime(Runtime):
             raise ToolchainError(f"mlx-lm could not load {path}: {e}") from None
         self.patched_layers = patch_longrope(self.model, self.config) if fix_longrope else 0
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        self._llg_tokenizer = None                  # llguidance's view of it, made on the first constrained call
         self.chat_template, self.specials = chat.load_template(path)
         if settings.extra.get("adapter"):
             self.use_adapter(Path(settings.extra["adapter"]))
@@ -198,44 +197,16 @@ class MLXRuntime(Runtime):
     # -- step-wise generation (the loop is the base class's): the whole prompt in one call, then one token a call
     def _start(self, ids: list[int], total: int) -> int:
         self._cache = self.make_prompt_cache(self.model)
-        self._matcher = None if self._constraint is None else self._json_matcher(self._constraint)
         return self._step(ids)
 
     def _advance(self, token: int) -> int:
-        if self._matcher is not None:
-            self._matcher.consume_token(token)
         return self._step([token])
 
     def _step(self, ids: list[int]) -> int:
         logits = self.model(self.mx.array([ids]), cache=self._cache)[0, -1]
-        if self._matcher is not None:               # the logits processor: tokens the schema allows, then greedy
-            return self._pick(self._masked(np.array(logits.astype(self.mx.float32))))
-        return int(self.mx.argmax(logits).item())      # picked by mlx: no vocabulary-wide copy to numpy
-
-    def _json_matcher(self, schema: dict):
-        """MLX has no constraint of its own: a logits processor on llguidance's matcher (the schema compiled
-        against this artifact's tokenizer.json)."""
-        try:
-            import llguidance
-        except ImportError:
-            raise UsageError("constrained generation on MLX needs llguidance: pip install 'phiedge[mlx]'") from None
-        if self._llg_tokenizer is None:
-            eos = sorted(self.stop_ids())
-            self._llg_tokenizer = llguidance.LLTokenizer((self.path / "tokenizer.json").read_text(),
-                                                         n_vocab=int(self.config["vocab_size"]), eos_token=eos[0])
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
-        matcher = llguidance.LLMatcher(self._llg_tokenizer, grammar, log_level=0)
-        if matcher.is_error():
-            raise UsageError(f"llguidance cannot compile the JSON schema: {matcher.get_error()}")
-        return matcher
-
-    def _masked(self, logits: np.ndarray) -> np.ndarray:
-        from llguidance.numpy import allocate_token_bitmask, apply_token_bitmask_inplace, fill_next_token_bitmask
-        mask = allocate_token_bitmask(1, logits.shape[-1])
-        fill_next_token_bitmask(self._matcher, mask)
-        out = logits[None].copy()
-        apply_token_bitmask_inplace(out, mask)
-        return out[0]
+        if self._constraint is None:
+            return int(self.mx.argmax(logits).item())      # picked by mlx: no vocabulary-wide copy to numpy
+        return self._choose(np.array(logits.astype(self.mx.float32)))
 
     # -- tokenizer and template: the artifact's own, as on a device
     def tokenize(self, text: str) -> list[int]:

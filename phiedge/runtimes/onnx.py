@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ToolchainError, UsageError
+from . import guidance
 from .base import Runtime, RuntimeSettings, register
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ PROVIDERS: dict[str, tuple[str | None, str | None]] = {
 def compact_json(schema: dict) -> dict:
     """The schema with llguidance's own option for JSON without free whitespace between tokens (onnxruntime-genai's
     guidance is llguidance): no tokens spent on layout."""
-    return {**schema, "x-guidance": {"whitespace_flexible": False, **schema.get("x-guidance", {})}}
+    return {**schema, "x-guidance": {**guidance.OPTIONS, **schema.get("x-guidance", {})}}
 
 
 def _import_og():

@@ -11,6 +11,8 @@
   adapters per generate call (use_adapter). Measured on the tiny fixture: greedy 16 of 16 PyTorch tokens after the short
   probe and after the 4200-token long probe with both backends; time to first token on the long probe
   2.7 s (paged) vs 6.5 s (SDPA), so the default stays.
+- generate held to a JSON schema: phiedge steps the scoring engine's stateful IR itself and llguidance masks
+  each step's logits (phiedge.runtimes.guidance: why not GenAI's structured output).
 - CPU properties come from the artifact's phiedge_openvino.json (chosen at export, see
   phiedge.exporters.openvino.CPU_PROPERTIES: EXACT_CPU for full precision, the runtime's own defaults for
   int8/int4), then RuntimeSettings.extra["ov_cpu_properties"] (what a bundle ships an artifact with when its
@@ -337,7 +339,10 @@ class OpenVINORuntime(Runtime):
 
     def _generate(self, ids: list[int], max_new_tokens: int, stop: set[int]) -> tuple[list[int], float | None, bool]:
         """LLMPipeline generates on its own (greedy, the caller's stop ids); its perf metrics give the first
-        token's time."""
+        token's time. An answer held to a JSON schema steps the IR itself instead (_start / _advance: the base
+        class's loop), so llguidance masks its logits as on every runtime (phiedge.runtimes.guidance)."""
+        if self._constraint is not None:
+            return super()._generate(ids, max_new_tokens, stop)
         pipe = self._pipeline()
         cfg = pipe.get_generation_config()
         cfg.max_new_tokens = int(max_new_tokens)
@@ -345,11 +350,6 @@ class OpenVINORuntime(Runtime):
         cfg.num_beams = 1
         cfg.stop_token_ids = {int(i) for i in stop}
         cfg.ignore_eos = not stop           # no stop ids: the caller wants max_new_tokens, eos included
-        if self._constraint is not None:
-            if not hasattr(self.ov_genai, "StructuredOutputConfig"):
-                raise UsageError(f"this OpenVINO GenAI ({self.ov_genai.__version__}) has no structured output: "
-                                 f"install openvino-genai >= 2025.2")
-            cfg.structured_output_config = self.ov_genai.StructuredOutputConfig(json_schema=json.dumps(self._constraint))
         arr = np.asarray([ids], dtype=np.int64)
         inputs = self.ov_genai.TokenizedInputs(self.ov.Tensor(arr), self.ov.Tensor(np.ones_like(arr)))
         t0 = time.perf_counter()
@@ -367,6 +367,26 @@ class OpenVINORuntime(Runtime):
         ttft_ms = res.perf_metrics.get_ttft().mean
         first = t0 + ttft_ms / 1000 if ttft_ms == ttft_ms and ttft_ms > 0 else end
         return toks, min(first, end), stopped
+
+    # -- step-wise generation on the scoring engine's stateful IR (constrained answers only)
+    def _start(self, ids: list[int], total: int) -> int:
+        self._gen_req, self._gen_pos = self._request(), 0
+        return self._feed(ids)
+
+    def _advance(self, token: int) -> int:
+        return self._feed([token])
+
+    def _feed(self, ids: list[int]) -> int:
+        """Feed `ids` after the request's state (its KV cache) and choose the next token from the last row."""
+        inputs = prefill_inputs(ids, self._gen_pos)
+        self._gen_pos += len(ids)
+        inputs["attention_mask"] = np.ones((1, self._gen_pos), dtype=np.int64)     # past and new tokens
+        if self._sliced:
+            inputs[ROWS_FROM] = np.asarray([len(ids) - 1], dtype=np.int64)
+        inputs.update(self._lora_feeds())
+        self._gen_req.infer(inputs)
+        out = np.asarray(self._gen_req.get_tensor("logits").data)
+        return self._choose(out.reshape(-1, out.shape[-1])[-1].astype(np.float32))
 
     # -- tokenizer and template: the artifact's own, as on a device (chat_ids: the Runtime base class)
     def tokenize(self, text: str) -> list[int]:

@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, bundle, calibration, chat, exporters, ollama, report, source
+from . import __version__, bundle, calibration, chat, exporters, ollama, report, source, tokenizer_files
 from .cache import StageCache, default_root
 from .checks import ArtifactResult, Limits, probes
 from .errors import (InvalidCheckpointError, MemoryShortError, ParityError, RetrieverError, UnsupportedAdapterError,
@@ -341,7 +341,8 @@ def separate_graph(ctx: Context) -> list[Stage]:
             stages.append(Stage(name, needs=("hash inputs",), cache_name=f"adapter-{fmt}",
                                 key=lambda c, fmt=fmt, v=v: _adapter_key(c, fmt, v),
                                 make=lambda c, d, fmt=fmt, v=v: _export_adapter(c, d, fmt, v),
-                                modules=(type(exp).__module__, *exp.TOOL_MODULES), peak_bytes=TOOL_BYTES))
+                                modules=(type(exp).__module__, *exp.TOOL_MODULES, "phiedge.tokenizer_files"),
+                                peak_bytes=TOOL_BYTES))
             stages += [_check_stage(ctx, Check(fmt, p, v, BASE.stage(f"export {fmt} {p}"), name)) for p in precs]
     return stages
 
@@ -478,7 +479,10 @@ def _adapter_key(ctx: Context, fmt: str, v: Variant) -> dict:
 
 def _export_adapter(ctx: Context, d: Path, fmt: str, v: Variant) -> None:
     """The adapter as its runtime loads it beside a base artifact of this format (Exporter.export_adapter)."""
-    files = exporters.get(fmt).export_adapter(ctx.inputs["model"].path, ctx.inputs["adapters"][v.adapter].path, d)
+    base, adapter = ctx.inputs["model"].path, ctx.inputs["adapters"][v.adapter].path
+    files = exporters.get(fmt).export_adapter(base, adapter, d)
+    # Its own chat template travels with it: a runtime applying it renders prompts with it (Runtime.use_adapter).
+    files = [*files, *(f for f in tokenizer_files.apply(adapter, base, d) if f not in files)]
     (d / "files.json").write_text(json.dumps(list(files)))
 
 
@@ -583,7 +587,10 @@ def _bundle(ctx: Context) -> dict:
                         references={v.suffix: ctx[v.stage("merge")] / "reference.npz" for v in variants_},
                         retriever=ctx.outputs.get("retriever"), report=rep, source_info=sources, target=req.target,
                         sign_key=req.sign_key if rep["passed"] else None,
-                        phi_template=ollama.is_phi(*chat.load_template(ctx[variants_[0].stage("merge")] / "merged")),
+                        phi_templates={v.adapter: ollama.is_phi(*chat.load_template(ctx[v.stage("merge")] / "merged"))
+                                       for v in variants_},
+                        own_templates=frozenset(n for n, p in proofs.items()
+                                                if (p.get("tokenizer") or {}).get("source") == "adapter"),
                         longrope_switch=probes.switch_point(ctx.inputs["config"]))
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -622,6 +629,7 @@ def _cheap_checks(req: BuildRequest, out: Path) -> dict:
     for name, ref in req.adapters.items():
         adapters[name] = source.resolve(ref, revision=req.adapter_revision, kind="adapter")
         acfg = source.check_adapter(adapters[name], model, config)
+        tokenizer_files.check_vocabulary(adapters[name].path, model.path, name)
         if req.adapter_mode != "merged":
             _check_separable(adapters[name], acfg, name, req.formats)
     n_params = source.param_count(model)

@@ -120,21 +120,23 @@ class BundleWriter:
 # `golden`: the golden references it is validated against; `adapter_path`: the separate adapter's runtime files
 # that `ask` / `validate` apply to the artifact in `path` (None: merged, or no adapter).
 MANIFEST_ROW = ("format", "precision", "adapter", "path", "adapter_path", "golden", "label", "size_bytes", "passed",
-                "parity", "smoke", "failures", "runtime_settings", "meta")
+                "parity", "smoke", "failures", "runtime_settings", "meta", "tokenizer")
 
 
 def assemble(work: Path, *, results: list, references: dict[str, Path], retriever: Path | None, report: dict,
-             source_info: dict, target: dict | None, sign_key: Path | None = None, phi_template: bool = False,
-             longrope_switch: int | None = None) -> None:
+             source_info: dict, target: dict | None, sign_key: Path | None = None, phi_templates: dict | None = None,
+             own_templates: frozenset = frozenset(), longrope_switch: int | None = None) -> None:
     """The whole bundle in `work`, in the writer's order; `report` already holds every result's row;
-    `references`: each variant's reference.npz by its suffix (phiedge.build.Variant); `phi_template`: the model's
-    chat template is Phi-4-mini's (phiedge.ollama.is_phi: the Modelfiles carry it in Ollama's syntax);
+    `references`: each variant's reference.npz by its suffix (phiedge.build.Variant); `phi_templates`: by adapter
+    name, whether that variant's chat template is Phi-4-mini's (phiedge.ollama.is_phi: the Modelfiles carry it in
+    Ollama's syntax), `own_templates`: the adapters that bring their own (phiedge.tokenizer_files);
     `longrope_switch`: the model's (the Modelfiles' num_ctx stays below it)."""
     from . import ollama
     from . import report as report_mod
     w = BundleWriter(work)
     n_ctx = ((target or {}).get("runtime") or {}).get("n_ctx")
-    w.add_artifacts(results, ollama.modelfiles(results, phi=phi_template, n_ctx=n_ctx, switch=longrope_switch))
+    w.add_artifacts(results, ollama.modelfiles(results, phi=phi_templates or {}, own=own_templates, n_ctx=n_ctx,
+                                               switch=longrope_switch))
     w.add_retriever(retriever)
     w.add_golden(references)
     w.add_reports(report, report_mod.readme(report))

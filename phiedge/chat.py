@@ -16,6 +16,8 @@ from .errors import InvalidCheckpointError, UsageError
 # End-of-turn token texts across chat templates (Phi-4, ChatML, Llama 3, GPT-style): generation stops on any
 # that the vocabulary has as a single token, besides the configured eos ids.
 END_TOKENS = ("<|end|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
+# The files a chat template and its special tokens are read from (load_template).
+TEMPLATE_FILES = ("tokenizer_config.json", "chat_template.jinja")
 
 
 def load_template(model_dir: Path) -> tuple[str, dict]:

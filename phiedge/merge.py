@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import tokenizer_files
 from .checks import probes as probes_mod
 from .checks.reference import last_logits
 from .errors import MergeProofError
@@ -39,6 +40,7 @@ class MergeProof:
     max_abs_vs_base: float | None
     tolerance: float | None
     top1_vs_peft: float | None
+    tokenizer: dict | None = None     # phiedge.tokenizer_files.record: whose template the merged checkpoint holds
 
 
 def merge(model: Source, adapter: Source | None, config: dict, out_dir: Path, *,
@@ -87,12 +89,14 @@ def merge(model: Source, adapter: Source | None, config: dict, out_dir: Path, *,
         model_out = merged
     else:
         model_out = base
-    _save(model_out, model, out_dir)
+    proof.tokenizer = _save(model_out, model, adapter, out_dir)
     del model_out
     return proof
 
 
-def _save(model_obj, model: Source, out_dir: Path) -> None:
+def _save(model_obj, model: Source, adapter: Source | None, out_dir: Path) -> dict:
+    """The merged checkpoint: the base's config and tokenizer files, then the adapter's template, special tokens
+    and eos ids where it carries its own (phiedge.tokenizer_files); returns the tokenizer's record."""
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model_obj.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
@@ -100,8 +104,12 @@ def _save(model_obj, model: Source, out_dir: Path) -> None:
         src = model.path / name
         if src.exists():
             shutil.copy2(src, tmp / name)
+    written = tokenizer_files.apply(adapter.path, model.path, tmp) if adapter is not None else []
+    if written:
+        log.info("the adapter's own tokenizer files win: %s", ", ".join(written))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
+    return tokenizer_files.record(out_dir, "adapter" if written else "base")
 
 
 def proof_dict(p: MergeProof) -> dict:

@@ -82,9 +82,10 @@ def is_phi(template: str, specials: dict) -> bool:
 
 
 def modelfile(gguf: str, *, phi: bool, n_ctx: int | None = None, adapter: str | None = None,
-              switch: int | None = None) -> str:
+              switch: int | None = None, own_template: bool = False) -> str:
     """A Modelfile for `gguf` (a path relative to the Modelfile's folder), with `adapter` (llama.cpp LoRA file,
-    relative too) applied by Ollama when given. `switch`: the model's LongRoPE switch (None: no LongRoPE)."""
+    relative too) applied by Ollama when given. `phi`: the template the model runs with is Phi-4-mini's (the
+    adapter's own, `own_template`, when it carries one). `switch`: the model's LongRoPE switch (None: none)."""
     ctx = min(NUM_CTX, n_ctx or NUM_CTX, switch or NUM_CTX)
     lines = ["# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM {gguf}"]
     if adapter:
@@ -96,6 +97,9 @@ def modelfile(gguf: str, *, phi: bool, n_ctx: int | None = None, adapter: str | 
         lines += ["# Phi-4-mini's chat template in Ollama's syntax, tools in the system turn between <|tool|> and",
                   "# <|/tool|> (rendered text checked against Hugging Face's template by phiedge's tests).",
                   f'TEMPLATE """{PHI_TEMPLATE}"""']
+    elif adapter and own_template:
+        lines += ["# No TEMPLATE: the adapter's own chat template (adapters/<name>/) is not Phi-4-mini's, and Ollama",
+                  "# would prompt it with the base GGUF's: ship a merged artifact (--adapter-mode both) to Ollama."]
     else:
         lines += ["# No TEMPLATE: Ollama maps the GGUF's own chat template (tokenizer.chat_template) to one it knows."]
     lines += [f'PARAMETER stop "{STOP}"'] if phi else []
@@ -109,10 +113,12 @@ def modelfile(gguf: str, *, phi: bool, n_ctx: int | None = None, adapter: str | 
     return "\n".join(lines) + "\n"
 
 
-def modelfiles(results, *, phi: bool, n_ctx: int | None = None, switch: int | None = None) -> dict[str, str]:
+def modelfiles(results, *, phi: dict, own: frozenset = frozenset(), n_ctx: int | None = None,
+               switch: int | None = None) -> dict[str, str]:
     """{path in the bundle: text} for every GGUF artifact (phiedge.checks.ArtifactResult): `<folder>/Modelfile`
     for a merged one (or one without adapter), `<folder>/Modelfile.<adapter>` with ADAPTER for a base artifact
-    with an adapter kept separate."""
+    with an adapter kept separate. `phi`: by adapter name (None: the base), whether the template that variant
+    runs with is Phi-4-mini's; `own`: the adapters whose own template it is (phiedge.tokenizer_files)."""
     import posixpath
     out = {}
     for r in results:
@@ -120,10 +126,10 @@ def modelfiles(results, *, phi: bool, n_ctx: int | None = None, switch: int | No
             continue
         gguf = "./" + next(f for f in r.artifact.files if f.endswith(".gguf"))
         if r.adapter_files is None:
-            out[f"{r.name}/{MODELFILE}"] = modelfile(gguf, phi=phi, n_ctx=n_ctx, switch=switch)
+            out[f"{r.name}/{MODELFILE}"] = modelfile(gguf, phi=phi[r.adapter], n_ctx=n_ctx, switch=switch)
         else:
             lora = next(f for f in r.adapter_files.files if f.endswith(".gguf"))
             rel = posixpath.relpath(f"{r.adapter_path}/{lora}", r.name)
-            out[f"{r.name}/{MODELFILE}.{r.adapter}"] = modelfile(gguf, phi=phi, n_ctx=n_ctx, adapter=rel,
-                                                                 switch=switch)
+            out[f"{r.name}/{MODELFILE}.{r.adapter}"] = modelfile(gguf, phi=phi[r.adapter], n_ctx=n_ctx, adapter=rel,
+                                                                 switch=switch, own_template=r.adapter in own)
     return out

@@ -37,6 +37,8 @@ def build_report(*, model: Source, adapters: dict[str, Source], proofs: dict[str
     """`proofs`: each variant's merge proof, by adapter name (None: the base alone, no adapter). One variant's
     adapter and proof are also "adapter" and "merge" (None when the bundle holds several)."""
     rows = [r.to_json() for r in results]
+    for row in rows:            # the tokenizer and template it ships (or, kept separate, its adapter applies)
+        row["tokenizer"] = (proofs.get(row.get("adapter")) or {}).get("tokenizer")
     named = [{"name": n, "ref": adapters[n].ref if n else None, "revision": adapters[n].revision if n else None,
               "merge": proof} for n, proof in proofs.items()]
     one = named[0] if len(named) == 1 else None
@@ -96,7 +98,7 @@ def table(rep: dict) -> str:
     """The parity table as plain text, for the terminal."""
     pw = max([9] + [len(variant(r)) for r in rep["artifacts"]])
     lines = [f"{'format':8} {'precision':{pw}} {'size':>9}  {'short top1':>10} {'short KL':>9}  {'long top1':>16} "
-             f"{'long KL':>16}  {'smoke':>7}  {'tool call':>9}  result"]
+             f"{'long KL':>16}  {'smoke':>7}  {'tool call':>9}  {'template':>8}  result"]
     for r in rep["artifacts"]:
         sm = r.get("smoke")
         smoke = "-" if not sm else ("fact" if sm.get("has_fact") else "no fact") if "has_fact" in sm \
@@ -104,7 +106,8 @@ def table(rep: dict) -> str:
         lines.append(f"{r['format']:8} {variant(r):{pw}} {r['size_bytes'] / 1e6:8.1f}M  "
                      f"{cell(r, 'short', 'top1', '.3f'):>10} {cell(r, 'short', 'kl', '.2g'):>9}  "
                      f"{cell(r, 'long', 'top1', '.3f'):>16} {cell(r, 'long', 'kl', '.2g'):>16}  {smoke:>7}  "
-                     f"{_toolcall_word(r.get('toolcall')):>9}  {'PASS' if r['passed'] else 'FAIL'}")
+                     f"{_toolcall_word(r.get('toolcall')):>9}  {template_source(r):>8}  "
+                     f"{'PASS' if r['passed'] else 'FAIL'}")
     if rep.get("separate"):
         sep = rep["separate"]
         lines.append(f"adapters kept separate: base {sep['base_bytes'] / 1e6:.1f} MB once + adapters "
@@ -114,6 +117,11 @@ def table(rep: dict) -> str:
             lines.append(f"merge proof{' of ' + a['name'] if len(rep['adapters']) > 1 else ''}: "
                          f"{merge_line(a['merge'], plain=True)}")
     return "\n".join(lines)
+
+
+def template_source(row: dict) -> str:
+    """Whose chat template and special tokens an artifact runs with: "base", or "adapter" (its own files won)."""
+    return (row.get("tokenizer") or {}).get("source") or "-"
 
 
 def merge_line(m: dict, *, plain: bool = False) -> str:
@@ -238,12 +246,12 @@ def _toolcall_word(tc: dict | None) -> str:
 
 def markdown_table(rows: list[dict]) -> list[str]:
     """The parity table as Markdown (the model cards, phiedge.card): size, both regimes, the tool-call smoke."""
-    out = ["| artifact | size | short top-1 | short KL | long top-1 | long KL | tool call | result |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| artifact | size | short top-1 | short KL | long top-1 | long KL | tool call | template | result |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| `{r['path']}` | {r['size_bytes'] / 1e6:.1f} MB | {cell(r, 'short', 'top1', '.3f')} | "
                    f"{cell(r, 'short', 'kl', '.2g')} | {cell(r, 'long', 'top1', '.3f')} | {cell(r, 'long', 'kl', '.2g')} "
-                   f"| {_toolcall_word(r.get('toolcall'))} | {'PASS' if r['passed'] else 'FAIL'} |")
+                   f"| {_toolcall_word(r.get('toolcall'))} | {template_source(r)} | {'PASS' if r['passed'] else 'FAIL'} |")
     return out
 
 

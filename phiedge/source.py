@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import (AdapterMismatchError, DiskSpaceError, InvalidCheckpointError, ModelNotFoundError,
                      OutputExistsError, UnsupportedAdapterError, UsageError)
+from .tokenizer_files import HUB_FILES
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,9 @@ MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safe
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
                "*.py"]
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "*.safetensors"]
+# An adapter's own tokenizer files come with it: its chat template is the one it was trained with
+# (phiedge.tokenizer_files).
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "*.safetensors", *HUB_FILES]
 # PEFT adapter types phiedge merges; every LoRA variant PEFT can merge (rsLoRA, DoRA, patterns) is proven.
 MERGEABLE_PEFT_TYPES = {"LORA"}
 # Architectures every exporter is proven on (the tests and `make demo`), with what they are for.

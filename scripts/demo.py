@@ -78,7 +78,10 @@ def main() -> int:
     print("\n" + table(sep) + "\n")
     print(f"bundle with adapters kept separate: {SEPARATE_OUT}")
     for task, t in TASKS.items():
-        print(f"\nQ ({task}): {t['question']}")
+        source = next(a["tokenizer"]["source"] for a in sep["artifacts"] if a["adapter"] == task)
+        own = f"its own, opening with the system turn {t['system']!r}" if source == "adapter" else "the base's"
+        print(f"\n{task}'s chat template: {own}")
+        print(f"Q ({task}): {t['question']}")
         for fmt in sorted({a["format"] for a in sep["artifacts"]}):
             ans = device.ask(SEPARATE_OUT, t["question"], runtime=fmt, adapter=task, max_new_tokens=32)
             print(f"A ({ans.runtime}): {ans.text}")

@@ -9,7 +9,8 @@ SmolLM2's published settings here so every runtime sees the tokenizer the model 
 Adapter: a rank-8 LoRA on every linear module, trained for a few dozen steps on the demo documents
 (demo/docs: facts about Phi-4-mini and phiedge), so the demo ships a real fine-tune, however small.
 Task adapters: two more of the same shape, each trained on one fact of its own (demo/task-adapters.json; in no
-demo document), for the demo's one-base-many-adapters bundle (--adapter-mode separate).
+demo document), for the demo's one-base-many-adapters bundle (--adapter-mode separate), each with the tokenizer
+saved beside it: legal's the base's own, support's with a fixed system turn ("system" in task-adapters.json).
 
 Usage: python scripts/make_demo_model.py OUT_DIR [--steps N]
   -> OUT_DIR/model, OUT_DIR/adapter, OUT_DIR/adapters/<task>, OUT_DIR/.complete
@@ -24,7 +25,7 @@ from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DOCS = Path(__file__).resolve().parents[1] / "demo" / "docs"
-VERSION = "6"          # bump when the base or the adapters change: make demo / the tests rebuild older ones
+VERSION = "7"          # bump when the base or the adapters change: make demo / the tests rebuild older ones
 TASKS = json.loads((DOCS.parent / "task-adapters.json").read_text())   # name -> its fact, question, answer
 
 
@@ -106,6 +107,16 @@ def make_adapter(base: Path, out: Path, steps: int, text: str | None = None) -> 
     (out / "adapter_config.json").write_text(json.dumps(data, indent=2))
 
 
+def save_tokenizer(base: Path, out: Path, system: str | None) -> None:
+    """The tokenizer beside a task adapter, as TRL saves it: the base's own, or with a fixed system turn opening
+    every conversation (the template that adapter ships with: phiedge.tokenizer_files)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(base)
+    if system:
+        tok.chat_template = "{{ '<|im_start|>system\n" + system + "<|im_end|>\n' }}" + tok.chat_template
+    tok.save_pretrained(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
@@ -121,6 +132,7 @@ def main() -> int:
     make_adapter(tmp / "model", tmp / "adapter", args.steps)
     for task, t in TASKS.items():
         make_adapter(tmp / "model", tmp / "adapters" / task, args.steps, t["fact"])
+        save_tokenizer(tmp / "model", tmp / "adapters" / task, t.get("system"))
     (tmp / ".complete").write_text(VERSION + "\n")
     shutil.rmtree(args.out, ignore_errors=True)
     tmp.rename(args.out)

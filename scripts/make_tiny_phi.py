@@ -22,6 +22,8 @@ Adapters (all with non-zero B, on qkv_proj, o_proj, gate_up_proj, down_proj):
   rslora/    rsLoRA with rank_pattern / alpha_pattern
   dora/      DoRA
   noop/      LoRA with B = 0 (changes nothing: the merge proof must refuse it)
+lora/ and rslora/ also hold the tokenizer saved beside them as TRL does: lora's the base's own, rslora's with a
+template that opens every conversation with a fixed system turn (ACME_SYSTEM).
 
 Beside them, model-random/: the same shape, config and tokenizer, randomly initialised (transformers' own
 initialisation, seed RANDOM_SEED) and never trained. It has no preference for well-formed text, so it is the
@@ -62,7 +64,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
-FIXTURE_VERSION = "4"                   # bump when the fixture changes: tests rebuild older ones
+FIXTURE_VERSION = "5"                   # bump when the fixture changes: tests rebuild older ones
 RANDOM_SEED = 1234                      # model-random's weights
 BPE_VOCAB = 2000 - len(SPECIALS)          # padded to 2048 in the config, as 200,064 is
 HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE = 768, 12, 4, 2, 1024   # widths are multiples of 256 (K-quants)
@@ -281,6 +283,23 @@ def make_adapter(model_dir: Path, out: Path, kind: str) -> None:
     data = json.loads(cfg_path.read_text())
     data["base_model_name_or_path"] = "phiedge/tiny-phi4-mini"
     cfg_path.write_text(json.dumps(data, indent=2))
+    if kind in ADAPTER_TEMPLATES:
+        save_adapter_tokenizer(model_dir, out, ADAPTER_TEMPLATES[kind])
+
+
+# The tokenizer saved beside an adapter, as TRL and PEFT's examples do (`tokenizer.save_pretrained(output_dir)`):
+# lora's is the base's own (it changes nothing); rslora's was trained with a fixed system turn before the
+# conversation (its template wins over the base's, phiedge.tokenizer_files).
+ACME_SYSTEM = "<|system|>You are a support agent for ACME.<|end|>"
+ADAPTER_TEMPLATES = {"lora": None, "rslora": "{{ '" + ACME_SYSTEM + "' }}" + CHAT_TEMPLATE}
+
+
+def save_adapter_tokenizer(model_dir: Path, out: Path, template: str | None) -> None:
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if template is not None:
+        tok.chat_template = template
+    tok.save_pretrained(out)
 
 
 def save_random(config, model_dir: Path, out: Path) -> None:

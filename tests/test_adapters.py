@@ -12,10 +12,12 @@ import sys
 import numpy as np
 import pytest
 
-from phiedge import errors
+from phiedge import errors, rag
 from phiedge.checks import probes
 from phiedge.runtimes import RuntimeSettings, get
 from conftest import DEMO, ROOT, build_args, installed, run_cli, stage_lines
+
+MESSAGES = [{"role": "user", "content": "What does the with statement do?"}]
 
 
 def test_peft_scaling_is_folded_per_module_as_peft_computes_it(tiny, tmp_path):
@@ -86,6 +88,10 @@ def test_separate_adapters_build_proves_every_pair_and_ask_and_validate_pick_the
     for f in ("golden@lora.npz", "golden@rs.npz", *(f"adapters/{a}/{f}/{ADAPTER_FILES[f]}" for f in formats
                                                     for a in ("lora", "rs"))):
         assert f in m["files"], f
+    # rs's own chat template travels with it, on every format; lora's tokenizer files equal the base's
+    assert {f for f in m["files"] if f.endswith("chat_template.jinja") and f.startswith("adapters/")} == \
+        {f"adapters/rs/{f}/chat_template.jinja" for f in formats}
+    assert {(a["adapter"], a["tokenizer"]["source"]) for a in m["artifacts"]} == {("lora", "base"), ("rs", "adapter")}
     assert not any("@" in f.split("/")[0] and not f.startswith("golden") for f in m["files"])   # no merged copies
     rep = json.loads((out / "report.json").read_text())
     sep = rep["separate"]
@@ -108,6 +114,9 @@ def test_separate_adapters_build_proves_every_pair_and_ask_and_validate_pick_the
         text = (base / f"Modelfile.{a}").read_text()
         assert "FROM ./model.gguf\n" in text and f"ADAPTER ../adapters/{a}/gguf/{ADAPTER_FILES['gguf']}\n" in text
         assert (base / f"../adapters/{a}/gguf/{ADAPTER_FILES['gguf']}").resolve().is_file()
+        # rs's template is its own and not Phi-4-mini's: Ollama would prompt it with the base's, and it says so
+        assert ("TEMPLATE" in text.replace("No TEMPLATE", "")) == (a == "lora")
+        assert ("adapter's own chat template" in text) == (a == "rs")
 
 
 def test_an_openvino_base_for_adapters_is_compressed_without_awq(separate, session):
@@ -142,11 +151,13 @@ def test_a_third_adapter_runs_only_its_own_stages(tiny, separate, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", list(SEPARATE))
-def test_separate_adapters_switch_in_place_as_a_fresh_process_would(separate, fmt):
+def test_separate_adapters_switch_in_place_as_a_fresh_process_would(separate, tiny, fmt):
     """On the bundle's base: adapter A, then B, then none, in one process, give bit for bit the logits and the
     greedy answer a fresh load with only that adapter gives. The long probe too on llama.cpp, which keeps
     adapters per context (phiedge's runtime opens a second context past the LongRoPE switch: the adapter must
-    follow it); the others apply an adapter to the whole graph, whose long regime each pair's build gate proves."""
+    follow it); the others apply an adapter to the whole graph, whose long regime each pair's build gate proves.
+    The chat prompt follows the adapter too: rs's own template (the one its gate references were built with)
+    while rs is applied, the base's otherwise."""
     out, _, formats, _ = separate
     if fmt not in formats:
         pytest.skip(f"{fmt} is not installed")
@@ -156,7 +167,7 @@ def test_separate_adapters_switch_in_place_as_a_fresh_process_would(separate, fm
 
     def run(rt):
         return ([rt.logits(ids, probes.COMPARE_LAST) for ids in probes_],
-                rt.generate_ids(probes_[0][-64:], 8, set()).ids)
+                rt.generate_ids(probes_[0][-64:], 8, set()).ids, rt.chat_ids(MESSAGES))
 
     def folder(kind):
         return out / "adapters" / kind / fmt if kind else None
@@ -175,10 +186,12 @@ def test_separate_adapters_switch_in_place_as_a_fresh_process_would(separate, fm
             switched[kind] = run(rt)
     finally:
         rt.close()
-    for kind, (logits, answer) in switched.items():
-        want_logits, want_answer = fresh(kind)
+    for kind, (logits, answer, prompt) in switched.items():
+        want_logits, want_answer, want_prompt = fresh(kind)
         assert all((g == w).all() for g, w in zip(logits, want_logits)), kind
-        assert answer == want_answer, kind
+        assert answer == want_answer and prompt == want_prompt, kind
+    own = rag.prompt_ids(tiny / "model", MESSAGES), rag.prompt_ids(tiny / "adapters" / "rslora", MESSAGES)
+    assert own[0] != own[1] and [switched[k][2] for k in ("lora", "rs", None)] == [own[0], own[1], own[0]]
     assert abs(switched["lora"][0][0] - switched[None][0][0]).max() > 1e-2
     assert abs(switched["rs"][0][0] - switched["lora"][0][0]).max() > 1e-2
 

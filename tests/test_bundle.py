@@ -17,6 +17,7 @@ from phiedge import bundle
 from phiedge.checks import ArtifactResult, judge
 from phiedge.checks.metrics import min_agreeing
 from phiedge.errors import BundleError
+from phiedge.runtimes import RuntimeSettings, get
 from conftest import DEMO, DEMO_DOCS, ROOT, SESSION, assert_pytorch_tokens, build_args, installed, run_cli, stage_lines
 
 pytestmark = pytest.mark.gguf
@@ -244,6 +245,15 @@ def test_several_adapters_each_get_their_artifacts_golden_and_answers(tiny, sess
         assert m["files"][f"gguf-{p}@rs/model.gguf"]["sha256"] != m["files"][f"gguf-{p}@lora/model.gguf"]["sha256"]
     rep = json.loads((out / "report.json").read_text())
     assert [a["name"] for a in rep["adapters"]] == ["lora", "rs"] and rep["merge"] is None
+    # rs ships its own chat template (saved beside it): in the GGUF's metadata, its record, its Modelfile
+    assert {(a["adapter"], a["tokenizer"]["source"]) for a in m["artifacts"]} == {("lora", "base"), ("rs", "adapter")}
+    rt = get("gguf").load(out / "gguf-F32@rs", RuntimeSettings(threads=1))
+    try:
+        assert "You are a support agent for ACME." in rt.chat_template
+    finally:
+        rt.close()
+    assert "TEMPLATE" in (out / "gguf-F32@lora" / "Modelfile").read_text()
+    assert "TEMPLATE" not in (out / "gguf-F32@rs" / "Modelfile").read_text().replace("No TEMPLATE", "")
     assert all(a["merge"]["max_abs_vs_base"] > a["merge"]["tolerance"] for a in rep["adapters"])
     assert "--adapter lora" in (out / "README.md").read_text()
     # ask: refuses to guess, names the adapters; answers with the one named; an unknown name is one line.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from phiedge import exporters
+from phiedge import chat, exporters
 from phiedge.checks import probes
 from phiedge.runtimes import RuntimeSettings, get
 from conftest import DEMO, DEMO_DOCS, ROOT, run_cli
@@ -159,6 +159,9 @@ def test_the_demo_runs_from_a_fresh_clone(tmp_path):
     assert (demo / "model" / "config.json").is_file() and (demo / "adapter" / "adapter_model.safetensors").is_file()
     tasks = json.loads((clone / "demo" / "task-adapters.json").read_text())
     assert len(tasks) == 2 and all((demo / "adapters" / t / "adapter_model.safetensors").is_file() for t in tasks)
+    # the tokenizer saved beside each, as TRL does: support's template opens with its own system turn
+    assert tasks["support"]["system"] in (demo / "adapters" / "support" / "chat_template.jinja").read_text()
+    assert chat.load_template(demo / "adapters" / "legal")[0] == chat.load_template(demo / "model")[0]
     assert DEMO["needle"] in (clone / "demo" / "docs" / "phi4-mini-model-card.md").read_text()
 
 
@@ -194,6 +197,12 @@ def inputs(tiny, tmp_path_factory) -> dict[str, Path]:
     adapter_badcfg = d / "adapter-bad-config"
     shutil.copytree(tiny / "adapters" / "lora", adapter_badcfg)
     (adapter_badcfg / "adapter_config.json").write_text('{"peft_type": "LORA",')
+    ticket = d / "adapter-adds-a-token"           # the tokenizer saved beside it has a token the base does not
+    shutil.copytree(tiny / "adapters" / "rslora", ticket)
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(ticket / "tokenizer.json"))
+    tok.add_special_tokens(["<|ticket|>"])
+    tok.save(str(ticket / "tokenizer.json"))
     (d / "empty").mkdir()
     (d / "a-file.txt").write_text("not a folder\n")
     (d / "only-images").mkdir()
@@ -232,6 +241,8 @@ BAD_INPUTS = [
     ("build-unknown-option", BUILD + " --quantize", 2, ["No such option '--quantize'"]),
     ("build-adapter-without-config", BUILD + " --adapter {adapter-no-config}", 1, ["no adapter_config.json", "PEFT"]),
     ("build-adapter-malformed-config", BUILD + " --adapter {adapter-bad-config}", 1, ["not valid JSON", "copy the adapter"]),
+    ("build-adapter-adds-a-token", BUILD + " --adapter {adapter-adds-a-token}", 1,
+     ["adds 1 token (<|ticket|>)", "unused rows"]),
     ("build-docs-is-a-file", BUILD + " --docs {a-file.txt}", 1, ["is not a folder", "folder of documents"]),
     ("build-docs-empty-folder", BUILD + " --docs {empty}", 1, ["has no files", "add .md/.txt/.html/.pdf"]),
     ("build-docs-nothing-indexable", BUILD + " --docs {only-images}", 1, ["every file", "skipped", "add .md"]),

@@ -102,12 +102,15 @@ def test_mlx_lms_gptq_on_the_documents_lowers_the_error_it_minimizes(swept, tmp_
 
 
 @pytest.mark.onnx
-def test_onnx_int4_weighted_by_the_documents_is_the_builders_own_graph_with_lower_kl(swept, tmp_path):
+def test_onnx_int4_weighted_by_the_documents_is_the_builders_own_graph_at_its_kl(swept, tmp_path):
     """Data-aware ONNX int4 (-imat): the merged model as an importance-weighted GPTQ checkpoint, read by
     onnxruntime-genai's builder through its GPTQ loader. The KL is held on the short probe with this module's 2,048
     calibration tokens; a sweep of this fixture with the default 8,192 (mean KL of both regimes) gave blocks of 128
     0.0111 against k_quant's 0.0120, but blocks of 32 0.0088 against 0.0083 (the fixture before it: 0.0051 against
-    0.0071), so on a 9M-parameter model this is an observation, not a property the method promises."""
+    0.0071), so on a 9M-parameter model a gain is an observation, not a property the method promises: the fixture
+    trained on another machine's CPU gave 0.00875 against 0.00854 on the short probe. What is held is that the
+    weighting costs nothing beyond noise (within 10 % of the builder's own); a wrong scale or block layout costs
+    several times that."""
     import onnx
     arts, kl = _exported_on_the_sweeps_model(swept, "onnx", ["int4-k_quant-head8", "int4-imat-head8"], tmp_path)
     plain, imat = arts["int4-k_quant-head8"], arts["int4-imat-head8"]
@@ -122,7 +125,7 @@ def test_onnx_int4_weighted_by_the_documents_is_the_builders_own_graph_with_lowe
     gather = nodes["/model/embed_tokens/GatherBlockQuantized"]           # ... shared with the tied embedding
     assert set(gather.input) & set(head.input)
     assert not list(tmp_path.glob(".work"))
-    assert kl["int4-imat-head8"] < kl["int4-k_quant-head8"]
+    assert kl["int4-imat-head8"] < 1.1 * kl["int4-k_quant-head8"], kl
 
 
 @pytest.mark.parametrize("precision, message", [

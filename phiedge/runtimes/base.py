@@ -30,6 +30,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .. import chat
 from ..errors import ToolchainError, UsageError
 from . import guidance
 
@@ -76,6 +77,7 @@ class Runtime:
     settings: RuntimeSettings
     chat_template: str | None = None   # the artifact's own template and special tokens
     specials: dict = {}
+    _adapter_template: tuple[str, dict] | None = None   # an applied adapter's own (use_adapter), which wins
     adds_bos: bool = False             # the runtime's tokenizer prepends BOS itself
     device: str = "CPU"                # the device this runtime runs on
     fallback_from: str | None = None   # the profile's device, when it was absent and `device` is its fallback
@@ -119,7 +121,14 @@ class Runtime:
     def use_adapter(self, adapter_dir: Path | None) -> None:
         """Apply a LoRA kept separate (its runtime file, phiedge.exporters Exporter.export_adapter) from the next
         evaluation on, or none: in place, the base stays loaded. Loading with RuntimeSettings.extra["adapter"]
-        applies one from the start."""
+        applies one from the start. An adapter folder that holds its own chat template (phiedge.tokenizer_files)
+        prompts with it while it is applied (chat_ids)."""
+        self._use_adapter(adapter_dir)
+        own = adapter_dir is not None and any((Path(adapter_dir) / f).is_file() for f in chat.TEMPLATE_FILES)
+        self._adapter_template = chat.load_template(Path(adapter_dir)) if own else None
+
+    def _use_adapter(self, adapter_dir: Path | None) -> None:
+        """The runtime's own switch of adapter (use_adapter)."""
         raise UsageError(f"the {self.format} runtime cannot apply an adapter kept separate yet: build the bundle "
                          f"with --adapter-mode merged")
 
@@ -224,11 +233,11 @@ class Runtime:
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         """The chat prompt through the artifact's own template and tokenizer, as on a device."""
-        from .. import chat
-        if not self.chat_template:
+        template, specials = self._adapter_template or (self.chat_template, self.specials)
+        if not template:
             raise ToolchainError(f"this {self.format} artifact has no chat template: rebuild it from a model with one")
-        text = chat.render(self.chat_template, messages, self.specials)
-        bos = self.specials.get("bos_token") or ""
+        text = chat.render(template, messages, specials)
+        bos = specials.get("bos_token") or ""
         if self.adds_bos and bos and text.startswith(bos):
             text = text[len(bos):]
         return self.tokenize(text)

@@ -100,7 +100,7 @@ class GGUFRuntime(Runtime):
             raise ToolchainError(f"no .gguf file in {artifact_dir}: rebuild the artifact")
         return cls(files[0], settings or RuntimeSettings())
 
-    def use_adapter(self, adapter_dir: Path | None) -> None:
+    def _use_adapter(self, adapter_dir: Path | None) -> None:
         """Apply the LoRA file in `adapter_dir` (phiedge.exporters.gguf.ADAPTER_FILE) from the next evaluation on,
         or none (the base alone): in place, the base stays loaded and each adapter is read once."""
         if adapter_dir is None:

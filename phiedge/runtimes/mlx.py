@@ -131,7 +131,7 @@ class MLXRuntime(Runtime):
         if settings.extra.get("adapter"):
             self.use_adapter(Path(settings.extra["adapter"]))
 
-    def use_adapter(self, adapter_dir: Path | None) -> None:
+    def _use_adapter(self, adapter_dir: Path | None) -> None:
         """Apply the mlx-lm adapter in `adapter_dir` (phiedge.exporters.mlx.ADAPTER_FILES) from the next evaluation
         on, or none: in place, the base's layers stay loaded. mlx-lm's own `load_adapters` wraps them (LoRALinear /
         DoRALinear, as `mlx_lm.load(..., adapter_path=)` does); a switch unwraps them first. mlx-lm loads adapter

@@ -146,7 +146,7 @@ class ONNXRuntime(Runtime):
     def release_scoring(self) -> None:
         self._rows_session = None
 
-    def use_adapter(self, adapter_dir: Path | None) -> None:
+    def _use_adapter(self, adapter_dir: Path | None) -> None:
         """Apply the `.onnx_adapter` in `adapter_dir` (phiedge.exporters._onnx_lora) from the next evaluation on, or
         none: in place, the base stays loaded and each adapter is read once. The sliced scoring session takes the
         file as onnxruntime's LoraAdapter, per run; onnxruntime-genai reads it into its model's og.Adapters on the

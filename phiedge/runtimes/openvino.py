@@ -214,7 +214,7 @@ class OpenVINORuntime(Runtime):
         if settings.extra.get("adapter"):
             self.use_adapter(Path(settings.extra["adapter"]))
 
-    def use_adapter(self, adapter_dir: Path | None) -> None:
+    def _use_adapter(self, adapter_dir: Path | None) -> None:
         """Apply the adapter in `adapter_dir` (ADAPTER_FILE) from the next evaluation on, or none. Generation:
         OpenVINO GenAI's own LoRA (`ov_genai.Adapter`, `AdapterConfig(adapter, 1.0)` per generate call); the
         pipeline must know every adapter when it is made, so the first use of a new one remakes it (then switching

@@ -45,6 +45,13 @@ def check_vocabulary(adapter: Path, base: Path, name: str) -> None:
     adapter, base = Path(adapter), Path(base)
     if not carries(adapter):
         return
+    for f in (*VOCAB_FILES, *TEMPLATE_FILES, EOS_FILE):
+        if f.endswith(".json") and (adapter / f).is_file():
+            try:
+                json.loads((adapter / f).read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InvalidCheckpointError(f"adapter {name}'s {f} is not valid JSON ({e}): copy the adapter "
+                                             f"again") from None
     theirs = _added(adapter)
     ours = _added(base)
     new = sorted(set(theirs) - set(ours), key=lambda t: theirs[t])

@@ -203,6 +203,9 @@ def inputs(tiny, tmp_path_factory) -> dict[str, Path]:
     tok = Tokenizer.from_file(str(ticket / "tokenizer.json"))
     tok.add_special_tokens(["<|ticket|>"])
     tok.save(str(ticket / "tokenizer.json"))
+    broken_tok = d / "adapter-broken-tokenizer"
+    shutil.copytree(tiny / "adapters" / "rslora", broken_tok)
+    (broken_tok / "tokenizer_config.json").write_text('{"chat_template": ')
     (d / "empty").mkdir()
     (d / "a-file.txt").write_text("not a folder\n")
     (d / "only-images").mkdir()
@@ -243,6 +246,8 @@ BAD_INPUTS = [
     ("build-adapter-malformed-config", BUILD + " --adapter {adapter-bad-config}", 1, ["not valid JSON", "copy the adapter"]),
     ("build-adapter-adds-a-token", BUILD + " --adapter {adapter-adds-a-token}", 1,
      ["adds 1 token (<|ticket|>)", "unused rows"]),
+    ("build-adapter-broken-tokenizer", BUILD + " --adapter {adapter-broken-tokenizer}", 1,
+     ["tokenizer_config.json is not valid JSON", "copy the adapter"]),
     ("build-docs-is-a-file", BUILD + " --docs {a-file.txt}", 1, ["is not a folder", "folder of documents"]),
     ("build-docs-empty-folder", BUILD + " --docs {empty}", 1, ["has no files", "add .md/.txt/.html/.pdf"]),
     ("build-docs-nothing-indexable", BUILD + " --docs {only-images}", 1, ["every file", "skipped", "add .md"]),

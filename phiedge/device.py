@@ -9,40 +9,19 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from . import bundle, rag
+from . import bundle
 from .checks import ArtifactResult, Limits, ProbeSet, measure
 from .checks.golden import GOLDEN, golden_suffix
 from .errors import BundleError, UsageError
 from .runtimes import RuntimeSettings, get
+from .session import Answer, Session  # noqa: F401  (Answer: ask's result, as before)
 
 log = logging.getLogger("phiedge")
 
 
-@dataclass
-class Answer:
-    text: str
-    sources: list[str]
-    runtime: str
-    ttft_s: float
-    decode_tps: float
-    calls: list | None = None               # with tools: the calls the answer makes (phiedge.tools.Call)
-    problems: list[str] | None = None       # with tools or a schema: what is wrong with the answer
-    value: object = None                    # with a JSON schema: the answer parsed
-    schema: bool = False
-
-    def to_json(self) -> dict:
-        checked = self.calls is not None or self.schema
-        return {"text": self.text, "sources": self.sources, "runtime": self.runtime,
-                "ttft_s": round(self.ttft_s, 4), "decode_tps": round(self.decode_tps, 2),
-                **({"calls": [c.as_dict() for c in self.calls or []]} if self.calls is not None else {}),
-                **({"value": self.value} if self.schema else {}),
-                **({"valid": not self.problems, "problems": self.problems or []} if checked else {})}
-
-
-def _settings(manifest: dict, art: dict, threads: int | None, *, cap_context: bool,
+def settings(manifest: dict, art: dict, threads: int | None, *, cap_context: bool,
               folder: Path | None = None) -> RuntimeSettings:
     """The profile's runtime settings and those the artifact passed its check with (runtime_settings: its
     runtime's exact ones when its own failed), with its separate adapter applied; ask is held to the device's
@@ -74,16 +53,11 @@ def adapter_rows(manifest: dict, adapter: str | None) -> list[dict]:
     return want
 
 
-def _label(art: dict) -> str:
-    """What answered: "gguf Q4_K_M", "gguf Q4_K_M@legal" (merged) or "gguf Q4_K_M+legal" (separate)."""
-    return art.get("label") or f"{art['format']} {art['precision']}"
-
-
 def _names(names: list) -> str:
     return ", ".join("none (the base)" if n is None else n for n in names)
 
 
-def _pick(manifest: dict, runtime: str | None, adapter: str | None = None) -> dict:
+def pick(manifest: dict, runtime: str | None, adapter: str | None = None) -> dict:
     arts = adapter_rows(manifest, adapter)
     if runtime:
         want = [a for a in arts if a["format"] == runtime or a["path"] == runtime]
@@ -100,45 +74,13 @@ def _pick(manifest: dict, runtime: str | None, adapter: str | None = None) -> di
 def ask(folder: Path, question: str, *, runtime: str | None = None, adapter: str | None = None, k: int = 3,
         max_new_tokens: int = 256, threads: int | None = None, key: Path | None = None,
         tools: list[dict] | None = None, json_schema: dict | None = None) -> Answer:
-    """Answer from the bundle's documents (k chunks; k=0: none). With `tools` (phiedge.tools.load) the model may
-    answer with calls: they are parsed and checked against each tool's schema, never passed on as text. With
-    `json_schema` the runtime's own constrained generation holds the answer to it; it is parsed and validated."""
-    from . import tools as tools_mod
-    from .errors import ToolCallError
+    """Answer from the bundle's documents (k chunks; k=0: none): one question on a fresh session
+    (phiedge.session: tools parsed and checked, a JSON schema held by the runtime's constraint and validated)."""
     if tools is not None and json_schema is not None:
         raise UsageError("--tools and --json-schema are two kinds of answer: pass one of them")
-    folder = Path(folder)
-    manifest = bundle.verify(folder, key)
-    art = _pick(manifest, runtime, adapter)          # a wrong --runtime / --adapter before the retriever loads
-    if json_schema is not None:
-        get(art["format"]).check_schema(json_schema)  # a keyword the constraint cannot hold, before any load
-    hits = []
-    if k:
-        if not manifest.get("retriever"):
-            raise BundleError(f"bundle {folder} has no retriever: rebuild it with --docs, or ask with -k 0")
-        from .retriever import Retriever
-        with Retriever.open(folder / manifest["retriever"]) as r:
-            hits = r.search(question, k=k)
-    msgs = rag.messages(question, hits) if tools is None else tools_mod.messages(question, tools, rag.tool_system(hits))
-    rt = get(art["format"]).load(folder / art["path"], _settings(manifest, art, threads, cap_context=True,
-                                                                             folder=folder))
-    try:
-        gen = rt.generate(msgs, max_new_tokens=max_new_tokens, constraint=json_schema)
-    finally:
-        rt.close()
-    if json_schema is not None:
-        value, problems = tools_mod.check_json(gen.text, json_schema, cut=not gen.stopped)
-        return Answer(text=gen.text.strip(), sources=rag.sources(hits), runtime=_label(art), ttft_s=gen.ttft_s,
-                      decode_tps=gen.decode_tps, problems=problems, value=value, schema=True)
-    calls = problems = None
-    if tools is not None:
-        try:
-            calls = tools_mod.parse(gen.text)
-            problems = tools_mod.check(calls, tools)
-        except ToolCallError as e:
-            calls, problems = [], [str(e)]
-    return Answer(text=gen.text.strip(), sources=rag.sources(hits), runtime=_label(art),
-                  ttft_s=gen.ttft_s, decode_tps=gen.decode_tps, calls=calls, problems=problems)
+    with Session(Path(folder), runtime=runtime, adapter=adapter, key=key, threads=threads) as s:
+        return s.chat([{"role": "user", "content": question}], tools=tools, response_format=json_schema, k=k,
+                      max_tokens=max_new_tokens)
 
 
 def validate(folder: Path, *, threads: int | None = None, key: Path | None = None,
@@ -196,7 +138,7 @@ def _validate_one(folder: Path, manifest: dict, art: dict, probes: ProbeSet, ove
                         files=tuple(sorted(f[len(prefix):] for f in manifest["files"] if f.startswith(prefix))))
     artifact = files_of(art["path"], art["precision"])
     t0 = time.perf_counter()
-    rt = cls.load(artifact.path, _settings(manifest, art, threads, cap_context=False, folder=folder))
+    rt = cls.load(artifact.path, settings(manifest, art, threads, cap_context=False, folder=folder))
     try:
         m = measure(rt, probes)
     finally:

@@ -4,6 +4,8 @@ Device-path module: no heavy imports.
 """
 from __future__ import annotations
 
+from .errors import UsageError
+
 SYSTEM = ("You are a helpful assistant. Answer the question using only the context below. "
           "Be brief.\n\nContext:\n{context}")
 
@@ -12,6 +14,32 @@ def messages(question: str, hits: list) -> list[dict]:
     """Chat messages for `question` with `hits` (objects with .text and .source) as context."""
     return [{"role": "system", "content": SYSTEM.format(context=_context(hits))},
             {"role": "user", "content": question}]
+
+
+def query(messages: list[dict]) -> str:
+    """What a conversation retrieves for: its latest user turn."""
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            return str(m.get("content") or "")
+    raise UsageError("the conversation has no user turn: end it with {\"role\": \"user\", \"content\": ...}")
+
+
+def conversation(msgs: list[dict], hits: list, tools: list[dict] | None = None) -> list[dict]:
+    """The one rule for a conversation with retrieved context: earlier turns kept as given; the context in the
+    system turn, after the client's own system message when there is one (else the RAG system turn of `messages`);
+    with tools, where `tool_system` puts it, the tools on that system turn as Phi-4-mini's template takes them.
+    One user question and no system message give exactly `messages` (or phiedge.tools.messages with tools)."""
+    import json
+    msgs = [dict(m) for m in msgs]
+    own = msgs[0] if msgs and msgs[0].get("role") == "system" else None
+    if tools is not None:
+        system = tool_system(hits)
+        system = f"{own['content']}\n\n{system}" if own else system
+        head = {"role": "system", "content": system, "tools": json.dumps(tools)}
+    else:
+        context = SYSTEM.format(context=_context(hits))
+        head = {"role": "system", "content": f"{own['content']}\n\nContext:\n{_context(hits)}" if own else context}
+    return [head, *(msgs[1:] if own else msgs)]
 
 
 def tool_system(hits: list) -> str:

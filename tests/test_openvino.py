@@ -38,7 +38,7 @@ def test_device_fallback_is_recorded(session):
     rt.close()
     from phiedge import device, targets   # the device path passes the profile's fallback through
     profile = {"target": targets.load("intel-npu").as_dict()}
-    rt = get("openvino").load(path, device._settings(profile, {}, 2, cap_context=False))
+    rt = get("openvino").load(path, device.settings(profile, {}, 2, cap_context=False))
     assert (rt.device, rt.fallback_from) == ("CPU", "NPU")
     rt.close()
     with pytest.raises(errors.ToolchainError, match="device 'NPU' is not on this machine"):
@@ -228,7 +228,7 @@ def test_defaults_that_fail_the_gate_fall_back_to_exact_settings(session, tmp_pa
     assert r.own_settings_failures and "runtime failed" in r.own_settings_failures[0]
     out = r.to_json()
     assert out["runtime_settings"] == r.settings and out["parity"]["long"]["kl"] < 0.35
-    rt = get("openvino").load(folder, device._settings({}, out, 2, cap_context=False))
+    rt = get("openvino").load(folder, device.settings({}, out, 2, cap_context=False))
     assert {k: rt.properties[k] for k in EXACT_CPU} == EXACT_CPU
     rt.close()
     # Exact settings that fail too: the artifact's own failure is what is reported.

@@ -76,8 +76,6 @@ def ask(folder: Path, question: str, *, runtime: str | None = None, adapter: str
         tools: list[dict] | None = None, json_schema: dict | None = None) -> Answer:
     """Answer from the bundle's documents (k chunks; k=0: none): one question on a fresh session
     (phiedge.session: tools parsed and checked, a JSON schema held by the runtime's constraint and validated)."""
-    if tools is not None and json_schema is not None:
-        raise UsageError("--tools and --json-schema are two kinds of answer: pass one of them")
     with Session(Path(folder), runtime=runtime, adapter=adapter, key=key, threads=threads) as s:
         return s.chat([{"role": "user", "content": question}], tools=tools, response_format=json_schema, k=k,
                       max_tokens=max_new_tokens)

@@ -12,8 +12,7 @@ SYSTEM = ("You are a helpful assistant. Answer the question using only the conte
 
 def messages(question: str, hits: list) -> list[dict]:
     """Chat messages for `question` with `hits` (objects with .text and .source) as context."""
-    return [{"role": "system", "content": SYSTEM.format(context=_context(hits))},
-            {"role": "user", "content": question}]
+    return conversation([{"role": "user", "content": question}], hits)
 
 
 def query(messages: list[dict]) -> str:
@@ -30,16 +29,15 @@ def conversation(msgs: list[dict], hits: list, tools: list[dict] | None = None) 
     with tools, where `tool_system` puts it, the tools on that system turn as Phi-4-mini's template takes them.
     One user question and no system message give exactly `messages` (or phiedge.tools.messages with tools)."""
     import json
-    msgs = [dict(m) for m in msgs]
     own = msgs[0] if msgs and msgs[0].get("role") == "system" else None
     if tools is not None:
         system = tool_system(hits)
-        system = f"{own['content']}\n\n{system}" if own else system
-        head = {"role": "system", "content": system, "tools": json.dumps(tools)}
+        head = {"role": "system", "content": f"{own['content']}\n\n{system}" if own else system,
+                "tools": json.dumps(tools)}
     else:
-        context = SYSTEM.format(context=_context(hits))
-        head = {"role": "system", "content": f"{own['content']}\n\nContext:\n{_context(hits)}" if own else context}
-    return [head, *(msgs[1:] if own else msgs)]
+        head = {"role": "system", "content": f"{own['content']}\n\nContext:\n{_context(hits)}" if own
+                else SYSTEM.format(context=_context(hits))}
+    return [head, *(dict(m) for m in (msgs[1:] if own else msgs))]
 
 
 def tool_system(hits: list) -> str:

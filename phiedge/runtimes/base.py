@@ -60,6 +60,7 @@ class Runtime:
     # The JSON schema (a dict) the generation in progress is held to (generate_ids' `constraint`): each runtime
     # applies it with its own mechanism; None outside generate_ids.
     _constraint: dict | None = None
+    _grammar: str | None = None         # its llguidance grammar (check_schema), compiled once per generation
     _guide = None                       # its llguidance matcher, for runtimes that pick tokens themselves (_choose)
     _llg = None                         # llguidance's tokenizer, made on the first constrained generation
     path: Path
@@ -100,12 +101,13 @@ class Runtime:
         return None
 
     @classmethod
-    def check_schema(cls, schema: dict) -> None:
+    def check_schema(cls, schema: dict) -> str:
         """Refuse, before any model loads, a JSON schema this runtime's constraint cannot hold whole: one line
-        naming the keyword (phiedge.runtimes.guidance). Generation checks it again, so no caller can skip it."""
+        naming the keyword (phiedge.runtimes.guidance); its llguidance grammar otherwise. Generation checks it
+        again, so no caller can skip it."""
         if "constraint" not in cls.SUPPORTS:
             raise UsageError(f"the {cls.format} runtime cannot constrain answers to a JSON schema yet")
-        guidance.compile_schema(schema, cls.format)
+        return guidance.compile_schema(schema, cls.format)
 
     @classmethod
     def load(cls, artifact_dir: Path, settings: RuntimeSettings | None = None) -> "Runtime":
@@ -170,8 +172,7 @@ class Runtime:
         if self._constraint is None:
             return self._pick(logits)
         if self._guide is None:
-            self._guide = guidance.Guide(self._llg_tokenizer(logits.shape[-1]),
-                                         guidance.compile_schema(self._constraint, self.format), self.format)
+            self._guide = guidance.Guide(self._llg_tokenizer(logits.shape[-1]), self._grammar, self.format)
         token = self._pick(self._guide.mask(logits))
         self._guide.consume(token)
         return token
@@ -199,16 +200,15 @@ class Runtime:
         for what, value in (("adapter", adapter), ("constraint", constraint)):
             if value is not None and what not in self.SUPPORTS:
                 raise UsageError(f"the {self.format} runtime does not take a per-call {what} yet")
-        if constraint is not None:
-            self.check_schema(constraint)
+        grammar = self.check_schema(constraint) if constraint is not None else None
         stop = self.stop_ids() if stop_ids is None else set(stop_ids)
         self.check_length(len(ids) + max_new_tokens)
         t0 = time.perf_counter()
-        self._constraint, self._until_max, self._guide = constraint, not stop, None
+        self._constraint, self._grammar, self._until_max, self._guide = constraint, grammar, not stop, None
         try:
             out, t_first, stopped = self._generate(list(ids), max_new_tokens, stop)
         finally:
-            self._constraint, self._until_max, self._guide = None, False, None
+            self._constraint, self._grammar, self._until_max, self._guide = None, None, False, None
         end = time.perf_counter()
         ttft = (t_first or end) - t0
         tps = (len(out) - 1) / (end - t_first) if t_first and len(out) > 1 and end > t_first else 0.0

@@ -287,26 +287,40 @@ def sign(bundle_dir, key):
     click.echo(f"signed: {bundle.sign(bundle_dir, key)}")
 
 
+# The options every device-side answer takes (ask, chat).
+ANSWER_OPTIONS = _options(
+    click.option("--runtime", default=None,
+                 help="Which artifact answers: gguf, onnx, openvino, mlx (default: first installed)."),
+    click.option("--adapter", default=None,
+                 help="Whose artifact answers, in a bundle built with several adapters (their --adapter names)."),
+    click.option("-k", "k", type=click.IntRange(min=0), default=3, show_default=True,
+                 help="Chunks to retrieve (0: none, the question alone)."),
+    click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+                 help="Longest answer in tokens."),
+    click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                 help="0: greedy (the answer the gate proved); above it, sampled."),
+    click.option("--top-p", type=click.FloatRange(min=0, min_open=True, max=1), default=1.0, show_default=True,
+                 help="Sample within the smallest set of tokens this likely."),
+    click.option("--seed", type=int, default=None, help="Seed for sampling: the same seed, the same answer."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="CPU threads (default: the target profile's)."),
+    KEY_OPTION)
+
+
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.argument("question")
-@click.option("--runtime", default=None, help="Which artifact answers: gguf, onnx, openvino, mlx (default: first installed).")
-@click.option("--adapter", default=None,
-              help="Whose artifact answers, in a bundle built with several adapters (their --adapter names).")
-@click.option("-k", "k", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Chunks to retrieve (0: none, the question alone).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Longest answer in tokens.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: the target profile's).")
+@ANSWER_OPTIONS
 @click.option("--tools", "tools_file", type=click.Path(path_type=Path), default=None,
               help="JSON list of tools the model may call (Phi-4-mini's format or OpenAI's): calls are parsed and "
                    "checked against each tool's schema.")
 @click.option("--json-schema", "schema_file", type=click.Path(path_type=Path), default=None,
               help="JSON schema the answer must follow: generation constrained by the runtime's own mechanism.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, calls, problems, sources, timings.")
-@KEY_OPTION
-def ask(bundle_dir, question, runtime, adapter, k, max_tokens, threads, tools_file, schema_file, as_json, key):
-    """Answer a question from the bundle's documents on the device (verifies the bundle first)."""
+def ask(bundle_dir, question, runtime, adapter, k, max_tokens, temperature, top_p, seed, threads, key, tools_file,
+        schema_file, as_json):
+    """Answer a question from the bundle's documents on the device (verifies the bundle first). The answer streams
+    as it is generated, except with --tools, --json-schema or --json: those are checked whole before printing."""
     import json
 
     from . import tools as tools_mod
@@ -315,8 +329,17 @@ def ask(bundle_dir, question, runtime, adapter, k, max_tokens, threads, tools_fi
         raise UsageError("--tools and --json-schema are two kinds of answer: pass one of them")
     tools = tools_mod.load(tools_file) if tools_file else None
     schema = tools_mod.load_schema(schema_file) if schema_file else None
-    a = run_ask(bundle_dir, question, runtime=runtime, adapter=adapter, k=k, max_new_tokens=max_tokens,
-                threads=threads, key=key, tools=tools, json_schema=schema)
+    stream = not (tools or schema or as_json)
+    out = run_ask(bundle_dir, question, runtime=runtime, adapter=adapter, k=k, max_new_tokens=max_tokens,
+                  threads=threads, key=key, tools=tools, json_schema=schema, stream=stream, temperature=temperature,
+                  top_p=top_p, seed=seed)
+    if stream:
+        for chunk in out:
+            click.echo(chunk.text, nl=False)
+        a = chunk.answer
+        click.echo()
+    else:
+        a = out
     if as_json:
         click.echo(json.dumps(a.to_json(), indent=1))
     elif a.problems:
@@ -324,7 +347,7 @@ def ask(bundle_dir, question, runtime, adapter, k, max_tokens, threads, tools_fi
     elif a.calls:
         for c in a.calls:
             click.echo(f"call {c.name}({json.dumps(c.arguments)})")
-    else:
+    elif not stream:
         click.echo(a.text)
     if a.sources and not as_json and not a.problems:
         click.echo("\nsources:\n  " + "\n  ".join(a.sources))
@@ -332,6 +355,26 @@ def ask(bundle_dir, question, runtime, adapter, k, max_tokens, threads, tools_fi
     if a.problems:
         what = "the answer does not follow the JSON schema" if schema else "the answer's tool call is rejected"
         raise ToolCallError(f"{what}: {'; '.join(a.problems)}")
+
+
+@cli.command("chat")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@ANSWER_OPTIONS
+@click.option("--system", default=None, help="Your own system message (the retrieved context is added after it).")
+def chat_cmd(bundle_dir, runtime, adapter, k, max_tokens, temperature, top_p, seed, threads, key, system):
+    """Hold a conversation with the bundle in the terminal: streamed answers, their sources after each; /reset,
+    /adapter NAME, /sources, /quit. Reads one turn per line from a pipe too."""
+    from . import session, terminal
+    interactive = sys.stdin.isatty()
+    with session.open(bundle_dir, runtime=runtime, adapter=adapter, key=key, threads=threads) as s:
+        if interactive:
+            click.echo(f"{s.label} · {terminal.HELP}", err=True)
+        failed = terminal.converse(
+            s, sys.stdin, lambda text, nl=True, err=False: click.echo(text, nl=nl, err=err),
+            prompt=(lambda: click.echo("> ", nl=False, err=True)) if interactive else None, system=system,
+            k=k, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if failed:
+        raise UsageError(f"{failed} turn(s) of the conversation failed (their errors are above)")
 
 
 @cli.command()

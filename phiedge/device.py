@@ -73,12 +73,27 @@ def pick(manifest: dict, runtime: str | None, adapter: str | None = None) -> dic
 
 def ask(folder: Path, question: str, *, runtime: str | None = None, adapter: str | None = None, k: int = 3,
         max_new_tokens: int = 256, threads: int | None = None, key: Path | None = None,
-        tools: list[dict] | None = None, json_schema: dict | None = None) -> Answer:
+        tools: list[dict] | None = None, json_schema: dict | None = None, stream: bool = False,
+        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
     """Answer from the bundle's documents (k chunks; k=0: none): one question on a fresh session
-    (phiedge.session: tools parsed and checked, a JSON schema held by the runtime's constraint and validated)."""
-    with Session(Path(folder), runtime=runtime, adapter=adapter, key=key, threads=threads) as s:
-        return s.chat([{"role": "user", "content": question}], tools=tools, response_format=json_schema, k=k,
-                      max_tokens=max_new_tokens)
+    (phiedge.session: tools parsed and checked, a JSON schema held by the runtime's constraint and validated).
+    stream=True: the session's chunks as they come (the last carries the Answer), the bundle closed after them."""
+    s = Session(Path(folder), runtime=runtime, adapter=adapter, key=key, threads=threads)
+    try:
+        chunks = s.chat([{"role": "user", "content": question}], stream=True, tools=tools, response_format=json_schema,
+                        k=k, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    except BaseException:
+        s.close()
+        raise
+
+    def closing():
+        with s:
+            yield from chunks
+    if stream:
+        return closing()
+    for chunk in closing():
+        pass
+    return chunk.answer
 
 
 def validate(folder: Path, *, threads: int | None = None, key: Path | None = None,

@@ -40,6 +40,24 @@ def conversation(msgs: list[dict], hits: list, tools: list[dict] | None = None) 
     return [head, *(dict(m) for m in (msgs[1:] if own else msgs))]
 
 
+def trim(msgs: list[dict], fits) -> tuple[list[dict], int]:
+    """The conversation within the device's context: while `fits(msgs)` is false, drop the oldest turn -- never the
+    system turn, never the latest user turn or what follows it -- and then any turn left leading without the user
+    turn before it. (msgs, how many turns were dropped); as given when nothing can go."""
+    head = 1 if msgs and msgs[0].get("role") == "system" else 0
+    last = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=len(msgs))
+    dropped = 0
+    while head < last and not fits(msgs):
+        msgs = msgs[:head] + msgs[head + 1:]
+        last -= 1
+        dropped += 1
+        while head < last and msgs[head].get("role") != "user":
+            msgs = msgs[:head] + msgs[head + 1:]
+            last -= 1
+            dropped += 1
+    return msgs, dropped
+
+
 def tool_system(hits: list) -> str:
     """The system turn of a question asked with tools: Phi-4-mini's own tool prompt, the retrieved chunks after it."""
     from .tools import SYSTEM as TOOLS

@@ -6,13 +6,14 @@
 2. `phiedge build --target all --docs demo/docs`: merge, export every format of the `all` profile (two 4-bit rows
    swapped for SmolLM2's widths: SMOLLM2_ROWS), gate parity against PyTorch, index the documents, smoke-test RAG on
    every runtime, write the bundle.
-3. `phiedge ask` on every artifact of the bundle: the device path answers from the documents.
+3. `phiedge ask` on every artifact of the bundle: the device path answers from the documents, streamed.
 4. One base, many adapters: two task adapters (demo/task-adapters.json, one fact each) kept separate
    (`--adapter-mode separate`, each format's first precision of the profile, its full-precision one: at 135M
    parameters SmolLM2's int4 OpenVINO base plus a task adapter is outside the gate, KL 0.71 against PEFT) in a
    second bundle beside the first:
    the base artifacts once, each adapter's runtime file, every (base artifact, adapter) pair through the gate,
-   and each adapter asked its own question on every runtime.
+   and each adapter asked its own question on every runtime: one session per runtime (phiedge.open), the adapter
+   switched in place on the loaded base.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def main() -> int:
     if "--model-only" in sys.argv:          # the first stage alone (tests/test_fresh_clone.py)
         return 0
 
+    import phiedge
     from phiedge import device, exporters, targets
     from phiedge.build import BuildRequest, build, plan_formats
     from phiedge.report import table
@@ -67,8 +69,9 @@ def main() -> int:
     print(f"bundle: {OUT} (report: {OUT / 'report.html'})\n")
     print(f"Q: {QUESTION}")
     for a in rep["artifacts"]:
-        ans = device.ask(OUT, QUESTION, runtime=a["path"], max_new_tokens=48)
-        print(f"A ({ans.runtime}, {ans.decode_tps:.0f} tok/s): {ans.text}")
+        print(f"A ({a.get('label') or a['path']}): ", end="", flush=True)
+        ans = stream(device.ask(OUT, QUESTION, runtime=a["path"], max_new_tokens=48, stream=True))
+        print(f"   ({ans.decode_tps:.0f} tok/s, first token {ans.ttft_s:.2f} s)")
     print("sources: " + "; ".join(ans.sources))
 
     sep = build(BuildRequest(model=str(demo / "model"), adapters={t: str(demo / "adapters" / t) for t in TASKS},
@@ -80,12 +83,24 @@ def main() -> int:
     for task, t in TASKS.items():
         source = next(a["tokenizer"]["source"] for a in sep["artifacts"] if a["adapter"] == task)
         own = f"its own, opening with the system turn {t['system']!r}" if source == "adapter" else "the base's"
-        print(f"\n{task}'s chat template: {own}")
-        print(f"Q ({task}): {t['question']}")
-        for fmt in sorted({a["format"] for a in sep["artifacts"]}):
-            ans = device.ask(SEPARATE_OUT, t["question"], runtime=fmt, adapter=task, max_new_tokens=32)
-            print(f"A ({ans.runtime}): {ans.text}")
+        print(f"{task}'s chat template: {own}")
+    # One session per runtime, the adapter switched in place on the loaded base (Session.use_adapter).
+    first = next(iter(TASKS))
+    for fmt in sorted({a["format"] for a in sep["artifacts"]}):
+        with phiedge.open(SEPARATE_OUT, runtime=fmt, adapter=first) as s:
+            for task, t in TASKS.items():
+                s.use_adapter(task)
+                print(f"\nQ ({task}): {t['question']}\nA ({s.label}): ", end="", flush=True)
+                stream(s.chat([{"role": "user", "content": t["question"]}], max_tokens=32, stream=True))
     return 0
+
+
+def stream(chunks) -> object:
+    """Print an answer as it is generated; its Answer (the last chunk's)."""
+    for chunk in chunks:
+        print(chunk.text, end="", flush=True)
+    print()
+    return chunk.answer
 
 
 if __name__ == "__main__":

@@ -241,8 +241,9 @@ def stage_lines(stderr: str) -> dict[str, bool]:
     return out
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The installed console script, in a child process, as a user runs it."""
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    """The installed console script, in a child process, as a user runs it (`input`: its stdin, a pipe)."""
     exe = Path(sys.executable).with_name("phiedge")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, input=input,
                           env={**os.environ, **(env or {})})

@@ -196,6 +196,37 @@ def test_separate_adapters_switch_in_place_as_a_fresh_process_would(separate, ti
     assert abs(switched["rs"][0][0] - switched["lora"][0][0]).max() > 1e-2
 
 
+def test_chat_switches_adapters_kept_separate_in_place_through_a_pipe(separate):
+    """`phiedge chat --adapter lora`, then `/adapter rs`, read from a pipe: each answer says which adapter gave it,
+    and rs's answer after /reset is `ask --adapter rs`'s. In the library the switch is in place: the same loaded
+    base answers with rs as a session opened on rs does."""
+    import re
+
+    import phiedge
+    out, _, formats, _ = separate
+    if "gguf" not in formats:
+        pytest.skip("llama_cpp is not installed")
+    q, opts = DEMO["question"], ("--runtime", "gguf", "--max-tokens", "8", "--threads", "1")
+    r = run_cli("chat", str(out), "--adapter", "lora", *opts,
+                input="\n".join([q, "And what does it need?", "/adapter rs", "/reset", q]) + "\n")
+    assert r.returncode == 0, r.stderr
+    label = f"gguf {formats['gguf'][0]}"
+    assert re.findall(r"\((gguf [^:]+): \d+ prompt tokens", r.stderr) == [f"{label}+lora"] * 2 + [f"{label}+rs"]
+    assert f"(now answering with {label}+rs)" in r.stderr
+    answers = [a.strip() for a in re.split(r"^sources: .*\n", r.stdout, flags=re.M)]
+    asked = run_cli("ask", str(out), q, "--adapter", "rs", *opts)
+    assert asked.returncode == 0 and len(answers) == 4 and answers[2] == asked.stdout.split("\n\nsources:")[0].strip()
+    one = [{"role": "user", "content": q}]
+    with phiedge.open(out, runtime="gguf", adapter="lora", threads=1) as s:
+        lora = s.chat(one, max_tokens=8)
+        rt = s.runtime()
+        s.use_adapter("rs")
+        rs = s.chat(one, max_tokens=8)
+        assert s.runtime() is rt and rs.runtime == f"{label}+rs" and lora.runtime == f"{label}+lora"
+    with phiedge.open(out, runtime="gguf", adapter="rs", threads=1) as fresh:
+        assert fresh.chat(one, max_tokens=8).text == rs.text == answers[2]
+
+
 @pytest.mark.parametrize("fmt", ["gguf", "onnx", "openvino"])
 def test_separate_dora_is_refused_up_front_in_one_line(tiny, tmp_path, fmt):
     """DoRA's magnitude vectors: llama.cpp, onnxruntime-genai and OpenVINO GenAI apply plain LoRA only."""

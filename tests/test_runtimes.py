@@ -113,7 +113,7 @@ def test_format_specific_records(session):
 # Runtimes that score on an engine of their own beside the one that generates (Runtime.SCORES_APART): the
 # attribute each engine lives in, and the method a generation starts in.
 APART = {"onnx": ("int4-k_quant-mixed8", "_rows_session", "_model", "_start"),
-         "openvino": ("int4", "_compiled", "_pipe", "_generate")}
+         "openvino": ("int4", "_compiled", "_pipe", "_stream")}
 
 
 @pytest.mark.parametrize("fmt", sorted(APART))
@@ -200,8 +200,8 @@ FORBIDDEN = {"gguf": ("torch", "transformers", "onnx_ir"), "onnx": ("torch", "tr
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_device_path_imports_no_torch(session, fmt):
-    """Loading, scoring and chatting needs the runtime package only: no torch (simulated absent for MLX, whose
-    own tokenizer code imports transformers)."""
+    """Loading, scoring, chatting, streaming and sampling need the runtime package only: no torch (simulated absent
+    for MLX, whose own tokenizer code imports transformers). The session on top: tests/test_session.py."""
     _skip_missing(fmt)
     code = (
         "import sys\n"
@@ -213,6 +213,9 @@ def test_device_path_imports_no_torch(session, fmt):
         "assert rt.logits(ids, 4).shape[0] == 4\n"
         "g = rt.generate([{'role': 'user', 'content': 'What does pass do?'}], max_new_tokens=4)\n"
         "assert g.prompt_tokens > 0\n"
+        "from phiedge.runtimes import Sampling\n"                       # streamed and sampled too
+        "stream = rt.tokens(ids, 4, sampling=Sampling(temperature=1.0, top_p=0.9, seed=1))\n"
+        "assert len(list(stream)) == len(stream.generation().ids) > 0\n"
         f"bad = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN[fmt]!r} and sys.modules[m] is not None]\n"
         "assert not bad, bad\n"
         "print('ok')\n")

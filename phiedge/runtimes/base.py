@@ -8,17 +8,20 @@
     rt.tokenize(text) / rt.detokenize(ids) / rt.stop_ids()
     rt.device, rt.fallback_from                   the device used, and the profile's device when it fell back
 
-Generation: a runtime that steps token by token supplies two primitives and inherits the greedy loop, the
-length check, stop handling and timing:
+Generation: a runtime that steps token by token supplies two primitives and inherits the loop, the length
+check, stop handling, streaming and timing:
 
     _start(ids, total) -> int     prefill `ids` into fresh state sized for `total` tokens; the next token
     _advance(token) -> int        feed one token; the next token
 
 Each primitive picks the token itself, on the runtime's own arrays (no copy of the vocabulary-wide logits
-to numpy per step); `_pick(logits)` is the one place that choice is made for runtimes that hold numpy-like
-logits, and where a sampler goes. A runtime that generates through its own pipeline (OpenVINO's
-LLMPipeline) overrides `_generate` instead. `adapter` (a LoRA chosen per call) and `constraint` (a grammar)
-are part of the contract; a runtime that does not support them refuses them (SUPPORTS).
+to numpy per step when greedy); `_pick(logits)` is the one place that choice is made for runtimes that hold
+numpy-like logits: greedy, or phiedge's one sampler (Sampling: temperature, top_p, seed). A runtime whose own
+engine picks (onnxruntime-genai's search, OpenVINO's LLMPipeline) reads `self._sampling` into its own sampler
+with its seed. A runtime that generates through its own pipeline overrides `_stream` instead. `tokens(...)`
+streams the ids as they are picked (a TokenStream: iterate it, then read .generation()); `generate_ids` is
+that stream consumed. `adapter` (a LoRA chosen per call) and `constraint` (a grammar) are part of the
+contract; a runtime that does not support them refuses them (SUPPORTS).
 Device-path code: runtime modules import their runtime package lazily, never torch or transformers.
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import numpy as np
 
@@ -43,6 +46,55 @@ class Generation:
     ttft_s: float               # time to first token (prefill + first pick)
     decode_tps: float           # tokens/s after the first
     stopped: bool = False       # hit a stop token
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy at temperature 0 (the default), else sampled from the softmax at
+    `temperature` within the smallest set of tokens whose probability reaches `top_p`. The same seed, artifact
+    and prompt give the same tokens."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise UsageError(f"temperature must be 0 (greedy) or more, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1], not {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def runtime_seed(self) -> int | None:
+        """The seed as every runtime takes it (a non-negative 31-bit int), None for a fresh one each time."""
+        return None if self.seed is None else int(self.seed) % 2**31
+
+
+GREEDY = Sampling()
+
+
+class Sampler:
+    """phiedge's one sampler, for the runtimes where phiedge picks the token (Runtime._pick): numpy, one generator
+    seeded per answer."""
+
+    def __init__(self, sampling: Sampling):
+        self.temperature, self.top_p = sampling.temperature, sampling.top_p
+        self.rng = np.random.default_rng(sampling.runtime_seed)
+
+    def __call__(self, logits) -> int:
+        x = np.asarray(logits, dtype=np.float64) / self.temperature
+        p = np.exp(x - x.max())
+        if self.top_p < 1:
+            order = np.argsort(-p, kind="stable")
+            cum = np.cumsum(p[order])
+            keep = order[: int(np.searchsorted(cum, self.top_p * cum[-1])) + 1]
+            cum = np.cumsum(p[keep])
+            return int(keep[min(int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right")), len(keep) - 1)])
+        cum = np.cumsum(p)
+        return int(min(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"), len(p) - 1))
 
 
 @dataclass(frozen=True)
@@ -63,6 +115,8 @@ class Runtime:
     _grammar: str | None = None         # its llguidance grammar (check_schema), compiled once per generation
     _guide = None                       # its llguidance matcher, for runtimes that pick tokens themselves (_choose)
     _llg = None                         # llguidance's tokenizer, made on the first constrained generation
+    _sampling: Sampling = GREEDY        # the generation in progress's (tokens' `sampling`)
+    _sampler: Sampler | None = None     # phiedge's sampler for it, None when greedy
     path: Path
     _until_max = False                  # no stop ids given: generate max_new_tokens, the model's own eos included
     # Whether a prefill hands back fp32 logits for every position (the LM head over all of them) or only for
@@ -152,7 +206,7 @@ class Runtime:
 
     # -- step-wise generation: two primitives (see the module docstring)
     def _start(self, ids: list[int], total: int) -> int:
-        raise NotImplementedError(f"{type(self).__name__} generates through _generate")
+        raise NotImplementedError(f"{type(self).__name__} generates through _stream")
 
     def _advance(self, token: int) -> int:
         raise NotImplementedError
@@ -161,10 +215,10 @@ class Runtime:
         """The runtime's own search ended (e.g. onnxruntime-genai's max length or eos)."""
         return False
 
-    @staticmethod
-    def _pick(logits) -> int:
-        """Greedy: the runtime's next token from one position's logits (numpy or a runtime array with argmax)."""
-        return int(logits.argmax())
+    def _pick(self, logits) -> int:
+        """The runtime's next token from one position's logits (numpy, or a runtime array with argmax): greedy, or
+        phiedge's sampler when the generation samples."""
+        return int(logits.argmax()) if self._sampler is None else self._sampler(logits)
 
     def _choose(self, logits: np.ndarray) -> int:
         """The next token from one position's numpy logits, held to the constraint when one is set: llguidance's
@@ -196,39 +250,34 @@ class Runtime:
                              f"{self.context_length}: shorten the prompt")
 
     def generate_ids(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None, *,
-                     adapter: str | None = None, constraint=None) -> Generation:
+                     adapter: str | None = None, constraint=None, sampling: Sampling | None = None) -> Generation:
+        stream = self.tokens(ids, max_new_tokens, stop_ids, adapter=adapter, constraint=constraint, sampling=sampling)
+        for _ in stream:
+            pass
+        return stream.generation()
+
+    def tokens(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None, *,
+               adapter: str | None = None, constraint=None, sampling: Sampling | None = None) -> "TokenStream":
+        """The answer's token ids as they are picked (stop token excluded): a TokenStream to iterate, then read
+        .generation(). Closing it early ends the generation. One at a time per runtime."""
         for what, value in (("adapter", adapter), ("constraint", constraint)):
             if value is not None and what not in self.SUPPORTS:
                 raise UsageError(f"the {self.format} runtime does not take a per-call {what} yet")
         grammar = self.check_schema(constraint) if constraint is not None else None
         stop = self.stop_ids() if stop_ids is None else set(stop_ids)
         self.check_length(len(ids) + max_new_tokens)
-        t0 = time.perf_counter()
-        self._constraint, self._grammar, self._until_max, self._guide = constraint, grammar, not stop, None
-        try:
-            out, t_first, stopped = self._generate(list(ids), max_new_tokens, stop)
-        finally:
-            self._constraint, self._grammar, self._until_max, self._guide = None, None, False, None
-        end = time.perf_counter()
-        ttft = (t_first or end) - t0
-        tps = (len(out) - 1) / (end - t_first) if t_first and len(out) > 1 and end > t_first else 0.0
-        return Generation(ids=out, text=self.detokenize(out), prompt_tokens=len(ids), ttft_s=ttft,
-                          decode_tps=tps, stopped=stopped)
+        return TokenStream(self, list(ids), max_new_tokens, stop, constraint, grammar, sampling or GREEDY)
 
-    def _generate(self, ids: list[int], max_new_tokens: int, stop: set[int]) -> tuple[list[int], float | None, bool]:
-        """The greedy loop over `_start` / `_advance`: (tokens without the stop token, time of the first pick,
-        whether a stop token ended it)."""
+    def _stream(self, ids: list[int], max_new_tokens: int, stop: set[int]) -> Iterator[int]:
+        """The loop over `_start` / `_advance`: every token picked, the stop token that ends it included; it ends
+        at a stop token, at max_new_tokens, or when the runtime's own search ends (_exhausted)."""
         tok = self._start(ids, len(ids) + max_new_tokens)
-        t_first = time.perf_counter()
-        out: list[int] = []
+        n = 0
         while True:
-            if tok in stop:
-                return out, t_first, True
-            out.append(tok)
-            if len(out) >= max_new_tokens:
-                return out, t_first, False
-            if self._exhausted():
-                return out, t_first, True
+            yield tok
+            n += 1
+            if tok in stop or n >= max_new_tokens or self._exhausted():
+                return
             tok = self._advance(tok)
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
@@ -256,6 +305,54 @@ class Runtime:
             if len(enc) == 1:
                 ids.add(enc[0])
         return {int(i) for i in ids if i is not None and int(i) >= 0}
+
+
+class TokenStream:
+    """One generation's token ids as the runtime picks them (Runtime.tokens): iterate it; `generation()` after."""
+
+    def __init__(self, runtime: Runtime, ids: list[int], max_new_tokens: int, stop: set[int], constraint, grammar,
+                 sampling: Sampling):
+        self.runtime, self.prompt_tokens, self.ids, self.stopped = runtime, len(ids), [], False
+        self._t0 = self._t_first = self._end = None
+        self._it = self._run(ids, max_new_tokens, stop, constraint, grammar, sampling)
+
+    def __iter__(self) -> Iterator[int]:
+        return self._it
+
+    def close(self) -> None:
+        """End the generation here (the runtime is free for the next one)."""
+        self._it.close()
+
+    def _run(self, ids, max_new_tokens, stop, constraint, grammar, sampling) -> Iterator[int]:
+        rt = self.runtime
+        self._t0 = time.perf_counter()
+        rt._constraint, rt._grammar, rt._until_max, rt._guide = constraint, grammar, not stop, None
+        rt._sampling, rt._sampler = sampling, None if sampling.greedy else Sampler(sampling)
+        picked = rt._stream(ids, max_new_tokens, stop)
+        try:
+            for tok in picked:
+                if self._t_first is None:
+                    self._t_first = time.perf_counter()
+                if tok in stop:
+                    self.stopped = True
+                    return
+                self.ids.append(tok)
+                yield tok
+                if len(self.ids) >= max_new_tokens:
+                    return
+            self.stopped = True                 # the runtime's own search ended before max_new_tokens
+        finally:
+            picked.close()
+            self._end = time.perf_counter()
+            rt._constraint, rt._grammar, rt._until_max, rt._guide = None, None, False, None
+            rt._sampling, rt._sampler = GREEDY, None
+
+    def generation(self) -> Generation:
+        end = self._end or time.perf_counter()
+        t0, first, out = self._t0 or end, self._t_first, self.ids
+        tps = (len(out) - 1) / (end - first) if first and len(out) > 1 and end > first else 0.0
+        return Generation(ids=list(out), text=self.runtime.detokenize(out), prompt_tokens=self.prompt_tokens,
+                          ttft_s=(first or end) - t0, decode_tps=tps, stopped=self.stopped)
 
 
 REGISTRY: dict[str, type[Runtime]] = {}

@@ -4,6 +4,8 @@ LongRoPE trap: llama.cpp picks the short or long factor set from the *context si
 training context `rope.scaling.original_context_length` means long factors), while Hugging Face picks it
 from the sequence length. So the context is sized from the sequence: at most the original length while
 the sequence fits in it, larger only when the sequence itself is past it. Then both agree in both regimes.
+An answer (or a conversation's next turn) that grows past the switch gets a context sized for it, re-prefilled
+with everything so far: the long factors from then on, as a prompt past the switch runs them (_advance).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import ToolchainError
+from ..errors import ToolchainError, UsageError
 from ..pages import drop_mapped_pages
 from . import guidance
 from .base import Runtime, RuntimeSettings, register
@@ -134,6 +136,9 @@ class GGUFRuntime(Runtime):
     def context_size(self, n_tokens: int) -> int:
         self.check_length(n_tokens)
         if self.settings.n_ctx:
+            if n_tokens > self.settings.n_ctx:
+                raise UsageError(f"prompt and answer need {n_tokens} tokens, the context is {self.settings.n_ctx}: "
+                                 f"ask a shorter question, retrieve fewer chunks (-k), or lower --max-tokens")
             return self.settings.n_ctx
         if self.orig_ctx and n_tokens <= self.orig_ctx:
             return self.orig_ctx                                    # short factors
@@ -186,14 +191,24 @@ class GGUFRuntime(Runtime):
 
     # -- step-wise generation (the loop is the base class's): the pick reads llama.cpp's logits in place
     def _start(self, ids: list[int], total: int) -> int:
-        self._gen_ctx = self._context(total)
+        """The context sized for the prompt as the build's check sizes it (context_size): a prompt within the
+        LongRoPE switch runs the short factors, as PyTorch's prefill of it does, even when the answer may grow past
+        the switch (_advance crosses then)."""
+        short = self.orig_ctx and not self.settings.n_ctx and len(ids) <= self.orig_ctx
+        self._gen_ctx = self._context(len(ids) if short else total)
         self._gen_batch = self._int.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
-        self._gen_pos = len(ids)
+        self._gen_ids, self._gen_total = list(ids), total
         return self._decode_pick(ids, 0)
 
     def _advance(self, token: int) -> int:
-        self._gen_pos += 1
-        return self._decode_pick([token], self._gen_pos - 1)
+        self._gen_ids.append(token)
+        if len(self._gen_ids) > self._ctx_size:
+            # The answer crosses the switch: a context sized for the whole answer (the long factors, as the check
+            # runs a prompt past the switch), re-prefilled with the prompt and the answer so far, as transformers'
+            # Phi-3 re-computes its cache there (prepare_inputs_for_generation).
+            self._gen_ctx = self._context(self._gen_total)
+            return self._decode_pick(self._gen_ids, 0)
+        return self._decode_pick([token], len(self._gen_ids) - 1)
 
     def _decode_pick(self, ids: list[int], n_past: int) -> int:
         """Decode `ids` at positions n_past.. and pick the next token from the last one's logits, in place."""

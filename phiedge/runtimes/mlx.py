@@ -7,8 +7,9 @@ the attention factor sqrt(1 + ln(s) / ln(orig)) in both regimes. mlx-lm does nei
 0.29.1 switches per call but `generate` prefills in 2048-token chunks, so a prompt crossing the switch mixes
 the two sets. This runtime therefore (1) swaps every phi3 attention's rope for `LongRoPE` below, which
 applies Hugging Face's rule on each call's `offset + length`, and (2) prefills the whole prompt in ONE call,
-in `logits` and in `generate_ids`. Decode steps then follow the same rule one token at a time, as PyTorch's
-cached generation does. tests/test_mlx.py shows the gate failing both the stock rope and a chunked prefill.
+in `logits` and in `generate_ids`. Decode steps then follow the same rule one token at a time, and an answer
+that grows past the switch is prefilled again whole in the long regime, as transformers' Phi-3 re-computes its
+cache there. tests/test_mlx.py shows the gate failing both the stock rope and a chunked prefill.
 
 Tokenizer and chat template: the artifact's own tokenizer.json (the `tokenizers` library) and
 chat_template.jinja rendered by phiedge.chat, as on every runtime. Device-path module: mlx, mlx-lm (which
@@ -197,16 +198,24 @@ class MLXRuntime(Runtime):
     # -- step-wise generation (the loop is the base class's): the whole prompt in one call, then one token a call
     def _start(self, ids: list[int], total: int) -> int:
         self._cache = self.make_prompt_cache(self.model)
+        self._gen_ids = list(ids)
         return self._step(ids)
 
     def _advance(self, token: int) -> int:
+        self._gen_ids.append(token)
+        if self.patched_layers and len(self._gen_ids) == self.model.layers[0].self_attn.rope.switch + 1:
+            # The answer crosses the LongRoPE switch: everything so far again on a fresh cache, in the long regime,
+            # as transformers' Phi-3 re-computes its cache there (prepare_inputs_for_generation) and as a prompt
+            # past the switch runs; the keys cached in the short regime are not kept.
+            self._cache = self.make_prompt_cache(self.model)
+            return self._step(self._gen_ids)
         return self._step([token])
 
     def _step(self, ids: list[int]) -> int:
         logits = self.model(self.mx.array([ids]), cache=self._cache)[0, -1]
-        if self._constraint is None:
-            return int(self.mx.argmax(logits).item())      # picked by mlx: no vocabulary-wide copy to numpy
-        return self._choose(np.array(logits.astype(self.mx.float32)))
+        if self._constraint is None and self._sampler is None:
+            return int(self.mx.argmax(logits).item())      # greedy, picked by mlx: no vocabulary-wide copy to numpy
+        return self._choose(np.array(logits.astype(self.mx.float32)))   # a constraint or phiedge's sampler
 
     # -- tokenizer and template: the artifact's own, as on a device
     def tokenize(self, text: str) -> list[int]:

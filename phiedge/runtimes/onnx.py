@@ -205,6 +205,11 @@ class ONNXRuntime(Runtime):
         params = self.og.GeneratorParams(self.model)
         # max_length sizes the KV cache (shared past/present buffer): never the config's 131072.
         params.set_search_options(max_length=max_length, do_sample=False)
+        sampling = self._sampling
+        if not sampling.greedy:             # onnxruntime-genai's own sampler, with its seed (top_k 0: every token)
+            params.set_search_options(do_sample=True, temperature=float(sampling.temperature),
+                                      top_p=float(sampling.top_p), top_k=0,
+                                      random_seed=-1 if sampling.seed is None else sampling.runtime_seed)
         if self._until_max:                 # the config's eos would end the search: hold it to max_length
             params.set_search_options(min_length=max_length)
         if self._constraint is not None:
@@ -299,7 +304,7 @@ class ONNXRuntime(Runtime):
                                  f"(a pruned LM head or chunked prefill): rebuild the artifact with phiedge")
         return out[-last_n:].astype(np.float32)
 
-    # -- step-wise generation (the loop is the base class's): onnxruntime-genai picks greedily itself
+    # -- step-wise generation (the loop is the base class's): onnxruntime-genai picks itself (greedy or its sampler)
     def _start(self, ids: list[int], total: int) -> int:
         self._gen = self._generator(total)
         self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
@@ -309,7 +314,7 @@ class ONNXRuntime(Runtime):
         return self._next()           # the generator already holds the token it picked
 
     def _next(self) -> int:
-        self._gen.generate_next_token()                              # greedy: do_sample=False
+        self._gen.generate_next_token()
         return int(self._gen.get_next_tokens()[0])
 
     def _exhausted(self) -> bool:

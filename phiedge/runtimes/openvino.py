@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import re
-import time
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -337,36 +339,63 @@ class OpenVINORuntime(Runtime):
                                  f"this runtime does not know): rebuild the artifact with phiedge")
         return out[-last_n:].astype(np.float32)
 
-    def _generate(self, ids: list[int], max_new_tokens: int, stop: set[int]) -> tuple[list[int], float | None, bool]:
-        """LLMPipeline generates on its own (greedy, the caller's stop ids); its perf metrics give the first
-        token's time. An answer held to a JSON schema steps the IR itself instead (_start / _advance: the base
-        class's loop), so llguidance masks its logits as on every runtime (phiedge.runtimes.guidance)."""
+    def _stream(self, ids: list[int], max_new_tokens: int, stop: set[int]) -> Iterator[int]:
+        """LLMPipeline generates on its own (greedy or its own sampler with the seed, the caller's stop ids), in a
+        thread of its own; its streamer hands each token over as it is picked. Closing the stream stops the
+        pipeline at its next token. An answer held to a JSON schema steps the IR itself instead (_start /
+        _advance: the base class's loop), so llguidance masks its logits as on every runtime
+        (phiedge.runtimes.guidance)."""
         if self._constraint is not None:
-            return super()._generate(ids, max_new_tokens, stop)
+            yield from super()._stream(ids, max_new_tokens, stop)
+            return
         pipe = self._pipeline()
         cfg = pipe.get_generation_config()
         cfg.max_new_tokens = int(max_new_tokens)
-        cfg.do_sample = False
         cfg.num_beams = 1
+        cfg.do_sample = not self._sampling.greedy
+        if cfg.do_sample:
+            cfg.temperature, cfg.top_p = float(self._sampling.temperature), float(self._sampling.top_p)
+            seed = self._sampling.runtime_seed
+            cfg.rng_seed = int(np.random.default_rng().integers(2**31)) if seed is None else seed
         cfg.stop_token_ids = {int(i) for i in stop}
         cfg.ignore_eos = not stop           # no stop ids: the caller wants max_new_tokens, eos included
         arr = np.asarray([ids], dtype=np.int64)
         inputs = self.ov_genai.TokenizedInputs(self.ov.Tensor(arr), self.ov.Tensor(np.ones_like(arr)))
-        t0 = time.perf_counter()
+        options = {}
         if self._adapters:
             active = self._adapters[self._active][0] if self._active else None
-            res = pipe.generate(inputs, cfg, adapters=self.ov_genai.AdapterConfig(active, 1.0) if active
-                                else self.ov_genai.AdapterConfig())
-        else:
-            res = pipe.generate(inputs, cfg)
-        end = time.perf_counter()
-        toks = [int(t) for t in res.tokens[0]]
-        cut = next((i for i, t in enumerate(toks) if t in stop), None)
-        stopped = cut is not None or len(toks) < max_new_tokens
-        toks = toks if cut is None else toks[:cut]
-        ttft_ms = res.perf_metrics.get_ttft().mean
-        first = t0 + ttft_ms / 1000 if ttft_ms == ttft_ms and ttft_ms > 0 else end
-        return toks, min(first, end), stopped
+            options["adapters"] = self.ov_genai.AdapterConfig(active, 1.0) if active else self.ov_genai.AdapterConfig()
+        handed, cancel, failed = queue.Queue(), threading.Event(), []
+        genai = self.ov_genai
+
+        class Streamer(genai.StreamerBase):
+            def write(self, token):
+                for t in token if isinstance(token, list) else [token]:
+                    handed.put(int(t))
+                return genai.StreamingStatus.STOP if cancel.is_set() else genai.StreamingStatus.RUNNING
+
+            def end(self):
+                pass
+
+        def run():
+            try:
+                pipe.generate(inputs, cfg, streamer=Streamer(), **options)
+            except Exception as e:          # GenAI raises plain RuntimeError
+                failed.append(e)
+            finally:
+                handed.put(None)
+        worker = threading.Thread(target=run, name="phiedge-openvino-generate", daemon=True)
+        worker.start()
+        try:
+            while (tok := handed.get()) is not None:
+                yield tok
+        finally:
+            cancel.set()
+            while handed.get() is not None:     # let the pipeline finish its token and end
+                pass
+            worker.join()
+        if failed:
+            raise ToolchainError(f"OpenVINO GenAI could not generate with {self.path}: {failed[0]}") from None
 
     # -- step-wise generation on the scoring engine's stateful IR (constrained answers only)
     def _start(self, ids: list[int], total: int) -> int:

@@ -379,6 +379,31 @@ def chat_cmd(bundle_dir, runtime, adapter, k, max_tokens, temperature, top_p, se
 
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--runtime", default=None, help="The default model's artifact: gguf, onnx, openvino, mlx, or a folder "
+                                               "(default: the first installed). Every servable model stays reachable.")
+@click.option("--adapter", default=None, help="The default model's adapter, in a bundle built with several.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; other than loopback needs --api-key (or --insecure-no-auth).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True)
+@click.option("--api-key", default=None, envvar="PHIEDGE_API_KEY",
+              help="Require `Authorization: Bearer KEY` on every /v1 route and /metrics (or PHIEDGE_API_KEY).")
+@click.option("--queue", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests that may wait for their model; past it, 429.")
+@click.option("--max-loaded", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Models kept loaded; the least recently used idle one is unloaded first.")
+@click.option("--insecure-no-auth", is_flag=True, help="Serve a non-loopback --host without an API key.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: the target profile's).")
+@KEY_OPTION
+def serve(bundle_dir, runtime, adapter, host, port, api_key, queue, max_loaded, insecure_no_auth, threads, key):
+    """Serve the bundle as an OpenAI-compatible API (chat completions streamed or whole, tools, JSON schemas,
+    embeddings, retrieval), verified before the first request."""
+    from .serve import run
+    run(bundle_dir, host=host, port=port, runtime=runtime, adapter=adapter, api_key=api_key, key=key, queue=queue,
+        max_loaded=max_loaded, insecure_no_auth=insecure_no_auth, threads=threads)
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: the target profile's).")
 @click.option("--artifact", "artifacts", multiple=True,
               help="Validate only this artifact folder (e.g. gguf-Q4_K_M; repeat for several; default: all).")

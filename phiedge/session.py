@@ -48,7 +48,7 @@ class Answer:
     schema: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    finish_reason: str = "stop"             # "stop": the model ended it or a stop string did; "length": max_tokens
+    finish_reason: str = "stop"             # "stop": the model or a stop string ended it; "length": max_tokens
     dropped_turns: int = 0                  # the oldest turns left out to fit the device's context (rag.trim)
     seed: int | None = None                 # the seed it was sampled with (None: greedy)
     token_ids: list[int] = field(default_factory=list, repr=False)    # the answer's tokens, as generated
@@ -97,6 +97,14 @@ class Session:
         self._runtime = None
         self._retriever = None
 
+    @classmethod
+    def of(cls, folder: Path, manifest: dict, artifact: dict, *, threads: int | None = None) -> "Session":
+        """A session on a bundle verified already (phiedge.serve verifies once, then opens one per model)."""
+        s = cls.__new__(cls)
+        s.folder, s.manifest, s.artifact, s.threads = Path(folder), manifest, artifact, threads
+        s._runtime = s._retriever = None
+        return s
+
     @property
     def label(self) -> str:
         """What answers: "gguf Q4_K_M", "gguf Q4_K_M@legal" (merged) or "gguf Q4_K_M+legal" (kept separate)."""
@@ -132,14 +140,16 @@ class Session:
     def chat(self, messages: list[dict], *, stream: bool = False, tools: list[dict] | None = None,
              response_format: dict | None = None, rag: bool = True, k: int = 3, max_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             stop: list[str] | str | None = None) -> Answer | Iterator[Chunk]:
+             stop: list[str] | str | None = None, cancel=None) -> Answer | Iterator[Chunk]:
         """Answer the conversation's latest user turn, from the bundle's documents (k chunks; k=0 or rag=False:
         none). `tools` (phiedge.tools.load): the answer's calls are parsed and checked against each tool's schema.
         `response_format`: a JSON schema (or OpenAI's {"type": "json_schema", "json_schema": {"schema": ...}}) the
         runtime's constraint holds the answer to; it is parsed and validated. temperature 0 is greedy; above it the
         answer is sampled (top_p) with `seed` (a fresh one when None, reported in Answer.seed). `stop`: strings
-        that end the answer, left out of it. stream=True: an iterator of Chunks as the text is generated."""
-        schema = _schema_of(response_format)
+        that end the answer, left out of it. stream=True: an iterator of Chunks as the text is generated.
+        `cancel` (a threading.Event, or anything with is_set(), asked once per token): once set from another
+        thread, the answer ends at the next token (finish_reason "cancelled")."""
+        schema = schema_of(response_format)
         if tools is not None and schema is not None:
             raise UsageError("tools and a JSON schema are two kinds of answer: pass one of them")
         if schema is not None:
@@ -149,14 +159,14 @@ class Session:
         sampling = Sampling(float(temperature), float(top_p), None if not temperature else
                             secrets.randbelow(2**31) if seed is None else int(seed))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        chunks = self._chunks(messages, tools, schema, rag, k, max_tokens, sampling, stops)
+        chunks = self._chunks(messages, tools, schema, rag, k, max_tokens, sampling, stops, cancel)
         if stream:
             return chunks
         for chunk in chunks:
             pass
         return chunk.answer
 
-    def _chunks(self, messages, tools, schema, use_rag, k, max_tokens, sampling, stops) -> Iterator[Chunk]:
+    def _chunks(self, messages, tools, schema, use_rag, k, max_tokens, sampling, stops, cancel) -> Iterator[Chunk]:
         import time
         t0 = time.perf_counter()
         hits = self.retrieve(rag_prompt.query(messages), k) if use_rag and k else []
@@ -165,12 +175,14 @@ class Session:
         ids, dropped = self._prompt(rt, msgs, max_tokens)
         tokens = rt.tokens(ids, max_tokens, rt.stop_ids(), constraint=schema, sampling=sampling)
         pieces = TextPieces(rt.detokenize, stops)
+        cancelled = False
         try:
             for token in tokens:
                 piece = pieces.add(token)
                 if piece:
                     yield Chunk(piece)
-                if pieces.hit is not None:
+                cancelled = cancel is not None and cancel.is_set()
+                if pieces.hit is not None or cancelled:
                     break
         finally:
             tokens.close()
@@ -178,7 +190,8 @@ class Session:
         gen = tokens.generation()
         answer = Answer(text=pieces.text, sources=rag_prompt.sources(hits), runtime=self.label, ttft_s=gen.ttft_s,
                         decode_tps=gen.decode_tps, prompt_tokens=gen.prompt_tokens, completion_tokens=len(gen.ids),
-                        finish_reason="stop" if gen.stopped or pieces.hit is not None else "length",
+                        finish_reason="cancelled" if cancelled else
+                        "stop" if gen.stopped or pieces.hit is not None else "length",
                         dropped_turns=dropped, seed=None if sampling.greedy else sampling.seed,
                         token_ids=gen.ids, chunks=list(hits), seconds=time.perf_counter() - t0)
         self._check(answer, tools, schema)
@@ -249,13 +262,15 @@ class Session:
         self.close()
 
 
-def _schema_of(response_format: dict | None) -> dict | None:
+def schema_of(response_format: dict | None) -> dict | None:
     """A JSON schema from `response_format`: the schema itself, or OpenAI's json_schema wrapper."""
     if response_format is None:
         return None
     if response_format.get("type") == "json_schema" and isinstance(response_format.get("json_schema"), dict):
         return response_format["json_schema"].get("schema") or {}
-    return response_format
+    if response_format.get("type") == "json_object":
+        return {"type": "object"}
+    return None if response_format.get("type") == "text" else response_format
 
 
 def open(folder: Path | str, *, runtime: str | None = None, adapter: str | None = None, key: Path | None = None,

@@ -220,6 +220,31 @@ def session(tiny, tmp_path_factory) -> Build:
     return Build(root / "bundle", root / "cache", stderr)
 
 
+# The separate build's precision per format: the cheapest quantized level of each (a quantized base with an fp32
+# adapter is the case users ship).
+SEPARATE = {"gguf": ["Q8_0"], "onnx": ["int4"], "openvino": ["int4"], "mlx": ["4bit"]}
+ADAPTER_FILES = {"gguf": "adapter.gguf", "onnx": "adapter.onnx_adapter", "openvino": "adapter_model.safetensors",
+                 "mlx": "adapters.safetensors"}
+
+
+@pytest.fixture(scope="session")
+def separate(tiny, session, tmp_path_factory):
+    """--adapter-mode separate with two adapters (plain LoRA, and rsLoRA with rank and alpha patterns: the scaling
+    folded into each lora_B must be PEFT's per module) on every installed runtime, in a hard-linked copy of the
+    session build's cache (the lora merge, its reference and the retriever come from there; the session's own
+    cache keeps one check per artifact, as the tests reading it expect): (bundle, the build's stderr, formats,
+    its cache)."""
+    formats = {f: p for f, p in SEPARATE.items() if installed(f)}
+    root = tmp_path_factory.mktemp("separate")
+    shutil.copytree(session.cache, root / "cache", copy_function=os.link,
+                    ignore=shutil.ignore_patterns("locks", ".writers"))
+    out = root / "sep"
+    r = run_cli(*build_args(tiny, out, root / "cache", formats, "--adapter", f"rs={tiny / 'adapters' / 'rslora'}",
+                            "--adapter-mode", "separate"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r.stderr, formats, root / "cache"
+
+
 def assert_pytorch_tokens(record: dict) -> None:
     """A full-precision artifact's answer (a greedy record or a smoke record of report.json) follows PyTorch's:
     teacher-forced it picks PyTorch's token wherever PyTorch's top-2 margin is wider than the precision's logit

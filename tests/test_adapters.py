@@ -5,8 +5,6 @@ tests/test_bundle.py.)"""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 from phiedge import errors, rag
 from phiedge.checks import probes
 from phiedge.runtimes import RuntimeSettings, get
-from conftest import DEMO, ROOT, build_args, installed, run_cli, stage_lines
+from conftest import ADAPTER_FILES, DEMO, ROOT, SEPARATE, build_args, run_cli, stage_lines
 
 MESSAGES = [{"role": "user", "content": "What does the with statement do?"}]
 
@@ -49,31 +47,6 @@ def test_dora_cannot_be_kept_separate_on_llama_cpp(tiny, tmp_path):
     with pytest.raises(errors.UnsupportedAdapterError, match="DoRA.*--adapter-mode merged"):
         GGUFExporter().export_adapter(tiny / "model", tiny / "adapters" / "dora", tmp_path)
     assert not list(tmp_path.glob("*.gguf"))
-
-
-# The separate build's precision per format: the cheapest quantized level of each (a quantized base with an fp32
-# adapter is the case users ship).
-SEPARATE = {"gguf": ["Q8_0"], "onnx": ["int4"], "openvino": ["int4"], "mlx": ["4bit"]}
-ADAPTER_FILES = {"gguf": "adapter.gguf", "onnx": "adapter.onnx_adapter", "openvino": "adapter_model.safetensors",
-                 "mlx": "adapters.safetensors"}
-
-
-@pytest.fixture(scope="module")
-def separate(tiny, session, tmp_path_factory):
-    """--adapter-mode separate with two adapters (plain LoRA, and rsLoRA with rank and alpha patterns: the scaling
-    folded into each lora_B must be PEFT's per module) on every installed runtime, in a hard-linked copy of the
-    session build's cache (the lora merge, its reference and the retriever come from there; the session's own
-    cache keeps one check per artifact, as the tests reading it expect): (bundle, the build's stderr, formats,
-    its cache)."""
-    formats = {f: p for f, p in SEPARATE.items() if installed(f)}
-    root = tmp_path_factory.mktemp("separate")
-    shutil.copytree(session.cache, root / "cache", copy_function=os.link,
-                    ignore=shutil.ignore_patterns("locks", ".writers"))
-    out = root / "sep"
-    r = run_cli(*build_args(tiny, out, root / "cache", formats, "--adapter", f"rs={tiny / 'adapters' / 'rslora'}",
-                            "--adapter-mode", "separate"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, r.stderr, formats, root / "cache"
 
 
 def test_separate_adapters_build_proves_every_pair_and_ask_and_validate_pick_them(separate):

@@ -14,6 +14,8 @@
    the base artifacts once, each adapter's runtime file, every (base artifact, adapter) pair through the gate,
    and each adapter asked its own question on every runtime: one session per runtime (phiedge.open), the adapter
    switched in place on the loaded base.
+5. `phiedge serve` on the first bundle, one streamed question through the official `openai` client, its sources
+   printed, the server stopped.
 """
 from __future__ import annotations
 
@@ -92,7 +94,47 @@ def main() -> int:
                 s.use_adapter(task)
                 print(f"\nQ ({task}): {t['question']}\nA ({s.label}): ", end="", flush=True)
                 stream(s.chat([{"role": "user", "content": t["question"]}], max_tokens=32, stream=True))
+    serve_one_question()
     return 0
+
+
+def serve_one_question() -> None:
+    """`phiedge serve` on the bundle, one streamed question through the official openai client, then stopped."""
+    import socket
+    import time
+
+    import httpx
+    from openai import OpenAI
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = Path(sys.executable).with_name("phiedge")
+    server = subprocess.Popen([str(exe), "serve", str(OUT), "--port", str(port)])
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("phiedge serve did not start: see its output above")
+            time.sleep(0.2)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        print(f"\nphiedge serve on 127.0.0.1:{port}, through the openai client (model {model}):\nQ: {QUESTION}\nA: ",
+              end="", flush=True)
+        sources = []
+        for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
+                                                    max_tokens=48, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                print(chunk.choices[0].delta.content, end="", flush=True)
+            sources = (chunk.model_extra or {}).get("sources") or sources
+        print("\nsources: " + "; ".join(f"{s['source']} ({s['score']:.3f})" for s in sources))
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def stream(chunks) -> object:

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.phiedge-installed
 export HF_HUB_OFFLINE ?= 1
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test bench bench-quick bench-matrix clean browser golang
+.PHONY: install demo test docs bench bench-quick bench-matrix bench-serve clean browser golang
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[all]'
 	# optimum-intel without its declared deps: torchvision from PyPI would replace the CPU torch with a CUDA
-	# build (FIELD-NOTES); what it really needs is in the openvino extra (pyproject.toml).
+	# build; what it really needs is in the openvino extra (pyproject.toml).
 	$(BIN)/python -m pip install --quiet --no-deps optimum-intel==2.2.0
 	touch $@
 
@@ -56,5 +56,18 @@ bench-quick: $(STAMP)
 bench-matrix: $(STAMP)
 	$(BIN)/python scripts/bench_matrix.py
 
+# phiedge serve against llama-cpp-python's own OpenAI-compatible server on the demo bundle's GGUF (make demo builds
+# it) at 1, 4 and 8 clients → bench/serve.json. The server extra's packages are llama-cpp-python's own (no rebuild).
+bench-serve: $(STAMP)
+	test -f $${PHIEDGE_DEMO_OUT:-demo-out}/manifest.json || $(MAKE) demo
+	$(BIN)/python -m pip install --quiet 'llama-cpp-python[server]==0.3.36'
+	$(BIN)/python scripts/bench_serve.py
+
+# The guide as a site (site/): docs/cli.md regenerated from the click commands, then mkdocs --strict (a broken link
+# or a page missing from mkdocs.yml's navigation fails).
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_cli_docs.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) .fixtures demo-out demo-out-adapters
+	rm -rf $(VENV) .fixtures demo-out demo-out-adapters site

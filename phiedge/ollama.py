@@ -90,7 +90,7 @@ def modelfile(gguf: str, *, phi: bool, n_ctx: int | None = None, adapter: str | 
     lines = ["# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM {gguf}"]
     if adapter:
         lines += ["# The adapter kept separate, applied by Ollama at load. Recent Ollama versions load a GGUF LoRA",
-                  "# adapter without error and ignore it or apply it wrongly (phiedge's field notes); the merged",
+                  "# adapter without error and ignore it or apply it wrongly (not exercised here); the merged",
                   "# artifacts of a --adapter-mode both bundle are the ones to ship to Ollama.",
                   f"ADAPTER {adapter}"]
     if phi:

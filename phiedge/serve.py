@@ -591,6 +591,37 @@ def app(server: Server):
     ], lifespan=lifespan)
 
 
+def free_port() -> int:
+    """A loopback TCP port free right now (for a server started next: the demo, the benchmark, the tests)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(argv: list[str], url: str, *, timeout: float = 180, **popen):
+    """Start a server process and wait until GET `url` answers 200 (phiedge serve's /health, another server's own
+    route): its Popen. The process's own error when it exits first; killed when `timeout` passes."""
+    import subprocess
+
+    import httpx
+    proc = subprocess.Popen(argv, **popen)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            err = proc.stderr.read()[-3000:] if proc.stderr else ""
+            raise RuntimeError(f"{argv[0]} exited with {proc.returncode} before it served {url}: {err}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{argv[0]} did not serve {url} in {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def check_host(host: str, api_key: str | None, insecure: bool) -> None:
     """A server reachable from other machines needs a key (or the user's explicit --insecure-no-auth)."""
     try:

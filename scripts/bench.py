@@ -28,7 +28,7 @@
    prompt of 3.
 
 Formats whose runtime cannot check a 3.8B model on this machine in useful time (`--unchecked`; full-size default:
-mlx, whose Linux CPU backend decodes at 0.04 tok/s, FIELD-NOTES) are exported by phiedge's own exporter on the
+mlx, whose Linux CPU backend runs GEMMs at about 3 GFLOP/s: tests/test_mlx.py) are exported by phiedge's own exporter on the
 build's merged checkpoint, outside the build, and counted in its wall time and peak; their parity and inference
 are listed as not measured here (on Apple silicon `phiedge validate` measures both against the bundle's golden
 references).
@@ -75,8 +75,8 @@ INFER_REPEATS = 3
 GOAL_BUILD_RSS_GB, GOAL_SAME_WORK_RATIO, GOAL_WALL_RATIO, GOAL_DECODE_RATIO = 10.0, 0.8, 1.5, 0.95
 # An adapter kept separate that decodes below this fraction of its merged artifact's speed: ship merged for speed.
 SEPARATE_DECODE_OK = 0.9
-UNCHECKED_WHY = ("MLX's Linux CPU backend is a correctness path, not a deployment one (0.04 tok/s at 3.8B, "
-                 "FIELD-NOTES): measure on Apple silicon")
+UNCHECKED_WHY = ("MLX's Linux CPU backend is a correctness path, not a deployment one (about 3 GFLOP/s GEMMs, "
+                 "tests/test_mlx.py): measure on Apple silicon")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -385,7 +385,7 @@ def _native_gguf(artifact: Path, ids: list[int], new: int, threads: int) -> dict
     import llama_cpp
     from phiedge.runtimes.gguf import _cpu_has_amx
     if _cpu_has_amx():
-        # llama.cpp's weight repacking dies with SIGILL in llama_decode on AMX CPUs (FIELD-NOTES; this VM's too);
+        # llama.cpp's weight repacking dies with SIGILL in llama_decode on AMX CPUs (the Xeon VM this ran on);
         # phiedge's runtime turns it off there, and so does the native loop here, so both run the same kernels.
         default = llama_cpp.llama_cpp.llama_model_default_params
 
@@ -826,6 +826,9 @@ def main(argv: list[str] | None = None) -> int:
            "bench_seconds": round(time.perf_counter() - t0, 1)}
     write_results(out, res)
     write_html(res, out.with_suffix(".html"))
+    if not args.quick and out == ROOT / "bench" / "results.json":
+        from bench_readme import write as write_readme
+        write_readme()                       # bench/README.md: the tables, from the result files
     print("\n" + summary(res) + f"\n\nresults: {out} (plots: {out.with_suffix('.html')})")
     return 0
 

@@ -37,7 +37,7 @@ QUESTION, NEEDLE, FACT = SMOKE["question"], SMOKE["needle"], SMOKE["answer"]
 # The `all` profile's 4-bit rows are chosen at Phi-4-mini's proportions. Two of them do not suit SmolLM2-135M's
 # 576-wide layers: llama.cpp's 5-bit K-quants fall back to Q5_1 there (Q5_K_S: KL 0.28 against Q4_K_M's 0.04, the
 # gate fails it) and the ONNX builder's k_quant cannot quantize them in blocks of 128. The demo builds the rows
-# `phiedge sweep` measured best on SmolLM2 in their place (README, "Quality per byte").
+# `phiedge sweep` measured best on SmolLM2 in their place (docs/quality.md).
 SMOLLM2_ROWS = {"Q5_K_S": "Q4_K_M", "int4-b128-k_quant-head8": "int4-k_quant-mixed8"}
 
 
@@ -100,27 +100,14 @@ def main() -> int:
 
 def serve_one_question() -> None:
     """`phiedge serve` on the bundle, one streamed question through the official openai client, then stopped."""
-    import socket
-    import time
-
-    import httpx
     from openai import OpenAI
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+
+    from phiedge.serve import free_port, spawn
+    logging.getLogger("httpx").setLevel(logging.WARNING)     # openai's client logs every request at INFO
+    port = free_port()
     exe = Path(sys.executable).with_name("phiedge")
-    server = subprocess.Popen([str(exe), "serve", str(OUT), "--port", str(port)])
+    server = spawn([str(exe), "serve", str(OUT), "--port", str(port)], f"http://127.0.0.1:{port}/health")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("phiedge serve did not start: see its output above")
-            time.sleep(0.2)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         model = client.models.list().data[0].id
         print(f"\nphiedge serve on 127.0.0.1:{port}, through the openai client (model {model}):\nQ: {QUESTION}\nA: ",

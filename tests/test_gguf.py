@@ -102,7 +102,7 @@ def _mapped_resident(path) -> int:
 
 
 def test_repacked_weights_do_not_stay_resident_twice(session):
-    """Where llama.cpp's CPU backend repacks weights into buffers of its own (not on AMX CPUs: FIELD-NOTES), the
+    """Where llama.cpp's CPU backend repacks weights into buffers of its own (not on AMX CPUs, where phiedge turns repacking off), the
     mapped pages it read them from are let go after the load (at full size 4.76 -> 3.39 GB), the freshly written
     file's too. Only the weights used from the file come back (here Q4_K_M's tensors that are not repacked), and
     the logits are those of repacking off with every page kept, within the kernels' rounding."""

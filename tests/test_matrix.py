@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import DEMO, DEMO_DOCS, THREADS, run_cli
 
-# On the session build's worker (it needs no session build): the other worker carries more (README, Development).
+# On the session build's worker (it needs no session build): the other worker carries more (docs/development.md).
 pytestmark = [pytest.mark.cluster, pytest.mark.gguf, pytest.mark.slow, pytest.mark.session_worker]
 ray = pytest.importorskip("ray")
-LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}      # FIELD-NOTES: else Ray binds the machine's address
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}      # else Ray binds the machine's address
 ADAPTERS = {"lora": "lora", "rs": "rslora"}
 TARGETS = {"edge-a": ["Q4_K_M"], "edge-b": ["Q4_K_M", "Q8_0"]}      # both want GGUF Q4_K_M
 # A third target whose thresholds no 4-bit artifact meets: its cells fail their gate, alone (their check is the

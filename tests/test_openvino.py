@@ -108,7 +108,7 @@ def test_gptq_on_the_documents_beats_optimums_default_int4_at_its_size(calibrate
 
 def test_group_size_is_lowered_to_one_that_divides():
     assert _ov_export.choose_group_size(128, [3072, 8192]) == 128          # real Phi-4-mini
-    assert _ov_export.choose_group_size(128, [576, 1536]) == 64            # SmolLM2-135M (FIELD-NOTES)
+    assert _ov_export.choose_group_size(128, [576, 1536]) == 64            # SmolLM2-135M's widths
     assert _ov_export.choose_group_size(-1, [577]) == -1
 
 
@@ -183,7 +183,7 @@ def test_a_bf16_checkpoint_is_exported_from_bf16_and_keeps_both_regimes(bf16_bui
 @pytest.mark.gguf
 def test_gate_catches_openvinos_own_fp16_ir(bf16_build, tmp_path):
     """optimum-intel's own fp16 IR (dtype="fp16") stores every constant in fp16, the rotary inverse frequencies
-    too: its error grows with position (FIELD-NOTES: 0.008 short, 2.4 near 4200). On the merged checkpoint the
+    too: its error grows with position. On the merged checkpoint the
     bf16 build checked, the gate fails its long regime at fp16's limits, and phiedge's fp16 (weights only, rope
     in f32) passes both; the long probe's span alone would not have caught it."""
     from optimum.exporters.openvino import main_export

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import jsonschema
 import pytest
 
 from phiedge import device, rag, tools
+from phiedge.serve import free_port, spawn
 from conftest import DEMO, run_cli
 
 openai = pytest.importorskip("openai")
@@ -30,32 +30,15 @@ QUESTION = DEMO["question"]
 ONE = [{"role": "user", "content": QUESTION}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serving(bundle: Path, *args: str):
     """`phiedge serve` in a child process on a free loopback port, until its default model is loaded; stopped after."""
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("phiedge")
-    proc = subprocess.Popen([str(exe), "serve", str(bundle), "--port", str(port), "--threads", "1", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
+    proc = spawn([str(exe), "serve", str(bundle), "--port", str(port), "--threads", "1", *args],
+                 f"http://127.0.0.1:{port}/health", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not load its default model in 180 s"
-            time.sleep(0.2)
-        yield base
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         try:
@@ -270,9 +253,9 @@ def test_a_tampered_bundle_and_an_open_host_without_a_key_do_not_start(session, 
     shutil.copytree(session.bundle, copy, copy_function=os.link)
     (copy / "README.md").unlink()
     (copy / "README.md").write_text("tampered\n")
-    r = run_cli("serve", str(copy), "--port", str(_free_port()))
+    r = run_cli("serve", str(copy), "--port", str(free_port()))
     assert r.returncode == 1 and "changed README.md" in r.stderr and "serving" not in r.stderr, r.stderr
-    r = run_cli("serve", str(session.bundle), "--host", "0.0.0.0", "--port", str(_free_port()))
+    r = run_cli("serve", str(session.bundle), "--host", "0.0.0.0", "--port", str(free_port()))
     assert r.returncode == 1 and "--api-key" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 

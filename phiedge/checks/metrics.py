@@ -32,9 +32,9 @@ THRESHOLDS: dict[str, tuple[float, float, float | None]] = {
     "Q6_K":   (0.88, 4e-2, None),
     "Q5_K_M": (0.85, 6e-2, None),
     "Q5_K_S": (0.85, 6e-2, None),
-    "Q4_K_M": (0.75, 0.25, None),   # 4-bit: FIELD-NOTES measured mean KL 0.29-0.41 on a 135M model at
+    "Q4_K_M": (0.75, 0.25, None),   # 4-bit: tests/test_quality.py holds the tiny fixture's rows and the demo its
     "Q4_K_S": (0.75, 0.25, None),
-    "Q4_0":   (0.70, 0.35, None),   # default 4-bit settings; top-1 67-73 %. Larger models lose less.
+    "Q4_0":   (0.70, 0.35, None),   # SmolLM2 rows at these limits (docs/quality.md). Larger models lose less.
     "INT4":   (0.70, 0.35, None),
     "4BIT":   (0.70, 0.35, None),
     # mlx-lm's mixed_4_6 recipe: 4-bit layers, 6 bits for some v_proj/down_proj; never below 4BIT's precision,

@@ -13,7 +13,7 @@ the model on the calibration samples.
 
 Why the weights are compressed here and not by optimum's `--weight-format`: optimum's fp16 IR stores every
 constant in fp16, the rotary inverse frequencies included, and LongRoPE positions near 4200 then lose ~2 logits
-(FIELD-NOTES). Exporting an fp32-computing IR and compressing only the weights of MatMul / Gather keeps the rope
+(tests/test_openvino.py, test_gate_catches_openvinos_own_fp16_ir). Exporting an fp32-computing IR and compressing only the weights of MatMul / Gather keeps the rope
 math in fp32.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def export_base(merged: Path, dest: Path) -> None:
     The model loads in its checkpoint's dtype: a bf16 checkpoint (Phi-4-mini's) is traced on optimum's 16-bit
     path, whose IR keeps the weights as bf16 constants converted to f32 where they are used and computes in f32
     (its rope in f32 too) -- half the memory of asking for an fp32 model (15.3 GB at 3.8 B parameters), the same
-    values. Only optimum's dtype="fp16" stores constants in fp16, the rope's among them (FIELD-NOTES)."""
+    values. Only optimum's dtype="fp16" stores constants in fp16, the rope's among them (tests/test_openvino.py)."""
     import torch
     from optimum.exporters.openvino import main_export
     from optimum.intel import OVConfig

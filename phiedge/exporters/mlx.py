@@ -146,7 +146,7 @@ class MLXExporter(Exporter):
         return [(n, t["data_offsets"][1] - t["data_offsets"][0]) for f in sorted(art.path.glob("*.safetensors"))
                 for n, t in safetensors_header(f).items()]
     # 4bit: 4.5 bits per layer weight (fp16 scale + bias per 64) plus the 8-bit embedding.
-    PEAK_BYTES_PER_PARAM = 1.1          # mlx_lm.convert 4-bit: 4.1 GB at 3.84 B (FIELD-NOTES)
+    PEAK_BYTES_PER_PARAM = 1.1          # mlx_lm.convert 4-bit: 4.1 GB at 3.84 B (make bench: bench/results.json)
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "8bit": 1.07, "4bit": 0.66, "mixed_4_6": 0.72}
 
     ADAPTER_RUNTIME = "mlx-lm"

@@ -1,8 +1,7 @@
 """ONNX for onnxruntime-genai: its own model builder, one folder per precision that `og.Model` loads directly.
 
 - Why the builder: its Phi-3 LongRoPE graph keeps both cos/sin caches and switches between them with an
-  `If` on the total sequence length, as Hugging Face does (FIELD-NOTES: optimum-onnx bakes the short
-  factors in). Each folder holds model.onnx + model.onnx.data (external weights), genai_config.json,
+  `If` on the total sequence length, as Hugging Face does (tests/test_onnx.py holds both regimes). Each folder holds model.onnx + model.onnx.data (external weights), genai_config.json,
   tokenizer.json / tokenizer_config.json and chat_template.jinja.
 - The builder runs in a child process through `_genai_build` (it puts its own `builders`/`quantization`
   folders on sys.path, and its LM-head detection needs one fix: see there). Its int4 pass quantizes the whole
@@ -139,7 +138,7 @@ class ONNXExporter(Exporter):
     CLI_HELP = "ONNX precisions: fp32, fp16, int4 or int4-<options> such as int4-b64-rtn-acc4"
     TOOL_MODULES = ("phiedge.exporters._genai_build", "phiedge.exporters._genai_nbits", "phiedge.exporters._onnx_lora",
                     "phiedge.exporters._onnx_imatrix", "phiedge.calibration")
-    # Measured: fp32 keeps the tied embedding once; int4 2.5 GB for 3.84 B parameters (FIELD-NOTES).
+    # Measured: fp32 keeps the tied embedding once; int4 2.5 GB for 3.84 B parameters (make bench: bench/results.json).
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int4": 0.66}
     # The builder maps the checkpoint and writes the graph lazily; phiedge's per-weight int4 pass (_genai_nbits)
     # holds a slice or two in fp32 and the quantized model. Measured at 3.84 B (bf16), int4-k_quant-mixed8 with 2

@@ -6,7 +6,7 @@
   and the runtime properties it was checked with), so `openvino_genai.LLMPipeline(folder)` runs it with no
   transformers on the device.
 - LongRoPE: optimum-intel 2.2.0 patches the rotary embedding to pick the factor set from max(position_ids) + 1 of
-  each call, as transformers does (1.27 froze the short factors: FIELD-NOTES).
+  each call, as transformers does (tests/test_openvino.py holds both regimes).
 - The export and the compression run in a child process (`_ov_export`): optimum traces the model with torch.
   The IR is exported once in fp32 and its weights compressed per precision; rope constants stay fp32
   (tiny fixture: long-probe max|Δ| 0.0084 this way, 2.31 with top-1 0.86 for OpenVINO's whole-IR fp16).
@@ -91,7 +91,7 @@ ARTIFACT_FILES = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenize
                   "generation_config.json", "config.json")
 META_FILE = "phiedge_openvino.json"
 # CPU plugin properties each precision is checked and shipped with (OpenVINO 2026.4.1).
-# Full precision, exact: an AMX CPU's default inference precision is bf16 (short max|Δ| 0.096, FIELD-NOTES), the
+# Full precision, exact: an AMX CPU's default inference precision is bf16 (the exact settings: tests/test_openvino.py), the
 # CPU plugin quantizes activations to 8 bits in groups of 32 for compressed weights, and its KV cache defaults to
 # u8 (optimum writes f16 into the IR): fp32 / fp16 must have none of that.
 # Quantized: the runtime's own defaults, which are what make int8/int4 fast on the CPUs the intel-cpu profile
@@ -140,7 +140,7 @@ class OpenVINOExporter(Exporter):
     CLI_HELP = ("OpenVINO weights: fp32, fp16, int8, int4 or int4-<options> such as int4-g64-sym-r80-awq-se "
                 "(-awq / -se calibrate on the --docs documents)")
     TOOL_MODULES = ("phiedge.exporters._ov_export",)
-    # fp16 weights + an fp32 rope; int4 2.3 GB for 3.84 B parameters (FIELD-NOTES; the int8 embedding is ~0.6 GB).
+    # fp16 weights + an fp32 rope; int4 2.3 GB for 3.84 B parameters (make bench: bench/results.json; the int8 embedding is ~0.6 GB).
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.05, "int4": 0.62}
     # optimum's trace of the checkpoint in its own dtype, then NNCF's compression of the saved IR. Measured at 3.84 B
     # (bf16), data-free int4, PSS of the export child: the trace 8.75 GB (the bf16 torch model beside the IR it

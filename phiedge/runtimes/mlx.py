@@ -2,7 +2,7 @@
 
 LongRoPE (Phi-3 / Phi-4-mini): Hugging Face picks the factor set per forward call from the total length it
 sees (max position + 1): long factors iff it exceeds original_max_position_embeddings, and scales cos/sin by
-the attention factor sqrt(1 + ln(s) / ln(orig)) in both regimes. mlx-lm does neither reliably (FIELD-NOTES):
+the attention factor sqrt(1 + ln(s) / ln(orig)) in both regimes. mlx-lm does neither reliably:
 0.31.3 and 0.32.x build `SuScaledRoPE` from the long factors only (short prompts run with the long factors),
 0.29.1 switches per call but `generate` prefills in 2048-token chunks, so a prompt crossing the switch mixes
 the two sets. This runtime therefore (1) swaps every phi3 attention's rope for `LongRoPE` below, which

@@ -142,7 +142,7 @@ class Session:
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              stop: list[str] | str | None = None, cancel=None) -> Answer | Iterator[Chunk]:
         """Answer the conversation's latest user turn, from the bundle's documents (k chunks; k=0 or rag=False:
-        none). `tools` (phiedge.tools.load): the answer's calls are parsed and checked against each tool's schema.
+        none, and the messages go to the model as given). `tools` (phiedge.tools.load): the answer's calls are parsed and checked against each tool's schema.
         `response_format`: a JSON schema (or OpenAI's {"type": "json_schema", "json_schema": {"schema": ...}}) the
         runtime's constraint holds the answer to; it is parsed and validated. temperature 0 is greedy; above it the
         answer is sampled (top_p) with `seed` (a fresh one when None, reported in Answer.seed). `stop`: strings
@@ -170,7 +170,9 @@ class Session:
         import time
         t0 = time.perf_counter()
         hits = self.retrieve(rag_prompt.query(messages), k) if use_rag and k else []
-        msgs = rag_prompt.conversation(messages, hits, tools=tools) if use_rag else [dict(m) for m in messages]
+        # No chunks (k=0, rag=False): the messages as given, with the tools where Phi-4-mini's template takes them.
+        msgs = rag_prompt.conversation(messages, hits, tools=tools) if hits or tools is not None \
+            else [dict(m) for m in messages]
         rt = self.runtime()
         ids, dropped = self._prompt(rt, msgs, max_tokens)
         tokens = rt.tokens(ids, max_tokens, rt.stop_ids(), constraint=schema, sampling=sampling)

@@ -4,7 +4,9 @@
 Both serve the demo bundle's GGUF (make demo builds it) on 127.0.0.1 with the same threads, and both are driven by
 the official `openai` client with the same chat messages, streamed, greedy:
 1. retrieval off (`rag.k` 0), so both do the same work: phiedge serve and `python -m llama_cpp.server` (from the
-   pinned llama-cpp-python's `server` extra), the GGUF's own chat template on both;
+   pinned llama-cpp-python's `server` extra), the GGUF's own chat template on both. llama_cpp.server runs with
+   `--interrupt_requests False`: by default a new request interrupts the one generating, which cut its answers
+   to a token or two at 4 and 8 clients (0 tok/s decode, 7.3 "requests"/s of nothing);
 2. retrieval on (k 3), phiedge alone.
 At 1, 4 and 8 concurrent clients: time to first token (p50/p95), decode tokens/s (p50, per request: tokens after
 the first over the time after the first), requests/s and tokens/s over the run, failed requests, and each
@@ -87,8 +89,9 @@ def measure(name: str, cmd: list[str], port: int, ready: str, model: str, extra:
     import psutil
 
     from phiedge.serve import spawn
-    proc = spawn(cmd, f"http://127.0.0.1:{port}{ready}", timeout=300, stdout=subprocess.DEVNULL,
-                 stderr=subprocess.PIPE, text=True)
+    log = OUT.with_name(f"serve-{name.split()[0].replace('.', '_')}.log")     # a pipe left unread would fill
+    with open(log, "w") as err:
+        proc = spawn(cmd, f"http://127.0.0.1:{port}{ready}", timeout=300, stdout=subprocess.DEVNULL, stderr=err)
     try:
         levels = [run_level(f"http://127.0.0.1:{port}", model, n, extra) for n in CLIENTS]
         rss = psutil.Process(proc.pid).memory_info().rss
@@ -118,7 +121,8 @@ def main() -> int:
     runs = [
         measure("llama_cpp.server", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host",
                                      "127.0.0.1", "--port", str(p1), "--n_threads", str(THREADS), "--n_threads_batch",
-                                     str(THREADS), "--n_ctx", "4096"], p1, "/v1/models", str(gguf), {}),
+                                     str(THREADS), "--n_ctx", "4096", "--interrupt_requests", "False"],
+                p1, "/v1/models", str(gguf), {}),
         measure("phiedge serve (rag off)", [str(exe), "serve", str(BUNDLE), "--runtime", art["path"], "--port",
                                             str(p2), "--threads", str(THREADS), "--queue", "64"], p2, "/health",
                 art["path"], {"rag": {"k": 0}}),

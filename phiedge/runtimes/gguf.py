@@ -88,6 +88,7 @@ class GGUFRuntime(Runtime):
                          "eos_token": m.token_get_text(m.token_eos()) if m.token_eos() >= 0 else ""}
         self.adds_bos = m.add_bos_token()
         self.n_vocab = self.model.n_vocab()
+        self._stops: frozenset[int] | None = None
         self._ctx = None
         self._ctx_size = None
         self._loras: dict[Path, object] = {}        # adapter file -> llama.cpp's adapter, loaded once per model
@@ -147,7 +148,10 @@ class GGUFRuntime(Runtime):
 
     def _context(self, n_tokens: int):
         size = self.context_size(n_tokens)
-        if self._ctx is None or self._ctx_size != size:
+        # Without LongRoPE the context's size changes nothing but room: a larger one is kept (a new one per prompt
+        # length cost a server about 40 ms a request). With LongRoPE its size is the regime: exactly this one.
+        roomy = not self.orig_ctx and not self.settings.n_ctx and self._ctx_size and size <= self._ctx_size
+        if self._ctx is None or self._ctx_size != size and not roomy:
             cp = self._lc.llama_context_default_params()
             cp.n_ctx = size
             cp.n_batch = N_BATCH
@@ -229,11 +233,14 @@ class GGUFRuntime(Runtime):
         return self.model.detokenize(ids, special=False).decode("utf-8", errors="replace")
 
     def stop_ids(self) -> set[int]:
-        ids = {self.model.token_eos(), self.model.token_eot()}
-        for i in range(self.n_vocab):
-            if self._lc.llama_vocab_is_eog(self.model.vocab, i):
-                ids.add(i)
-        return {i for i in ids if i >= 0}
+        """Every end-of-generation token of the vocabulary, found once (a pass over 200,064 ids through ctypes)."""
+        if self._stops is None:
+            ids = {self.model.token_eos(), self.model.token_eot()}
+            for i in range(self.n_vocab):
+                if self._lc.llama_vocab_is_eog(self.model.vocab, i):
+                    ids.add(i)
+            self._stops = frozenset(i for i in ids if i >= 0)
+        return set(self._stops)
 
     def close(self) -> None:
         self._ctx = None

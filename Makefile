@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.phiedge-installed
 export HF_HUB_OFFLINE ?= 1
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test docs bench bench-quick bench-matrix bench-serve clean browser golang
+.PHONY: install demo test lint docs bench bench-quick bench-matrix bench-serve clean browser golang
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ bench-serve: $(STAMP)
 	test -f $${PHIEDGE_DEMO_OUT:-demo-out}/manifest.json || $(MAKE) demo
 	$(BIN)/python -m pip install --quiet 'llama-cpp-python[server]==0.3.36'
 	$(BIN)/python scripts/bench_serve.py
+
+# ruff (pinned in the dev extra; rules in pyproject.toml): pyflakes, import order, pycodestyle.
+lint: $(STAMP)
+	$(BIN)/ruff check phiedge tests scripts
 
 # The guide as a site (site/): docs/cli.md regenerated from the click commands, then mkdocs --strict (a broken link
 # or a page missing from mkdocs.yml's navigation fails).

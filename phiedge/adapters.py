@@ -72,7 +72,7 @@ class Folded:
 def folded(adapter_dir: Path, runtime: str, dora: bool = False) -> tuple[dict, dict[str, Folded]]:
     """(adapter_config.json, {module path without PEFT's prefix: Folded}) of the PEFT adapter in `adapter_dir`,
     after refusing what `runtime` cannot hold (refuse_unfoldable)."""
-    from safetensors.torch import load_file       # torch: adapters trained in bf16 are saved bf16
+    from safetensors.torch import load_file  # torch: adapters trained in bf16 are saved bf16
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     refuse_unfoldable(config, list(tensors), runtime, dora=dora)

@@ -26,8 +26,14 @@ from pathlib import Path
 from . import __version__, bundle, calibration, chat, exporters, ollama, report, source, tokenizer_files
 from .cache import StageCache, default_root
 from .checks import ArtifactResult, Limits, probes
-from .errors import (InvalidCheckpointError, MemoryShortError, ParityError, RetrieverError, UnsupportedAdapterError,
-                     UsageError)
+from .errors import (
+    InvalidCheckpointError,
+    MemoryShortError,
+    ParityError,
+    RetrieverError,
+    UnsupportedAdapterError,
+    UsageError,
+)
 from .exporters.base import TOOL_BYTES
 from .memory import available_bytes, isolated
 from .stages import Clock, Context, Hit, ParallelExecutor, Stage

@@ -105,13 +105,27 @@ def module_closure(roots) -> list[Path]:
 def code_fingerprint(roots=None) -> str:
     """Hash of the code a stage runs: its root modules and what they import (all of phiedge without roots). A
     stage made by other code is never reused, and editing code a stage does not run (the report, say) does not
-    re-run it."""
+    re-run it. What is hashed is what the code does (`code_of`): a comment, a docstring or a reflowed line re-runs
+    nothing."""
     files = module_closure(roots) if roots else sorted(PACKAGE.rglob("*.py"))
     h = hashlib.sha256()
     for f in files:
         h.update(str(f.relative_to(PACKAGE)).encode())
-        h.update(f.read_bytes())
+        h.update(code_of(f).encode())
     return h.hexdigest()[:16]
+
+
+def code_of(path: Path) -> str:
+    """A module's syntax tree without its docstrings (comments and layout are not in the tree): what it does."""
+    import ast
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def key_of(parts: dict) -> str:
@@ -129,7 +143,7 @@ def sha256_file(path: Path, chunk: int = CHUNK) -> str:
 def scan_safetensors(path: Path) -> tuple[str, str | None]:
     """(sha256 of the file, name of the first tensor holding NaN or inf, or None) in one sequential read: the
     finite check rides along with the hash, which reads every byte anyway."""
-    from .source import safetensors_header
+    from .tensorfile import safetensors_header
     header = safetensors_header(path)            # validates the layout (truncation, corruption)
     h = hashlib.sha256()
     bad = None

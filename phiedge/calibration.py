@@ -67,8 +67,8 @@ def sample(model_dir: Path, texts: list[str], seq_len: int, budget: int) -> Samp
 
 def input_statistics(model_dir: Path, texts: list[str], seq_len: int, budget: int, what: str) -> tuple[dict, Sample]:
     """The sample of the documents and every Linear's input power over it (input_power on the checkpoint loaded as
-    phiedge.checks.reference loads it), for a calibrating child; no window at all stops it, naming `what`."""
-    from .checks.reference import load
+    phiedge.torch_compute loads it), for a calibrating child; no window at all stops it, naming `what`."""
+    from .torch_compute import load
     s = sample(model_dir, texts, seq_len, budget)
     if not s.windows:
         raise SystemExit(f"{what} needs calibration text: the documents gave no token windows")
@@ -77,12 +77,13 @@ def input_statistics(model_dir: Path, texts: list[str], seq_len: int, budget: in
 
 def input_power(model, windows) -> dict[str, tuple[np.ndarray, int]]:
     """Every Linear's input statistics over the windows, from one PyTorch forward of the model (fp32 arithmetic on
-    its stored weights, phiedge.checks.reference): HF module name -> (sum over tokens of each input column's squared
+    its stored weights, phiedge.torch_compute): HF module name -> (sum over tokens of each input column's squared
     activation, tokens). The LM head's entry is "lm_head" (its input is the decoder's last hidden state; its
     vocabulary-wide logits are never computed). Both data-aware quantizers read these: GGUF's importance matrix
     (_llama_imatrix) and ONNX's weighted int4 (_onnx_imatrix)."""
     import torch
-    from .checks.reference import fp32_compute
+
+    from .torch_compute import fp32_compute
     sums: dict[str, list] = {}
 
     def hook(name):

@@ -127,7 +127,8 @@ def build(model, revision, adapters, adapter_revision, adapter_mode, target, for
           smoke_answer, out, force, cache_dir, threads, max_memory, jobs, allow_noop_adapter, verify_cache,
           follow_links, calibration_tokens, sign_key, base_model_id, **precision_flags):
     """Merge, export, check parity in both LongRoPE regimes, smoke-test RAG, and write the bundle."""
-    from .build import BuildRequest, build as run_build
+    from .build import BuildRequest
+    from .build import build as run_build
     from .report import table
     from .source import name_adapters
     from .targets import resolve_plan
@@ -245,7 +246,8 @@ def formats():
 @cli.command("targets")
 def targets_cmd():
     """List the device target profiles."""
-    from . import exporters, targets as targets_mod
+    from . import exporters
+    from . import targets as targets_mod
     for name in targets_mod.available():
         t = targets_mod.load(name)
         arts = ", ".join(f"{a.format} {a.precision}" + ("" if a.format in exporters.REGISTRY else " (not available)")
@@ -441,7 +443,8 @@ def push(bundle_dir, repo, private, revision, per_artifact, token, dry_run, key)
     """Publish a verified, passing bundle to the Hugging Face Hub (its README.md is the model card)."""
     import json
 
-    from .publish import plan_push, push as run_push
+    from .publish import plan_push
+    from .publish import push as run_push
     plan = plan_push(bundle_dir, repo, per_artifact=per_artifact, key=key)
     if dry_run:
         click.echo(json.dumps({"repos": [r.as_dict() for r in plan.repos]}, indent=1))

@@ -139,7 +139,7 @@ def validate(folder: Path, *, threads: int | None = None, key: Path | None = Non
 
 def _validate_one(folder: Path, manifest: dict, art: dict, probes: ProbeSet, overrides: dict,
                   threads: int | None) -> dict:
-    from .exporters.base import Artifact
+    from .artifact import Artifact
     cls = get(art["format"])
     if importlib.util.find_spec(cls.package) is None:
         return {**_row_id(art), "status": "not validated",

@@ -27,9 +27,10 @@ import html
 import json
 import logging
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from . import calibration
 from .errors import UsageError

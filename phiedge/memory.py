@@ -109,6 +109,7 @@ def isolated(fn, *args, **kwargs):
     loaded instead of importing them again, and still gets a process of its own."""
     import concurrent.futures
     import multiprocessing
+
     from .cache import writer_paths
     level = logging.getLogger().getEffectiveLevel()
     forkserver = "forkserver" in multiprocessing.get_all_start_methods()      # not on Windows: spawned there

@@ -142,7 +142,8 @@ class Session:
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              stop: list[str] | str | None = None, cancel=None) -> Answer | Iterator[Chunk]:
         """Answer the conversation's latest user turn, from the bundle's documents (k chunks; k=0 or rag=False:
-        none, and the messages go to the model as given). `tools` (phiedge.tools.load): the answer's calls are parsed and checked against each tool's schema.
+        none, and the messages go to the model as given). `tools` (phiedge.tools.load): the answer's calls are parsed
+        and checked against each tool's schema.
         `response_format`: a JSON schema (or OpenAI's {"type": "json_schema", "json_schema": {"schema": ...}}) the
         runtime's constraint holds the answer to; it is parsed and validated. temperature 0 is greedy; above it the
         answer is sampled (top_p) with `seed` (a fresh one when None, reported in Answer.seed). `stop`: strings

@@ -10,12 +10,19 @@ import logging
 import os
 import re
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import (AdapterMismatchError, DiskSpaceError, InvalidCheckpointError, ModelNotFoundError,
-                     OutputExistsError, UnsupportedAdapterError, UsageError)
+from .errors import (
+    AdapterMismatchError,
+    DiskSpaceError,
+    InvalidCheckpointError,
+    ModelNotFoundError,
+    OutputExistsError,
+    UnsupportedAdapterError,
+    UsageError,
+)
+from .tensorfile import safetensors_header
 from .tokenizer_files import HUB_FILES
 
 log = logging.getLogger(__name__)
@@ -66,8 +73,12 @@ def resolve(ref: str, *, revision: str | None = None, kind: str = "model") -> So
         raise ModelNotFoundError(f"{kind} '{ref}' is not a directory and not a Hub repo id (owner/name): "
                                  f"check the path")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
     patterns = MODEL_FILES if kind == "model" else ADAPTER_FILES
     try:
         path = Path(snapshot_download(ref, revision=revision, allow_patterns=patterns))
@@ -96,49 +107,6 @@ def _list_files(p: Path) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- safetensors headers
-
-def safetensors_header(path: Path) -> dict[str, dict]:
-    """Tensor name -> {dtype, shape, data_offsets}; raises InvalidCheckpointError on truncation/corruption."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise InvalidCheckpointError(f"{path} is not a safetensors file ({size} bytes): copy it again")
-        (n,) = struct.unpack("<Q", raw)
-        if n <= 0 or 8 + n > size:
-            raise InvalidCheckpointError(f"{path} is truncated or corrupt (header of {n} bytes, file of {size}): "
-                                         f"copy it again")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise InvalidCheckpointError(f"{path} has a corrupt safetensors header: copy it again") from None
-    header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end != size:
-        raise InvalidCheckpointError(f"{path} is truncated (header says {end} bytes of tensor data, file has "
-                                     f"{size - 8 - n}): copy it again")
-    return header
-
-
-SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4"}
-
-
-def read_safetensors(path: Path) -> dict:
-    """{tensor name: numpy array} of a small safetensors file (an adapter), with numpy alone: the device path has
-    no torch and no safetensors package. bf16 is not read here (fp32 adapters are what phiedge writes)."""
-    import numpy as np
-    header = safetensors_header(path)
-    raw = path.read_bytes()
-    data = raw[8 + struct.unpack("<Q", raw[:8])[0]:]
-    out = {}
-    for name, t in header.items():
-        if t["dtype"] not in SAFETENSORS_DTYPES:
-            raise InvalidCheckpointError(f"{path}: tensor {name} is {t['dtype']}, which phiedge reads only as "
-                                         f"{', '.join(SAFETENSORS_DTYPES)}: rebuild the adapter")
-        a, b = t["data_offsets"]
-        out[name] = np.frombuffer(data[a:b], dtype=SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
-    return out
-
 
 def param_count(model: Source) -> int:
     """Parameters of a checkpoint, from its safetensors headers (no weights read)."""
@@ -320,7 +288,7 @@ def _check_targets(adapter: Source, model: Source, acfg: dict, header: dict, bas
         return
     adapted = _adapted_modules(header)
     linear = sorted({n[:-len(".weight")] for n, shape in base_shapes.items() if n.endswith(".weight") and
-                     len(shape) == 2 and not n.split(".")[-2] in ("embed_tokens", "lm_head")})
+                     len(shape) == 2 and n.split(".")[-2] not in ("embed_tokens", "lm_head")})
     shown = target if isinstance(target, str) else ", ".join(sorted(_as_list(target)))
     in_base = [m for m in linear if _targets(target, m)]
     unlisted = sorted(m for m in adapted if not _targets(target, m))

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import TargetError, UsageError
+import tomllib
 
+from .errors import TargetError, UsageError
 
 AUTO = "auto"      # a profile's precision chosen by measurement: phiedge.sweep.choose under max_size_gb
 

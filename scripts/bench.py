@@ -3,8 +3,10 @@
 
     python scripts/bench.py [--quick] [--out bench/results.json] [--work DIR] [--skip alternatives,inference]
 
-1. Build: `phiedge build` of every format at the `all` profile's 4-bit row (Q5_K_S, int4 variants, 4bit) with the seed documents,
-   (the precisions of targets/all.toml), in a child process, cold (fresh stage cache): wall time and peak RSS of the whole process tree per stage (the
+1. Build: `phiedge build` of every format at the `all` profile's 4-bit row (Q5_K_S, int4 variants, 4bit) with the seed
+documents,
+   (the precisions of targets/all.toml), in a child process, cold (fresh stage cache): wall time and peak RSS of the
+   whole process tree per stage (the
    build records both in report.json) and overall, and artifact sizes. The parity gate is recorded, not required:
    on random full-size weights next-token logits are near-uniform, so 4-bit top-1 agreement means nothing there.
 2. The alternatives, standalone on the same merged checkpoint, each in a child process: a PEFT merge
@@ -28,7 +30,8 @@
    prompt of 3.
 
 Formats whose runtime cannot check a 3.8B model on this machine in useful time (`--unchecked`; full-size default:
-mlx, whose Linux CPU backend runs GEMMs at about 3 GFLOP/s: tests/test_mlx.py) are exported by phiedge's own exporter on the
+mlx, whose Linux CPU backend runs GEMMs at about 3 GFLOP/s: tests/test_mlx.py) are exported by phiedge's own exporter
+on the
 build's merged checkpoint, outside the build, and counted in its wall time and peak; their parity and inference
 are listed as not measured here (on Apple silicon `phiedge validate` measures both against the bundle's golden
 references).
@@ -383,6 +386,7 @@ def infer_child(mode: str, fmt: str, artifact: Path, ids_file: Path, new: int, t
 
 def _native_gguf(artifact: Path, ids: list[int], new: int, threads: int) -> dict:
     import llama_cpp
+
     from phiedge.runtimes.gguf import _cpu_has_amx
     if _cpu_has_amx():
         # llama.cpp's weight repacking dies with SIGILL in llama_decode on AMX CPUs (the Xeon VM this ran on);
@@ -517,7 +521,7 @@ def run_inference(build: dict, work: Path, threads: int, bw: float) -> list[dict
 
 def second_adapter(adapter: Path, out: Path) -> Path:
     """An adapter of the same shape with every lora_B halved: what a switch costs depends on shapes, not values."""
-    from safetensors.torch import load_file, save_file      # torch's: the adapter may hold bf16
+    from safetensors.torch import load_file, save_file  # torch's: the adapter may hold bf16
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(adapter, out)
     f = out / "adapter_model.safetensors"

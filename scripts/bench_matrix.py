@@ -6,7 +6,8 @@ fixture (2 adapters x 2 device targets sharing a GGUF precision, with documents)
 Measured: wall time of each route and the stages each ran (the loop's from its builds' reports, the matrix's
 from matrix.json). Modelled: the matrix on N nodes of this machine's shape, from the matrix's measured task times
 and its stage graph — a lower bound of max(the critical path, the total task time / the task slots), plus the
-driver's own time (planning, input hashing and the bundles), which does not scale. Its figures are the tiny fixture's: they show the
+driver's own time (planning, input hashing and the bundles), which does not scale. Its figures are the tiny fixture's:
+they show the
 sharing and the scheduling, not Phi-4-mini's hours.
 """
 from __future__ import annotations

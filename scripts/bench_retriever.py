@@ -92,8 +92,7 @@ def synthetic_store(base: Path, folder: Path, n: int, rng: np.random.Generator) 
     import faiss
 
     from phiedge.retriever.build import _link_or_copy
-    from phiedge.retriever.store import (FileRecord, StoredChunk, connect_ro, read_meta, read_vectors,
-                                         write_store)
+    from phiedge.retriever.store import FileRecord, StoredChunk, connect_ro, read_meta, read_vectors, write_store
 
     con = connect_ro(base)
     real = con.execute("SELECT heading, text FROM chunks ORDER BY id").fetchall()

@@ -187,7 +187,9 @@ def train(model, ids: list[int], steps: int, seq: int = 128, batch: int = 16) ->
         out = model(input_ids=x, labels=x)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step(); opt.zero_grad()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
         loss_v = out.loss.item()
         if step % 25 == 0 or step == steps - 1:
             print(f"  step {step:4d} loss {loss_v:.3f}", flush=True)
@@ -246,7 +248,8 @@ def train_tool_calls(model, doc_ids: list[int], tok, steps: int) -> float:
         out = model(input_ids=x, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); opt.zero_grad()
+        opt.step()
+        opt.zero_grad()
         loss_v = out.loss.item()
         if step % 20 == 0 or step == steps - 1:
             print(f"  tool step {step:4d} loss {loss_v:.3f}", flush=True)

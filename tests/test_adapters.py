@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import ADAPTER_FILES, DEMO, ROOT, SEPARATE, build_args, run_cli, stage_lines
 from phiedge import errors, rag
 from phiedge.checks import probes
 from phiedge.runtimes import RuntimeSettings, get
-from conftest import ADAPTER_FILES, DEMO, ROOT, SEPARATE, build_args, run_cli, stage_lines
 
 MESSAGES = [{"role": "user", "content": "What does the with statement do?"}]
 
@@ -25,6 +25,7 @@ def test_peft_scaling_is_folded_per_module_as_peft_computes_it(tiny, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+
     from phiedge.adapters import A_SUFFIX, B_SUFFIX, PREFIX, fold_scales
     src = tiny / "adapters" / "rslora"
     scales = fold_scales(src, tmp_path / "folded", "llama.cpp")
@@ -218,6 +219,7 @@ def test_dora_kept_separate_on_mlx_is_peft_dora(tiny, tmp_path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
     from phiedge.exporters.mlx import MLXExporter
     exp = MLXExporter()
     (art,) = exp.export(tiny / "model", tmp_path / "base", ["fp32"], {})

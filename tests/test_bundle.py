@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import DEMO, DEMO_DOCS, ROOT, SESSION, assert_pytorch_tokens, build_args, installed, run_cli, stage_lines
 from phiedge import bundle
 from phiedge.checks import ArtifactResult, judge
 from phiedge.checks.metrics import min_agreeing
 from phiedge.errors import BundleError
 from phiedge.runtimes import RuntimeSettings, get
-from conftest import DEMO, DEMO_DOCS, ROOT, SESSION, assert_pytorch_tokens, build_args, installed, run_cli, stage_lines
 
 pytestmark = pytest.mark.gguf
 QUESTION, NEEDLE = DEMO["question"], DEMO["needle"]
@@ -150,6 +150,7 @@ def test_validate_on_this_device(session, monkeypatch):
     assert all(a["reason"] == "not selected (--artifact)" for a in rep["artifacts"] if a["path"] not in VALIDATE)
     # A machine without the runtimes lists their artifacts as not validated, never as passed.
     import importlib.util
+
     from phiedge import device
     from phiedge.runtimes import REGISTRY
     packages = {cls.package for cls in REGISTRY.values()}
@@ -176,11 +177,12 @@ def test_same_build_again_does_no_work(tiny, session, tmp_path):
 def test_editing_the_report_reruns_no_stage(tiny, session, tmp_path):
     """A stage's key covers the code it runs, not all of phiedge: the same build run by a copy of phiedge whose
     report.py is edited finds every stage in the cache; a copy whose merge.py is edited would not."""
-    from phiedge import build as build_mod, cache
+    from phiedge import build as build_mod
+    from phiedge import cache
     copy = tmp_path / "src"
     shutil.copytree(ROOT / "phiedge", copy / "phiedge", ignore=shutil.ignore_patterns("__pycache__"))
     with open(copy / "phiedge" / "report.py", "a") as f:
-        f.write("\n# an edit that changes no stage\n")
+        f.write("\n_EDITED = True   # code no stage runs: the report is written after every stage\n")
     # The copy first, and the editable install's own import hook out of the way.
     code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
             f"sys.path.insert(0, {str(copy)!r}); import phiedge; assert phiedge.__file__.startswith({str(copy)!r}); "
@@ -197,7 +199,7 @@ def test_editing_the_report_reruns_no_stage(tiny, session, tmp_path):
         cache.PACKAGE = copy / "phiedge"
         assert cache.code_fingerprint(build_mod.MERGE_CODE) == before
         with open(copy / "phiedge" / "merge.py", "a") as f:
-            f.write("\n# an edit of the merge\n")
+            f.write("\n_EDITED = True   # an edit of the merge's code (a comment alone changes no stage)\n")
         assert cache.code_fingerprint(build_mod.MERGE_CODE) != before
     finally:
         cache.PACKAGE = ROOT / "phiedge"

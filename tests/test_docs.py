@@ -9,8 +9,8 @@ import sys
 import click
 import pytest
 
-from phiedge.cli import cli
 from conftest import ROOT, run_cli
+from phiedge.cli import cli
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 COMMAND = re.compile(r"(?:^|\||\$ |`)\s*(?:\.venv/bin/)?phiedge ((?:[a-z-]+)(?: [^`#\n]*)?)")

@@ -97,6 +97,7 @@ def test_teacher_forcing_reuses_the_greedy_steps_that_agree(session):
 def _mapped_resident(path) -> int:
     """Bytes of `path` this process has resident through its memory mappings."""
     import os
+
     from phiedge import pages
     return sum(m.rss for m in pages.mappings(os.path.realpath(path)))
 
@@ -107,7 +108,9 @@ def test_repacked_weights_do_not_stay_resident_twice(session):
     file's too. Only the weights used from the file come back (here Q4_K_M's tensors that are not repacked), and
     the logits are those of repacking off with every page kept, within the kernels' rounding."""
     import gc
+
     import numpy as np
+
     from phiedge.runtimes.gguf import _cpu_has_amx
     if _cpu_has_amx():
         pytest.skip("this CPU's backend does not repack weights (AMX): nothing to let go")

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import DEMO, DEMO_DOCS, ROOT, run_cli
 from phiedge import chat, exporters
 from phiedge.checks import probes
 from phiedge.runtimes import RuntimeSettings, get
-from conftest import DEMO, DEMO_DOCS, ROOT, run_cli
 
 TOOLS_MESSAGES = [
     {"role": "system", "content": "Use the tools.", "tools": '[{"name": "get_weather", "parameters": {}}]'},

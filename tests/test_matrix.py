@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import DEMO, DEMO_DOCS, THREADS, run_cli
 
 # On the session build's worker (it needs no session build): the other worker carries more (docs/development.md).

@@ -69,6 +69,7 @@ def test_half_precision_checkpoints_are_scored_in_fp32(tiny):
     than bf16 arithmetic, weights left in bf16, torch's modules restored afterwards."""
     import torch
     from transformers import AutoModelForCausalLM
+
     from phiedge.checks import probes
     from phiedge.checks.reference import fp32_compute, last_logits
     ids = probes.make(tiny / "model", None)[0].ids[:96]
@@ -92,6 +93,7 @@ def test_fp32_compute_upcasts_large_weights_in_slices(tiny, monkeypatch):
     """Sliced upcasting (Phi-4-mini's LM head would otherwise be a 2.4 GB fp32 copy) gives the same logits."""
     import torch
     from transformers import AutoModelForCausalLM
+
     from phiedge.checks import probes, reference
     ids = probes.make(tiny / "model", None)[0].ids[:96]
     half = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.bfloat16).eval()

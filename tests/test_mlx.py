@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from conftest import ROOT, run_cli
 from phiedge import chat
 from phiedge.checks import Limits, probes
 from phiedge.checks.metrics import compare, failures
 from phiedge.runtimes import get
-from conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.mlx
 
@@ -80,6 +80,7 @@ def test_transformers5_config_layout_reaches_mlx_lm():
     mlx-lm's own ModelArgs sees none of them unless the exporter lifts them to the published keys."""
     from mlx_lm.models.phi3 import ModelArgs
     from transformers import Phi3Config
+
     from phiedge.exporters.mlx import published_layout
     from phiedge.runtimes.mlx import longrope_params
     published = json.loads((ROOT / "scripts" / "phi4-mini-instruct.config.json").read_text())

@@ -13,9 +13,10 @@ import onnx
 import pytest
 
 from phiedge import errors, exporters
-from phiedge.exporters import _genai_nbits, onnx as onnx_exporter
 from phiedge.checks import Limits, probes
 from phiedge.checks.metrics import compare, failures
+from phiedge.exporters import _genai_nbits
+from phiedge.exporters import onnx as onnx_exporter
 from phiedge.runtimes import RuntimeSettings, get
 
 pytestmark = pytest.mark.onnx

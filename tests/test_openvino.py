@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import DEMO_DOCS, THREADS, Build, assert_pytorch_tokens, run_cli
 from phiedge import build, device, errors, exporters
 from phiedge.checks import Limits, probes
 from phiedge.checks.metrics import compare, failures
@@ -17,7 +18,6 @@ from phiedge.exporters import _ov_export
 from phiedge.exporters import openvino as OPENVINO
 from phiedge.exporters.openvino import EXACT_CPU
 from phiedge.runtimes import RuntimeSettings, get
-from conftest import DEMO_DOCS, THREADS, Build, assert_pytorch_tokens, run_cli
 
 pytestmark = pytest.mark.openvino
 
@@ -36,7 +36,7 @@ def test_device_fallback_is_recorded(session):
     assert (rt.device, rt.fallback_from) == ("CPU", "NPU")
     assert rt.logits(list(range(1, 9)), 2).shape == (2, 2048)
     rt.close()
-    from phiedge import device, targets   # the device path passes the profile's fallback through
+    from phiedge import device, targets  # the device path passes the profile's fallback through
     profile = {"target": targets.load("intel-npu").as_dict()}
     rt = get("openvino").load(path, device.settings(profile, {}, 2, cap_context=False))
     assert (rt.device, rt.fallback_from) == ("CPU", "NPU")
@@ -118,8 +118,10 @@ def test_letting_the_base_irs_pages_go_changes_no_byte(tiny_bf16, tmp_path, monk
     compressed with every page kept, here with the pages let go every millisecond."""
     import functools
     import threading
-    from phiedge import pages
+
     import openvino as ov
+
+    from phiedge import pages
     base = tmp_path / "base"
     _ov_export.export_base(tiny_bf16, base)
     plan = OPENVINO.job_plan(OPENVINO.GRAMMAR.parse("int4"))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli
 
+from conftest import run_cli
 from phiedge import card
 
 # The fixture's model is a local folder without a recorded name; its adapter names its base, as PEFT writes it.

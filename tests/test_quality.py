@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import DEMO_DOCS, THREADS, build_args, run_cli
 
+from conftest import DEMO_DOCS, THREADS, build_args, run_cli
 from phiedge import calibration, exporters, runtimes
 from phiedge.build import calibration_text
 from phiedge.checks import probes
@@ -52,6 +52,7 @@ def _input_covariance(model_dir, seq_len):
     """Every block Linear's input covariance X^T X over the calibration sample of the documents (what GPTQ weighs
     a weight error with), from PyTorch."""
     import torch
+
     from phiedge.checks.reference import load
     model = load(model_dir)
     s = calibration.sample(model_dir, calibration_text(DEMO_DOCS), seq_len, TOKENS)
@@ -81,6 +82,7 @@ def test_mlx_lms_gptq_on_the_documents_lowers_the_error_it_minimizes(swept, tmp_
     GPTQ (0.31x on this fixture) at the same bytes. The KL over the probes followed on an earlier fixture (0.0210
     -> 0.0136) and not on the current one (0.0259 -> 0.0266): reported, not held, at this size."""
     import mlx.core as mx
+
     from phiedge.exporters.mlx import GPTQ_SEQ_LEN
     arts, kl = _exported_on_the_sweeps_model(swept, "mlx", ["4bit-emb4", "4bit-emb4-gptq"], tmp_path)
     plain, gptq = arts["4bit-emb4"], arts["4bit-emb4-gptq"]
@@ -205,6 +207,7 @@ def test_the_importance_matrix_lowers_the_error_it_weighs(swept):
     does not reliably: sweeps of two fixtures trained alike gave Q4_K_M 0.0045 / -imat 0.0037 and 0.0063 / 0.0068
     (short probe, outside the documents, up; long probe, the reference text, down), so it is reported, not held."""
     from safetensors.numpy import load_file
+
     from phiedge.exporters.gguf import IMATRIX_SEQ_LEN
     root, _, rows, _ = swept
     plain, imat = rows["Q4_K_M"], rows["Q4_K_M-imat"]

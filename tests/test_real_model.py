@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import DEMO, DEMO_DOCS
 from phiedge import rag
 from phiedge.build import BuildRequest, build
 from phiedge.errors import UsageError
@@ -13,7 +14,6 @@ from phiedge.retriever import Retriever, build_index
 from phiedge.runtimes import get
 
 pytestmark = [pytest.mark.gguf, pytest.mark.session_worker]   # evens out the two xdist workers
-from conftest import DEMO, DEMO_DOCS
 
 QUESTION, NEEDLE, FACT = DEMO["question"], DEMO["needle"], DEMO["answer"]
 

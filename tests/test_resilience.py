@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import build_args, run_cli
 from phiedge import bundle
 from phiedge.errors import SignatureError, UsageError
-from conftest import build_args, run_cli
 
 pytestmark = [pytest.mark.gguf, pytest.mark.onnx, pytest.mark.openvino, pytest.mark.mlx, pytest.mark.slow]
 PHIEDGE = str(Path(sys.executable).with_name("phiedge"))
@@ -241,7 +241,7 @@ def test_a_dead_lock_holder_keeps_nothing(tiny, tmp_path):
 def test_a_live_writer_keeps_its_partial(tmp_path):
     """A partial stage folder whose writer lock a live process holds is never swept, even when the build that
     made it is gone and the stage's lock is free; once the writer dies, the next sweep removes it."""
-    from phiedge.cache import StageCache, WRITERS
+    from phiedge.cache import WRITERS, StageCache
     cache = StageCache(tmp_path / "cache")
     partial = cache.root / f"demo-{'0' * 20}.partial-elsewhere-1-abcd"
     partial.mkdir()

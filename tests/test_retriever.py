@@ -1,6 +1,7 @@
 """Retriever (issue 6): real MiniLM, real ONNX Runtime, real FAISS and SQLite. No mocks.
 
-One session-scoped retriever is built over a small corpus: the project's demo documents about Phi-4-mini plus a few Python
+One session-scoped retriever is built over a small corpus: the project's demo documents about Phi-4-mini plus a few
+Python
 reference topics (pydoc_data) written as .txt, .md and .html, and a hand-written PDF with a text layer.
 """
 from __future__ import annotations

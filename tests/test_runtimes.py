@@ -12,10 +12,10 @@ import sys
 import pytest
 from tokenizers import Tokenizer
 
+from conftest import SESSION, assert_pytorch_tokens, installed, run_cli
 from phiedge import build, chat, errors, exporters, runtimes
 from phiedge.checks import probes
 from phiedge.runtimes import RuntimeSettings, get
-from conftest import SESSION, assert_pytorch_tokens, installed, run_cli
 
 FORMATS = sorted(runtimes.REGISTRY)
 pytestmark = pytest.mark.slow
@@ -277,10 +277,10 @@ def test_canonical_names_drop_defaults(fmt, given, canonical):
 
 
 def test_precision_options_reach_the_tools():
+    from phiedge.checks.metrics import thresholds_for
     from phiedge.exporters.mlx import convert_args
     from phiedge.exporters.onnx import builder_options
     from phiedge.exporters.openvino import job_plan
-    from phiedge.checks.metrics import thresholds_for
     assert builder_options(exporters.get("onnx").parse("INT4-MIXED8-K_QUANT")) == (
         "algo_config=k_quant", "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8")
     assert builder_options(exporters.get("onnx").parse("int4")) == ()               # the builder's own defaults

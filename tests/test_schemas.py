@@ -17,11 +17,10 @@ import json
 
 import pytest
 
+from conftest import THREADS, installed
 from phiedge import exporters, rag, tools
 from phiedge.errors import UsageError
 from phiedge.runtimes import RuntimeSettings, get
-
-from conftest import THREADS, installed
 
 FULL = {"gguf": "F16", "onnx": "fp32", "openvino": "fp16", "mlx": "fp16"}
 PROMPTS = ("What does the pass statement do?", "Rate the with statement from -1 to 1, and say why.")
@@ -120,6 +119,7 @@ def test_inside_a_string_the_mask_allows_no_control_character(random_artifacts, 
     runtime's own vocabulary (llama.cpp's for GGUF, tokenizer.json for OpenVINO and MLX) allows hundreds of
     tokens, none holding a byte below 0x20 (llama-cpp-python's GBNF string rule `[^"\\]` allowed them all)."""
     import numpy as np
+
     from phiedge.runtimes import guidance
     schema = SCHEMAS[0][1]
     path = random_artifacts[fmt]

@@ -18,9 +18,9 @@ import httpx
 import jsonschema
 import pytest
 
+from conftest import DEMO, run_cli
 from phiedge import device, rag, tools
 from phiedge.serve import free_port, spawn
-from conftest import DEMO, run_cli
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.gguf

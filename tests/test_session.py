@@ -12,10 +12,10 @@ import sys
 import pytest
 from tokenizers import Tokenizer
 
+from conftest import DEMO, DEMO_DOCS, SWITCH, run_cli
 from phiedge import rag
 from phiedge.checks.metrics import Limits, token_agreement
 from phiedge.streaming import TextPieces
-from conftest import DEMO, DEMO_DOCS, SWITCH, run_cli
 
 QUESTION = DEMO["question"]
 FORMATS = [pytest.param(f, marks=getattr(pytest.mark, f)) for f in ("gguf", "onnx", "openvino", "mlx")]
@@ -184,6 +184,7 @@ def _whole_sequence_greedy(merged):
     """PyTorch's greedy tokens for a prompt, the model run on the whole sequence at every step (no cache), with the
     top-2 margin of each step: (prompt ids, n) -> (tokens, margins), the stop token excluded."""
     import torch
+
     from phiedge.checks import reference
     model, stops = None, set(reference.eos_ids(merged))
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from phiedge import errors, source
 from conftest import run_cli
+from phiedge import errors, source
 
 
 def _copy_dir(src: Path, dst: Path) -> Path:
@@ -158,7 +158,7 @@ def test_non_finite_weights_are_refused_by_name(tiny, tmp_path):
     for attempt in range(2):
         r = run_cli(*args)
         assert r.returncode == 1, r.stderr
-        line = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+        line = [x for x in r.stderr.splitlines() if x.startswith("error:")]
         assert len(line) == 1 and f"tensor '{name}' in model.safetensors holds NaN or inf" in line[0], r.stderr
         assert "✓ merge" not in r.stderr and "loading" not in r.stderr       # no weight was loaded
     assert not (tmp_path / "out").exists()
@@ -203,7 +203,8 @@ def test_hub_id_resolves_from_cache_offline(tiny, tmp_path):
     """The real huggingface_hub code path: a cached snapshot resolves offline, with its commit recorded. HF_HOME
     is laid out as the default ~/.cache/huggingface: a `.cache` folder above the snapshot is not a reason to skip
     its files (the full-size bench found phiedge refusing every model under ~/.cache), one inside it is."""
-    import subprocess, sys
+    import subprocess
+    import sys
     rev = "0123456789abcdef0123456789abcdef01234567"
     hf_home = tmp_path / ".cache" / "huggingface"
     repo = hf_home / "hub" / "models--phiedge--tiny-phi4-mini"
@@ -266,7 +267,7 @@ def test_cli_errors_are_one_line(tiny, tmp_path, case, args, words):
     base = ["build", "--model", str(tiny / "model"), "--out", str(tmp_path / "out")]
     r = run_cli(*base, *args)
     assert r.returncode == 1
-    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and words in lines[0] and "PHIEDGE_DEBUG=1" in lines[0], r.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
@@ -283,7 +284,7 @@ def test_cli_existing_out_dir(tiny, tmp_path):
 def test_help_on_every_command():
     r = run_cli("--help")
     assert r.returncode == 0
-    commands = [l.split()[0] for l in r.stdout.split("Commands:")[1].splitlines() if l.strip()]
+    commands = [x.split()[0] for x in r.stdout.split("Commands:")[1].splitlines() if x.strip()]
     assert "build" in commands
     for c in commands:
         sub = run_cli(c, "--help")

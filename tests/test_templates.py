@@ -8,10 +8,9 @@ import json
 
 import pytest
 
+from conftest import THREADS, installed
 from phiedge import chat, exporters, merge, rag, source, tokenizer_files
 from phiedge.runtimes import RuntimeSettings, get
-
-from conftest import THREADS, installed
 
 CHEAP = {"gguf": "F16", "onnx": "fp32", "openvino": "fp16", "mlx": "fp16"}
 MESSAGES = [{"role": "user", "content": "What does the with statement do?"}]

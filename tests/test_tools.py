@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
+from conftest import run_cli
 from phiedge import chat, device, ollama, tools
 from phiedge.errors import ToolCallError, UsageError
 

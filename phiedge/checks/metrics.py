@@ -7,9 +7,8 @@ precision live in one table; a device profile may tighten them. Device-path modu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import numpy as np
 

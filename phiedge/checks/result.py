@@ -16,7 +16,7 @@ from .measure import Answer, Measurement
 from .metrics import Limits, TokenAgreement
 
 if TYPE_CHECKING:
-    from ..exporters.base import Artifact
+    from ..artifact import Artifact
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class ArtifactResult:
     @classmethod
     def from_json(cls, d: dict, root: Path) -> "ArtifactResult":
         """A result read back from report.json; `root` is the folder that holds its `path` (the bundle)."""
-        from ..exporters.base import Artifact
+        from ..artifact import Artifact
         art = Artifact(format=d["format"], precision=d["precision"], path=Path(root) / d["path"],
                        files=tuple(d["files"]), meta=d.get("meta") or {})
         t = d["thresholds"]

@@ -37,10 +37,9 @@ def main() -> None:
     import onnxruntime_genai.models  # noqa: F401  (puts the builder's folder on sys.path, as `-m` does)
     import torch
     from builders.base import Model
+    from loaders.gptq import GPTQModel
 
     from phiedge.exporters import _genai_nbits
-
-    from loaders.gptq import GPTQModel
     original_gptq = GPTQModel.__init__
 
     def gptq_init(self, *args, **kwargs):

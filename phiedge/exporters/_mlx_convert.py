@@ -20,7 +20,7 @@ def _predicate(args, src: str):
     recipe = None
     if args.recipe:
         from mlx_lm.convert import mixed_quant_predicate_builder
-        from mlx_lm.utils import load_model, _download
+        from mlx_lm.utils import _download, load_model
         lazy_model, _ = load_model(_download(src), lazy=True)      # shapes only: nothing is evaluated
         recipe = mixed_quant_predicate_builder(args.recipe, lazy_model, args.group_size)
 

@@ -13,7 +13,8 @@ the model on the calibration samples.
 
 Why the weights are compressed here and not by optimum's `--weight-format`: optimum's fp16 IR stores every
 constant in fp16, the rotary inverse frequencies included, and LongRoPE positions near 4200 then lose ~2 logits
-(tests/test_openvino.py, test_gate_catches_openvinos_own_fp16_ir). Exporting an fp32-computing IR and compressing only the weights of MatMul / Gather keeps the rope
+(tests/test_openvino.py, test_gate_catches_openvinos_own_fp16_ir). Exporting an fp32-computing IR and compressing only
+the weights of MatMul / Gather keeps the rope
 math in fp32.
 """
 from __future__ import annotations
@@ -126,7 +127,7 @@ def choose_group_size(requested: int, widths: list[int]) -> int:
 def calibration_samples(merged: Path, texts: list[str], seq_len: int, n_samples: int) -> list[dict]:
     """Token windows of `seq_len` from the documents, round-robin across documents, as stateful-IR inputs."""
     from phiedge.calibration import sample
-    from phiedge.runtimes.openvino import prefill_inputs
+    from phiedge.openvino_ir import prefill_inputs
     return [prefill_inputs(list(w)) for w in sample(merged, texts, seq_len, seq_len * n_samples).windows[:n_samples]]
 
 
@@ -150,8 +151,11 @@ def compress_nncf(model, plan: dict, merged: Path, texts: list[str]) -> dict:
         raise SystemExit("data-aware int4 needs calibration text: the documents gave no token windows")
     dataset = nncf.Dataset(samples) if samples else None
     mode = nncf.CompressWeightsMode.INT4_SYM if o["sym"] else nncf.CompressWeightsMode.INT4_ASYM
-    from nncf.quantization.advanced_parameters import (AdvancedAWQParameters, AdvancedCompressionParameters,
-                                                       AdvancedScaleEstimationParameters)
+    from nncf.quantization.advanced_parameters import (
+        AdvancedAWQParameters,
+        AdvancedCompressionParameters,
+        AdvancedScaleEstimationParameters,
+    )
     advanced = AdvancedCompressionParameters(
         awq_params=AdvancedAWQParameters(steps=o["awq_steps"]),
         scale_estimation_params=AdvancedScaleEstimationParameters(subset_size=o["se_subset"]))

@@ -11,29 +11,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from ..artifact import Artifact  # noqa: F401  (exporters take it from here)
 from ..errors import DiskSpaceError, ToolchainError, UsageError
 from .grammar import Grammar, Precision
 
 log = logging.getLogger("phiedge.exporters")
 # What a tool prints when its disk filled up (errno 28 in C, Python, and the converters' own wording).
 DISK_FULL = ("No space left on device", "ENOSPC", "[Errno 28]")
-
-
-@dataclass(frozen=True)
-class Artifact:
-    format: str
-    precision: str
-    path: Path                      # the artifact folder
-    files: tuple[str, ...] = ()     # relative names inside it
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def size_bytes(self) -> int:
-        return sum((self.path / f).stat().st_size for f in self.files)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 - Each folder holds model.safetensors (+ index), config.json (with mlx-lm's `quantization` table),
   tokenizer.json / tokenizer_config.json, chat_template.jinja and generation_config.json, as mlx-lm saves them.
 - Conversion runs mlx-lm's `convert` in a child process (`_mlx_convert`) for its wall time and peak memory.
-- Precision names (phiedge.exporters.grammar): `fp32`, `fp16`, `bf16`, `8bit`, `4bit`, `mixed_4_6` (mlx-lm's recipe: 6 bits for some
+- Precision names (phiedge.exporters.grammar): `fp32`, `fp16`, `bf16`, `8bit`, `4bit`, `mixed_4_6` (mlx-lm's recipe: 6
+bits for some
   v_proj/down_proj layers, 4 for the rest), with options for the quantized ones: group size `g32`/`g64`/`g128`
   and how the tied embedding (= the LM head) is stored: `emb4`, `emb8`, `embfp` (unquantized).
   Defaults, left out of canonical names: `g64` (mlx-lm's) and `emb8` (not mlx-lm's: measured below), so
@@ -142,7 +143,7 @@ class MLXExporter(Exporter):
     TOOL_MODULES = ("phiedge.exporters._mlx_convert", "phiedge.calibration")
 
     def tensors(self, art: Artifact) -> list[tuple[str, int]]:
-        from ..source import safetensors_header
+        from ..tensorfile import safetensors_header
         return [(n, t["data_offsets"][1] - t["data_offsets"][0]) for f in sorted(art.path.glob("*.safetensors"))
                 for n, t in safetensors_header(f).items()]
     # 4bit: 4.5 bits per layer weight (fp16 scale + bias per 64) plus the 8-bit embedding.
@@ -163,6 +164,7 @@ class MLXExporter(Exporter):
         rank_pattern) are padded with zero columns of A and zero rows of B, which add exact zeros."""
         import numpy as np
         from safetensors.numpy import save_file
+
         from ..adapters import folded
         config, modules = folded(adapter_dir, self.ADAPTER_RUNTIME, dora=True)
         n_layers = int(json.loads((base_dir / "config.json").read_text())["num_hidden_layers"])

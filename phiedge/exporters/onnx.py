@@ -1,7 +1,8 @@
 """ONNX for onnxruntime-genai: its own model builder, one folder per precision that `og.Model` loads directly.
 
 - Why the builder: its Phi-3 LongRoPE graph keeps both cos/sin caches and switches between them with an
-  `If` on the total sequence length, as Hugging Face does (tests/test_onnx.py holds both regimes). Each folder holds model.onnx + model.onnx.data (external weights), genai_config.json,
+  `If` on the total sequence length, as Hugging Face does (tests/test_onnx.py holds both regimes). Each folder holds
+  model.onnx + model.onnx.data (external weights), genai_config.json,
   tokenizer.json / tokenizer_config.json and chat_template.jinja.
 - The builder runs in a child process through `_genai_build` (it puts its own `builders`/`quantization`
   folders on sys.path, and its LM-head detection needs one fix: see there). Its int4 pass quantizes the whole
@@ -276,7 +277,7 @@ class ONNXExporter(Exporter):
 
 def _header(model_dir: Path) -> dict[str, list[int]]:
     """{tensor name: shape} over the checkpoint's safetensors files (headers only)."""
-    from ..source import safetensors_header
+    from ..tensorfile import safetensors_header
     return {n: t["shape"] for f in sorted(model_dir.glob("*.safetensors")) for n, t in safetensors_header(f).items()}
 
 

@@ -10,7 +10,8 @@
 - The export and the compression run in a child process (`_ov_export`): optimum traces the model with torch.
   The IR is exported once in fp32 and its weights compressed per precision; rope constants stay fp32
   (tiny fixture: long-probe max|Δ| 0.0084 this way, 2.31 with top-1 0.86 for OpenVINO's whole-IR fp16).
-- Precision names (phiedge.exporters.grammar): `fp32`, `fp16` (weights), `int8` (per-channel asym), `int4`, and int4 variants
+- Precision names (phiedge.exporters.grammar): `fp32`, `fp16` (weights), `int8` (per-channel asym), `int4`, and int4
+variants
   `int4-<token>-...` from INT4_TOKENS: group size, symmetry, int4 ratio `r<percent>` (the rest int8), and the
   algorithms: plain `int4` is AWQ computed from the weights alone (NNCF's data-free AWQ), `awq` makes AWQ
   data-aware and `se` adds scale estimation, `gptq` rounds each layer by GPTQ (with data-aware AWQ before it
@@ -29,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..errors import ToolchainError, UsageError
-from ..runtimes.openvino import EXACT_CPU
+from ..openvino_ir import EXACT_CPU
 from .base import TOOL_BYTES, Artifact, Exporter, register, run_tool
 from .grammar import Grammar, Pattern, Precision
 
@@ -91,7 +92,8 @@ ARTIFACT_FILES = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenize
                   "generation_config.json", "config.json")
 META_FILE = "phiedge_openvino.json"
 # CPU plugin properties each precision is checked and shipped with (OpenVINO 2026.4.1).
-# Full precision, exact: an AMX CPU's default inference precision is bf16 (the exact settings: tests/test_openvino.py), the
+# Full precision, exact: an AMX CPU's default inference precision is bf16 (the exact settings:
+# tests/test_openvino.py), the
 # CPU plugin quantizes activations to 8 bits in groups of 32 for compressed weights, and its KV cache defaults to
 # u8 (optimum writes f16 into the IR): fp32 / fp16 must have none of that.
 # Quantized: the runtime's own defaults, which are what make int8/int4 fast on the CPUs the intel-cpu profile
@@ -140,7 +142,8 @@ class OpenVINOExporter(Exporter):
     CLI_HELP = ("OpenVINO weights: fp32, fp16, int8, int4 or int4-<options> such as int4-g64-sym-r80-awq-se "
                 "(-awq / -se calibrate on the --docs documents)")
     TOOL_MODULES = ("phiedge.exporters._ov_export",)
-    # fp16 weights + an fp32 rope; int4 2.3 GB for 3.84 B parameters (make bench: bench/results.json; the int8 embedding is ~0.6 GB).
+    # fp16 weights + an fp32 rope; int4 2.3 GB for 3.84 B parameters (make bench: bench/results.json; the int8
+    # embedding is ~0.6 GB).
     BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.05, "int4": 0.62}
     # optimum's trace of the checkpoint in its own dtype, then NNCF's compression of the saved IR. Measured at 3.84 B
     # (bf16), data-free int4, PSS of the export child: the trace 8.75 GB (the bf16 torch model beside the IR it
@@ -166,7 +169,7 @@ class OpenVINOExporter(Exporter):
         lora_B (phiedge.adapters) and no `.alpha` tensors, so `AdapterConfig(adapter, 1.0)` applies exactly
         PEFT's update. The runtime's scoring model applies the same file (phiedge.runtimes.openvino)."""
         from ..adapters import fold_scales
-        from ..runtimes.openvino import ADAPTER_FILE
+        from ..openvino_ir import ADAPTER_FILE
         work = out_dir / ".work"
         shutil.rmtree(work, ignore_errors=True)
         fold_scales(adapter_dir, work, self.ADAPTER_RUNTIME)

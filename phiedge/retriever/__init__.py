@@ -31,6 +31,7 @@ def build_index(docs_dir: str | os.PathLike, out_dir: str | os.PathLike, *, embe
 
 def evaluate(retriever: Retriever, qa_path: str | os.PathLike) -> dict:
     """Recall@1/3/5 and MRR per mode for a JSONL file of {"question", "needle"} lines."""
-    from .evaluation import evaluate as _evaluate, load_qa
+    from .evaluation import evaluate as _evaluate
+    from .evaluation import load_qa
 
     return _evaluate(retriever, load_qa(qa_path))

@@ -20,8 +20,22 @@ from ..errors import OutputExistsError, RetrieverError, UsageError
 from .chunk import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, Chunk, chunk_document, plain_tokenizer
 from .embed import CONFIG_FILE, TOKENIZER_FILE, OnnxEmbedder
 from .ingest import SkipFile, list_files, load_document, no_documents_message, read_bytes, sha256
-from .store import (DB_FILE, EMBEDDER_DIR, FAISS_FILE, FORMAT_VERSION, HNSW_THRESHOLD, FileRecord, StoredChunk,
-                    connect_ro, fsync_tree, read_chunks_by_source, read_files, read_meta, read_vectors, write_store)
+from .store import (
+    DB_FILE,
+    EMBEDDER_DIR,
+    FAISS_FILE,
+    FORMAT_VERSION,
+    HNSW_THRESHOLD,
+    FileRecord,
+    StoredChunk,
+    connect_ro,
+    fsync_tree,
+    read_chunks_by_source,
+    read_files,
+    read_meta,
+    read_vectors,
+    write_store,
+)
 from .types import IndexResult, SkippedFile
 
 log = logging.getLogger(__name__)

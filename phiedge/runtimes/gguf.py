@@ -69,7 +69,8 @@ class GGUFRuntime(Runtime):
         self.settings = settings
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
-        # Weight repacking (extra buffer types) died with SIGILL in llama_decode on the AMX Xeon VM make bench ran on: off there only,
+        # Weight repacking (extra buffer types) died with SIGILL in llama_decode on the AMX Xeon VM make bench ran on:
+        # off there only,
         # unless the profile says otherwise.
         mp.use_extra_bufts = bool(settings.extra.get("use_extra_bufts", not _cpu_has_amx()))
         self.model = _internals.LlamaModel(path_model=str(path), params=mp, verbose=bool(os.environ.get("PHIEDGE_DEBUG")))

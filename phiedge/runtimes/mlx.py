@@ -41,8 +41,8 @@ def _import_mlx():
     try:
         import mlx.core as mx
         import mlx.nn as nn
-        from mlx_lm.utils import load_model
         from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.utils import load_model
     except ImportError as e:
         raise ToolchainError(f"mlx-lm is not usable ({e}): pip install 'phiedge[mlx]' "
                              f"(on Linux mlx[cpu], not mlx-cpu alone)") from None
@@ -112,6 +112,7 @@ class MLXRuntime(Runtime):
 
     def __init__(self, path: Path, settings: RuntimeSettings, fix_longrope: bool = True):
         from tokenizers import Tokenizer
+
         from .. import chat
         mx, _, load_model, make_prompt_cache = _import_mlx()
         self.mx, self.make_prompt_cache, self.path, self.settings = mx, make_prompt_cache, path, settings

@@ -35,16 +35,12 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import ToolchainError, UsageError
+from ..openvino_ir import ADAPTER_FILE, EXACT_CPU, IR, META_FILE, prefill_inputs  # noqa: F401  (its names too)
 from .base import Runtime, RuntimeSettings, register
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("CPU", "GPU", "NPU")       # OpenVINO device families phiedge targets (targets/intel-*.toml)
-META_FILE = "phiedge_openvino.json"
-IR = "openvino_model.xml"
-# The CPU plugin computing as PyTorch's reference does: f32 inference (an AMX CPU's default is bf16), an f32 KV
-# cache (the default is u8) and no dynamic 8-bit quantization of activations.
-EXACT_CPU = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
 
 
 def _import_ov():
@@ -78,16 +74,8 @@ def resolve_device(requested: str, available: list[str], fallback: str | None = 
 
 
 ROWS_FROM = "phiedge_rows_from"        # the Parameter slice_before_lm_head adds: the first row kept
-ADAPTER_FILE = "adapter_model.safetensors"     # PEFT's layout, scaling folded in (phiedge.exporters.openvino)
 LORA_MODULE = re.compile(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+)/")    # in a MatMul's friendly name
 PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight$")
-
-
-def prefill_inputs(ids: list[int], start: int = 0) -> dict[str, np.ndarray]:
-    """The stateful IR's inputs for one prefill of `ids` at positions start.. on a fresh request."""
-    n = len(ids)
-    return {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64),
-            "position_ids": np.arange(start, start + n, dtype=np.int64)[None], "beam_idx": np.zeros(1, dtype=np.int32)}
 
 
 def slice_before_lm_head(ov, model) -> bool:
@@ -114,7 +102,8 @@ def slice_before_lm_head(ov, model) -> bool:
         return False
     start = ops.parameter([1], ov.Type.i64, name=ROWS_FROM)
     start.output(0).get_tensor().set_names({ROWS_FROM})
-    i64 = lambda v: ops.constant(np.asarray([v], dtype=np.int64))
+    def i64(v):
+        return ops.constant(np.asarray([v], dtype=np.int64))
     rows = ops.slice(hidden, start, i64(np.iinfo(np.int64).max), i64(1), i64(1))
     node.input(0).replace_source_output(rows.output(0))
     model.add_parameters([start])
@@ -124,7 +113,7 @@ def slice_before_lm_head(ov, model) -> bool:
 
 def read_adapter(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{module path: (Aᵀ [in, r], Bᵀ [r, out])} of a folded PEFT adapter file (ADAPTER_FILE), fp32."""
-    from ..source import read_safetensors
+    from ..tensorfile import read_safetensors
     parts: dict[str, dict[str, np.ndarray]] = {}
     for name, t in read_safetensors(path).items():
         m = PEFT_KEY.match(name)

@@ -94,12 +94,13 @@ def test_fp32_compute_upcasts_large_weights_in_slices(tiny, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from phiedge import torch_compute
     from phiedge.checks import probes, reference
     ids = probes.make(tiny / "model", None)[0].ids[:96]
     half = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.bfloat16).eval()
     whole = reference.last_logits(half, ids)
     lm_head_fp32 = half.lm_head.weight.numel() * 4
-    monkeypatch.setattr(reference, "UPCAST_SLICE_BYTES", lm_head_fp32 // 7)     # every large matrix in 7+ slices
+    monkeypatch.setattr(torch_compute, "UPCAST_SLICE_BYTES", lm_head_fp32 // 7)  # every large matrix in 7+ slices
     sliced = reference.last_logits(half, ids)
     assert np.abs(sliced - whole).max() < 1e-4
 

@@ -156,8 +156,10 @@ class Server:
                 await asyncio.get_running_loop().run_in_executor(old.executor, old.session.close)
                 old.executor.shutdown(wait=False)
                 log.info("unloaded %s (least recently used)", old.session.label)
-            unit = Unit(Session.of(self.folder, self.manifest, model.art, threads=self.threads))
-            self.units[model.unit] = unit
+            unit = self.units.get(model.unit)           # another request may have made it while this one waited
+            if unit is None:
+                unit = Unit(Session.of(self.folder, self.manifest, model.art, threads=self.threads))
+                self.units[model.unit] = unit
         self.units.move_to_end(model.unit)
         unit.used = time.monotonic()
         return unit

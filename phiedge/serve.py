@@ -192,9 +192,7 @@ class Server:
     async def answer(self, model: Model, request: "ChatRequest", on_chunk=None) -> Answer:
         """Queue for the model, then generate on its thread; `on_chunk(text)` (a coroutine function) gets the text
         as it comes. Cancelled (the client went away), the generation stops at its next token."""
-        if self.waiting >= self.queue:
-            raise ApiError(429, f"the queue is full ({self.queue} requests waiting): retry shortly",
-                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        self.admit()
         self.waiting += 1
         self.metrics.queue.set(self.waiting)
         try:
@@ -245,6 +243,12 @@ class Server:
         self.metrics.requests.labels(model.id, "499").inc()
         log.info("client went away: %s stopped %d tokens later, after %d", model.id, stop.tokens - stop.at,
                  job.result().completion_tokens)
+
+    def admit(self) -> None:
+        """Refuse a request with 429 when `queue` requests wait already."""
+        if self.waiting >= self.queue:
+            raise ApiError(429, f"the queue is full ({self.queue} requests waiting): retry shortly",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
 
     def observe(self, model: Model, answer: Answer) -> None:
         self.metrics.ttft.labels(model.id).observe(answer.ttft_s)
@@ -491,9 +495,7 @@ def app(server: Server):
             server.observe(model, answer)
             return JSONResponse(_completion(cid, model, answer))
         # Streamed: the first chunk waits for the queue, so a full queue is still a 429, not a broken stream.
-        if server.waiting >= server.queue:
-            raise ApiError(429, f"the queue is full ({server.queue} requests waiting): retry shortly",
-                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        server.admit()
 
         async def events():
             out: asyncio.Queue = asyncio.Queue()
@@ -601,27 +603,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(argv: list[str], url: str, *, timeout: float = 180, **popen):
-    """Start a server process and wait until GET `url` answers 200 (phiedge serve's /health, another server's own
-    route): its Popen. The process's own error when it exits first; killed when `timeout` passes."""
+@contextlib.contextmanager
+def running(argv: list[str], url: str, *, timeout: float = 180, output=None):
+    """A server process started, waited for until GET `url` answers 200 (phiedge serve's /health, another server's
+    own route), yielded, then stopped (terminated; killed after 30 s). Its output goes to `output` (an open file)
+    or to a temporary file whose tail names why it failed to start: never an unread pipe, which fills and stalls
+    the server. For the demo, the benchmark and the tests."""
     import subprocess
+    import tempfile
 
     import httpx
-    proc = subprocess.Popen(argv, **popen)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            err = proc.stderr.read()[-3000:] if proc.stderr else ""
-            raise RuntimeError(f"{argv[0]} exited with {proc.returncode} before it served {url}: {err}")
+    with (contextlib.nullcontext(output) if output is not None else tempfile.TemporaryFile("w+")) as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{argv[0]} did not serve {url} in {timeout:.0f} s")
-        time.sleep(0.2)
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    tail = ""
+                    if output is None:
+                        out.seek(0)
+                        tail = out.read()[-3000:]
+                    raise RuntimeError(f"{argv[0]} exited with {proc.returncode} before it served {url}: {tail}")
+                try:
+                    if httpx.get(url, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{argv[0]} did not serve {url} in {timeout:.0f} s")
+                time.sleep(0.2)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def check_host(host: str, api_key: str | None, insecure: bool) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -88,25 +87,16 @@ def run_level(base: str, model: str, clients: int, extra: dict) -> dict:
 def measure(name: str, cmd: list[str], port: int, ready: str, model: str, extra: dict) -> dict:
     import psutil
 
-    from phiedge.serve import spawn
-    log = OUT.with_name(f"serve-{name.split()[0].replace('.', '_')}.log")     # a pipe left unread would fill
-    with open(log, "w") as err:
-        proc = spawn(cmd, f"http://127.0.0.1:{port}{ready}", timeout=300, stdout=subprocess.DEVNULL, stderr=err)
-    try:
+    from phiedge.serve import running
+    log = OUT.with_name(f"serve-{name.split()[0].replace('.', '_')}.log")
+    with open(log, "w") as out, running(cmd, f"http://127.0.0.1:{port}{ready}", timeout=300, output=out) as proc:
         levels = [run_level(f"http://127.0.0.1:{port}", model, n, extra) for n in CLIENTS]
         rss = psutil.Process(proc.pid).memory_info().rss
-        for lv in levels:
-            print(f"{name:28} {lv['clients']} clients: TTFT p50 {lv['ttft_p50_s']} s, p95 {lv['ttft_p95_s']} s, "
-                  f"decode {lv['decode_tps_p50']} tok/s, {lv['requests_per_s']} req/s, {lv['failed']} failed",
-                  flush=True)
-        return {"server": name, "command": cmd, "levels": levels, "rss_bytes": rss}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
+    for lv in levels:
+        print(f"{name:28} {lv['clients']} clients: TTFT p50 {lv['ttft_p50_s']} s, p95 {lv['ttft_p95_s']} s, "
+              f"decode {lv['decode_tps_p50']} tok/s, {lv['requests_per_s']} req/s, {lv['failed']} failed",
+              flush=True)
+    return {"server": name, "command": cmd, "levels": levels, "rss_bytes": rss}
 
 def main() -> int:
     manifest = json.loads((BUNDLE / "manifest.json").read_text()) if (BUNDLE / "manifest.json").is_file() else None

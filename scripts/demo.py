@@ -102,12 +102,12 @@ def serve_one_question() -> None:
     """`phiedge serve` on the bundle, one streamed question through the official openai client, then stopped."""
     from openai import OpenAI
 
-    from phiedge.serve import free_port, spawn
+    from phiedge.serve import free_port, running
     logging.getLogger("httpx").setLevel(logging.WARNING)     # openai's client logs every request at INFO
     port = free_port()
     exe = Path(sys.executable).with_name("phiedge")
-    server = spawn([str(exe), "serve", str(OUT), "--port", str(port)], f"http://127.0.0.1:{port}/health")
-    try:
+    with running([str(exe), "serve", str(OUT), "--port", str(port)], f"http://127.0.0.1:{port}/health",
+                 output=sys.stderr):
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         model = client.models.list().data[0].id
         print(f"\nphiedge serve on 127.0.0.1:{port}, through the openai client (model {model}):\nQ: {QUESTION}\nA: ",
@@ -119,9 +119,6 @@ def serve_one_question() -> None:
                 print(chunk.choices[0].delta.content, end="", flush=True)
             sources = (chunk.model_extra or {}).get("sources") or sources
         print("\nsources: " + "; ".join(f"{s['source']} ({s['score']:.3f})" for s in sources))
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def stream(chunks) -> object:

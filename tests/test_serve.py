@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ import pytest
 
 from conftest import DEMO, run_cli
 from phiedge import device, rag, tools
-from phiedge.serve import free_port, spawn
+from phiedge.serve import free_port, running
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.gguf
@@ -35,17 +34,9 @@ def serving(bundle: Path, *args: str):
     """`phiedge serve` in a child process on a free loopback port, until its default model is loaded; stopped after."""
     port = free_port()
     exe = Path(sys.executable).with_name("phiedge")
-    proc = spawn([str(exe), "serve", str(bundle), "--port", str(port), "--threads", "1", *args],
-                 f"http://127.0.0.1:{port}/health", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with running([str(exe), "serve", str(bundle), "--port", str(port), "--threads", "1", *args],
+                 f"http://127.0.0.1:{port}/health"):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def client(base: str, key: str | None = KEY) -> "openai.OpenAI":
